@@ -1,0 +1,43 @@
+"""sparsify: structured sparsity as unstructured sparsity on importance vectors.
+
+Trace a model into a channel-dependency graph, group coupled channels, and remove chosen channels
+physically without changing what the network computes.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from sparsify.errors import InexactPruneError as InexactPruneError
+from sparsify.errors import PruneError as PruneError
+from sparsify.errors import SparsifyError as SparsifyError
+from sparsify.errors import TraceError as TraceError
+from sparsify.graph.channel_graph import ChannelGraph as ChannelGraph
+from sparsify.graph.channel_graph import ChannelGroup as ChannelGroup
+from sparsify.graph.channel_graph import build_channel_graph as build_channel_graph
+from sparsify.graph.rules import register_op_rule as register_op_rule
+from sparsify.graph.trace import register_autowrap_function as register_autowrap_function
+from sparsify.graph.trace import register_leaf_module as register_leaf_module
+from sparsify.prune.attributes import register_attribute_sync as register_attribute_sync
+from sparsify.prune.surgery import PruneReport as PruneReport
+from sparsify.prune.surgery import prune_channels as prune_channels
+
+try:
+    __version__ = version("sparsify-structured")
+except PackageNotFoundError:  # running from a source tree without installation
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "ChannelGraph",
+    "ChannelGroup",
+    "InexactPruneError",
+    "PruneError",
+    "PruneReport",
+    "SparsifyError",
+    "TraceError",
+    "__version__",
+    "build_channel_graph",
+    "prune_channels",
+    "register_attribute_sync",
+    "register_autowrap_function",
+    "register_leaf_module",
+    "register_op_rule",
+]

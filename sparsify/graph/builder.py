@@ -1,0 +1,266 @@
+"""Collects what op rules say about a traced graph: channel spaces, couplings, members, barriers.
+
+A *channel space* is one dimension of one traced value, keyed ``(value_key, dim)``; ``value_key``
+is the fx node name, or ``"name.k"`` for element ``k`` of a node that returns a tuple. Width-1
+dimensions never carry prunable channels and are ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from sparsify.graph.trace import TensorInfo, TracedModel
+
+Space = tuple[str, int]
+
+#: Member roles. ``out``/``scale``/``value`` make the channel (zeroing them zeroes its effect),
+#: ``bias`` adds a constant to it, ``in`` consumes it, ``stat``/``other`` are sliced only.
+ROLES = ("out", "scale", "value", "bias", "in", "stat", "other")
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """A parameter or buffer dimension that indexes the channels of ``space``."""
+
+    space: Space
+    tensor: str  # fully qualified name of the parameter or buffer
+    dim: int
+    role: str
+    module: str  # fully qualified name of the module that owns ``tensor``
+
+
+@dataclass(frozen=True)
+class Merge:
+    """``out`` indexes the row-major product of ``factors``; ``coords[i][j]`` is factor i of j."""
+
+    out: Space
+    factors: tuple[Space, ...]
+    coords: tuple[np.ndarray, ...]
+    op: str
+
+
+@dataclass
+class GraphFacts:
+    """Everything the op rules declared, before grouping."""
+
+    widths: dict[Space, int] = field(default_factory=dict)
+    same: list[tuple[Space, Space]] = field(default_factory=list)
+    pairs: list[tuple[Space, Space, np.ndarray, np.ndarray]] = field(default_factory=list)
+    merges: list[Merge] = field(default_factory=list)
+    members: list[MemberSpec] = field(default_factory=list)
+    blocked: dict[Space, list[str]] = field(default_factory=dict)
+    inexact: dict[Space, list[str]] = field(default_factory=dict)
+    defined: set[Space] = field(default_factory=set)
+    rule_of: dict[str, str] = field(default_factory=dict)
+
+
+def value_infos(value: Any, key: str) -> list[tuple[str, TensorInfo]]:
+    """(value_key, TensorInfo) for a node's value: itself, or each tensor element of a tuple."""
+    if isinstance(value, TensorInfo):
+        return [(key, value)]
+    if isinstance(value, (tuple, list)):
+        return [(f"{key}.{k}", v) for k, v in enumerate(value) if isinstance(v, TensorInfo)]
+    return []
+
+
+class OpContext:
+    """The view an op rule gets of one fx node, and the verbs it uses to declare couplings."""
+
+    def __init__(self, traced: TracedModel, facts: GraphFacts, node: fx.Node, rule_kind: str) -> None:
+        self.traced = traced
+        self.facts = facts
+        self.node = node
+        self.rule_kind = rule_kind
+
+    # ----- looking things up -------------------------------------------------------------
+    @property
+    def module(self) -> nn.Module:
+        assert self.node.op == "call_module", "ctx.module is only defined for call_module nodes"
+        return self.traced.graph_module.get_submodule(str(self.node.target))
+
+    @property
+    def module_name(self) -> str:
+        return str(self.node.target)
+
+    def value(self, arg: Any) -> Any:
+        """The example value of an argument: TensorInfo for tensors, the Python value otherwise."""
+        if isinstance(arg, fx.Node):
+            return self.traced.values.get(arg.name)
+        if isinstance(arg, (tuple, list)):
+            return type(arg)(self.value(a) for a in arg)
+        return arg
+
+    def info(self, arg: Any) -> TensorInfo | None:
+        v = self.value(arg)
+        return v if isinstance(v, TensorInfo) else None
+
+    @property
+    def out_info(self) -> TensorInfo | None:
+        v = self.traced.values.get(self.node.name)
+        return v if isinstance(v, TensorInfo) else None
+
+    def arg(self, index: int, name: str, default: Any = None) -> Any:
+        """Positional-or-keyword argument of a call node."""
+        if len(self.node.args) > index:
+            return self.node.args[index]
+        return self.node.kwargs.get(name, default)
+
+    def tensor_args(self) -> list[fx.Node]:
+        nodes = [a for a in self.node.all_input_nodes]
+        return [a for a in nodes if isinstance(self.traced.values.get(a.name), TensorInfo)]
+
+    def param_name(self, arg: Any) -> str | None:
+        """Qualified name of the parameter or buffer an argument reads directly, if any."""
+        if isinstance(arg, fx.Node) and arg.op == "get_attr":
+            return str(arg.target)
+        return None
+
+    # ----- spaces -----------------------------------------------------------------------
+    def space(self, arg: Any, dim: int, element: int | None = None) -> Space | None:
+        """The channel space of dim ``dim`` of an argument node (or of tuple element ``element``)."""
+        if not isinstance(arg, fx.Node):
+            return None
+        value = self.traced.values.get(arg.name)
+        key = arg.name
+        if element is not None:
+            if not isinstance(value, (tuple, list)):
+                return None
+            value, key = value[element], f"{arg.name}.{element}"
+        if not isinstance(value, TensorInfo):
+            return None
+        if not -value.ndim <= dim < value.ndim:
+            return None
+        dim %= value.ndim
+        width = value.shape[dim]
+        if width <= 1:
+            return None
+        self.facts.widths[(key, dim)] = width
+        return (key, dim)
+
+    def out(self, dim: int, element: int | None = None) -> Space | None:
+        return self.space(self.node, dim, element)
+
+    def _define(self, s: Space) -> None:
+        if s[0] == self.node.name or s[0].startswith(self.node.name + "."):
+            self.facts.defined.add(s)
+
+    # ----- declaring couplings ----------------------------------------------------------
+    def same(self, a: Space | None, b: Space | None) -> None:
+        """Channel i of ``a`` is channel i of ``b``."""
+        if a is None or b is None:
+            return
+        wa, wb = self.facts.widths[a], self.facts.widths[b]
+        if wa != wb:
+            self.block(a, f"{self.describe()}: coupled widths differ ({wa} vs {wb})")
+            self.block(b, f"{self.describe()}: coupled widths differ ({wa} vs {wb})")
+            return
+        self.facts.same.append((a, b))
+        self._define(a)
+        self._define(b)
+
+    def pairs(self, a: Space | None, b: Space | None, ia: np.ndarray, ib: np.ndarray) -> None:
+        """Channel ``ia[k]`` of ``a`` is channel ``ib[k]`` of ``b`` for every k."""
+        if a is None or b is None:
+            return
+        self.facts.pairs.append((a, b, np.asarray(ia, dtype=np.int64), np.asarray(ib, dtype=np.int64)))
+        self._define(a)
+        self._define(b)
+
+    def permute(self, a: Space | None, b: Space | None, perm: np.ndarray) -> None:
+        """Channel j of ``b`` is channel ``perm[j]`` of ``a``."""
+        if a is None or b is None:
+            return
+        perm = np.asarray(perm, dtype=np.int64)
+        if np.array_equal(perm, np.arange(len(perm))):
+            self.same(a, b)
+        else:
+            self.pairs(a, b, perm, np.arange(len(perm)))
+
+    def merge(self, out: Space, factors: list[Space], coords: list[np.ndarray]) -> None:
+        self.facts.merges.append(Merge(out, tuple(factors), tuple(coords), self.describe()))
+        self._define(out)
+
+    def member(self, space: Space | None, module: str, tensor: str, dim: int, role: str) -> None:
+        """Declare that ``module.tensor`` dim ``dim`` is indexed by the channels of ``space``."""
+        assert role in ROLES, role
+        if space is None:
+            return
+        qualified = f"{module}.{tensor}" if module else tensor
+        t = _lookup_tensor(self.traced.model, qualified)
+        if t is None:
+            return
+        if t.shape[dim] != self.facts.widths[space]:
+            self.block(space, f"{self.describe()}: {qualified} dim {dim} has size {t.shape[dim]}, "
+                              f"not the {self.facts.widths[space]} channels it is coupled to")
+            return
+        self.facts.members.append(MemberSpec(space, qualified, dim, role, module))
+        if role in ("out", "value"):
+            self._define(space)
+
+    def param_member(self, arg: Any, dim: int, space: Space | None, role: str) -> bool:
+        """Declare a member for a tensor argument read from a parameter; False if it is computed."""
+        name = self.param_name(arg)
+        if name is None:
+            return False
+        module, _, tensor = name.rpartition(".")
+        self.member(space, module, tensor, dim, role)
+        return True
+
+    def block(self, space: Space | None, reason: str) -> None:
+        """Channels of ``space`` cannot be pruned, for ``reason``."""
+        if space is None:
+            return
+        self.facts.blocked.setdefault(space, []).append(reason)
+        self._define(space)
+
+    def fresh(self, space: Space | None, what: str = "") -> None:
+        """The op creates this output dim itself (not from a parameter): it is not prunable."""
+        self.block(space, what or f"{self.describe()} creates dim {space[1] if space else '?'} "
+                                  "(not produced by a parameter)")
+
+    def mark_inexact(self, space: Space | None, reason: str) -> None:
+        """Removing even all-zero channels of ``space`` changes the output (e.g. LayerNorm stats)."""
+        if space is None:
+            return
+        self.facts.inexact.setdefault(space, []).append(reason)
+
+    def block_all(self, reason: str) -> None:
+        """Make every dim of every tensor input and output of this node a barrier."""
+        for a in self.node.all_input_nodes:
+            for key, info in value_infos(self.traced.values.get(a.name), a.name):
+                for d in range(info.ndim):
+                    s = self._space_of_key(key, d, info)
+                    self.block(s, reason)
+        for key, info in value_infos(self.traced.values.get(self.node.name), self.node.name):
+            for d in range(info.ndim):
+                self.block(self._space_of_key(key, d, info), reason)
+
+    def _space_of_key(self, key: str, d: int, info: TensorInfo) -> Space | None:
+        if info.shape[d] <= 1:
+            return None
+        self.facts.widths[(key, d)] = info.shape[d]
+        return (key, d)
+
+    def describe(self) -> str:
+        n = self.node
+        if n.op == "call_module":
+            return f"{type(self.module).__name__} '{n.target}'"
+        if n.op == "call_function":
+            return f"{getattr(n.target, '__name__', n.target)}() at node '{n.name}'"
+        return f"{n.op} {n.target!r} at node '{n.name}'"
+
+
+def _lookup_tensor(model: nn.Module, qualified: str) -> torch.Tensor | None:
+    module_name, _, attr = qualified.rpartition(".")
+    try:
+        module = model.get_submodule(module_name) if module_name else model
+    except AttributeError:
+        return None
+    t = getattr(module, attr, None)
+    return t if isinstance(t, torch.Tensor) else None

@@ -1,0 +1,180 @@
+"""Concat, split/chunk, reductions, softmax, matmul and attention."""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsify.graph.builder import OpContext
+from sparsify.graph.rules.common import couple_dims, couple_elementwise
+from sparsify.graph.rules.registry import register_op_rule
+
+
+def cat(ctx: OpContext) -> None:
+    """Concatenation: input k's channels sit at an offset in the output's channels."""
+    tensors = ctx.value(ctx.arg(0, "tensors"))
+    nodes = ctx.arg(0, "tensors")
+    dim = ctx.value(ctx.arg(1, "dim", 0))
+    out = ctx.out_info
+    if out is None:
+        return
+    dim %= out.ndim
+    offset = 0
+    for node, info in zip(nodes, tensors, strict=True):
+        for d in range(out.ndim):
+            if d != dim:
+                ctx.same(ctx.space(node, d), ctx.out(d))
+        w = info.shape[dim]
+        if w == 1:
+            ctx.block(ctx.out(dim), f"{ctx.describe()} concatenates a single-channel input")
+        else:
+            ctx.pairs(ctx.space(node, dim), ctx.out(dim), np.arange(w), offset + np.arange(w))
+        offset += w
+
+
+register_op_rule("cat", cat, functions=(torch.cat, torch.concat, torch.concatenate))
+
+
+def split(ctx: OpContext) -> None:
+    """chunk/split into equal parts: part k's channels are an offset range of the input's.
+
+    Every part must keep the same width after pruning, so channel j of each part is one structure.
+    Splits into unequal, hard-coded sizes are a barrier.
+    """
+    x = ctx.node.args[0]
+    xi = ctx.info(x)
+    out = ctx.value(ctx.node)
+    if xi is None or not isinstance(out, (tuple, list)):
+        return
+    name = ctx.node.target if ctx.node.op == "call_method" else ctx.node.target.__name__
+    dim = ctx.value(ctx.arg(2, "dim", 0)) if name in ("chunk", "split") and ctx.node.op == "call_function" \
+        else ctx.value(ctx.arg(2, "dim", 0))
+    dim %= xi.ndim
+    widths = [o.shape[dim] for o in out]
+    x_space = ctx.space(x, dim)
+    equal = len(set(widths)) == 1 and not (name == "split" and isinstance(ctx.value(ctx.arg(1, "split_size")), (list, tuple)))
+    offset = 0
+    for k, w in enumerate(widths):
+        for d in range(xi.ndim):
+            if d != dim:
+                ctx.same(ctx.space(x, d), ctx.out(d, element=k))
+        part = ctx.out(dim, element=k)
+        if equal and w > 1:
+            ctx.pairs(x_space, part, offset + np.arange(w), np.arange(w))
+            if k:
+                ctx.pairs(x_space, x_space, np.arange(w), offset + np.arange(w))
+        else:
+            reason = f"{ctx.describe()} splits dim {dim} into parts of unequal or fixed sizes {widths}"
+            ctx.block(part, reason)
+            ctx.block(x_space, reason)
+        offset += w
+
+
+register_op_rule("split", split, functions=(torch.chunk, torch.split, torch.tensor_split),
+                 methods=("chunk", "split"))
+
+
+def reduction(ctx: OpContext) -> None:
+    """mean/sum/amax over some dims: kept dims pass through; reducing a channel dim by mean is inexact."""
+    x = ctx.node.args[0]
+    xi, out = ctx.info(x), ctx.out_info
+    if xi is None or out is None:
+        return
+    dims = ctx.value(ctx.arg(1, "dim"))
+    keepdim = bool(ctx.value(ctx.arg(2, "keepdim", False)))
+    reduced = set(range(xi.ndim)) if dims is None else {d % xi.ndim for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+    name = ctx.node.target if ctx.node.op == "call_method" else ctx.node.target.__name__
+    j = 0
+    for d in range(xi.ndim):
+        if d in reduced:
+            if name != "sum":
+                ctx.mark_inexact(ctx.space(x, d), f"{ctx.describe()} reduces over dim {d} by {name}")
+            if keepdim:
+                j += 1
+            continue
+        ctx.same(ctx.space(x, d), ctx.out(j))
+        j += 1
+
+
+register_op_rule("reduction", reduction, functions=(torch.mean, torch.sum, torch.amax, torch.amin),
+                 methods=("mean", "sum", "amax", "amin"))
+
+
+def softmax(ctx: OpContext) -> None:
+    """Softmax along ``dim`` mixes that dim's channels; other dims pass through."""
+    x = ctx.tensor_args()[0]
+    couple_elementwise(ctx, x)
+    if ctx.node.op == "call_module":
+        dim = ctx.module.dim
+    else:
+        dim = ctx.value(ctx.arg(1, "dim"))
+    if dim is not None:
+        ctx.mark_inexact(ctx.out(dim), f"{ctx.describe()} normalises over dim {dim}")
+
+
+register_op_rule("softmax", softmax, modules=(nn.Softmax, nn.LogSoftmax, nn.Softmin),
+                 functions=(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax),
+                 methods=("softmax", "log_softmax"))
+
+
+def matmul(ctx: OpContext) -> None:
+    """a @ b: batch dims broadcast, a's last dim is contracted with b's second-to-last."""
+    a, b = ctx.node.args[0], ctx.node.args[1]
+    ai, bi, out = ctx.info(a), ctx.info(b), ctx.out_info
+    if ai is None or bi is None or out is None or ai.ndim < 2 or bi.ndim < 2:
+        ctx.block_all(f"{ctx.describe()}: only matrix products of 2-D or batched operands are supported")
+        return
+    for x, xi in ((a, ai), (b, bi)):
+        offset = out.ndim - xi.ndim
+        for d in range(xi.ndim - 2):
+            if xi.shape[d] == out.shape[d + offset]:
+                ctx.same(ctx.space(x, d), ctx.out(d + offset))
+    rows, cols, ka, kb = ctx.space(a, -2), ctx.space(b, -1), ctx.space(a, -1), ctx.space(b, -2)
+    ctx.same(rows, ctx.out(-2))
+    ctx.same(cols, ctx.out(-1))
+    ctx.same(ka, kb)
+    ctx.param_member(a, ai.ndim - 2, rows, "out")
+    ctx.param_member(a, ai.ndim - 1, ka, "in")
+    ctx.param_member(b, bi.ndim - 1, cols, "out")
+    ctx.param_member(b, bi.ndim - 2, kb, "in")
+
+
+register_op_rule("matmul", matmul, functions=(torch.matmul, torch.bmm, torch.mm, operator.matmul),
+                 methods=("matmul", "bmm", "mm"))
+
+
+def scaled_dot_product_attention(ctx: OpContext) -> None:
+    """SDPA: q·kᵀ contracts the head dim; keys and values share the sequence dim.
+
+    With the default scale 1/sqrt(head_dim), removing head dims changes the scale: inexact.
+    """
+    q, k, v = ctx.node.args[:3]
+    qi, out = ctx.info(q), ctx.out_info
+    if qi is None or out is None:
+        return
+    couple_dims(ctx, q, range(qi.ndim - 1))
+    for x in (k, v):
+        couple_dims(ctx, x, range(qi.ndim - 2))
+    ctx.same(ctx.space(k, -2), ctx.space(v, -2))
+    ctx.same(ctx.space(q, -1), ctx.space(k, -1))
+    ctx.same(ctx.space(v, -1), ctx.out(-1))
+    ctx.mark_inexact(ctx.space(k, -2), f"{ctx.describe()} takes a softmax over keys")
+    if ctx.node.kwargs.get("scale") is None and len(ctx.node.args) < 7:
+        ctx.mark_inexact(ctx.space(q, -1), f"{ctx.describe()} scales by 1/sqrt(head_dim)")
+
+
+register_op_rule("scaled_dot_product_attention", scaled_dot_product_attention,
+                 functions=(F.scaled_dot_product_attention,))
+
+
+def opaque(ctx: OpContext) -> None:
+    """Ops whose channel mapping is not modelled: every dim they touch is a barrier."""
+    ctx.block_all(f"{ctx.describe()} has no channel model (einsum, custom kernels); its channels "
+                  "are not prunable. Register an op rule to change this.")
+
+
+register_op_rule("opaque", opaque, functions=(torch.einsum,))

@@ -1,0 +1,165 @@
+"""Trace a model into a torch.fx graph and record the shape of every value.
+
+We use ``torch.fx.symbolic_trace`` with ``torch.nn`` modules kept as leaves: it takes tens of
+milliseconds on torchvision models (``torch.export`` takes about a second) and keeps each
+``nn.Module`` call as one node, so op rules see modules, not their decomposition. Shapes come from
+one real forward pass in eval mode under ``no_grad``; the model's mode and state are restored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from sparsify.errors import TraceError
+
+_LEAF_MODULES: set[type[nn.Module]] = set()
+_AUTOWRAP_FUNCTIONS: set[Callable[..., Any]] = set()
+
+
+def register_leaf_module(cls: type[nn.Module]) -> type[nn.Module]:
+    """Keep modules of ``cls`` as single graph nodes instead of tracing through them.
+
+    Use it for modules that fx cannot trace (data-dependent control flow); the module then needs an
+    op rule (``register_op_rule``) or its channels are treated as a barrier. Usable as a decorator.
+    """
+    _LEAF_MODULES.add(cls)
+    return cls
+
+
+def register_autowrap_function(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Record calls of the free function ``fn`` as single graph nodes."""
+    _AUTOWRAP_FUNCTIONS.add(fn)
+    return fn
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Shape, dtype and device of a traced tensor value."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+@dataclass
+class TracedModel:
+    """A model, its fx graph and the example value of every node (tensors as ``TensorInfo``)."""
+
+    model: nn.Module
+    graph_module: fx.GraphModule
+    values: dict[str, Any]
+    inputs: list[Any]
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.graph_module.graph
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self) -> None:
+        super().__init__(autowrap_functions=tuple(_AUTOWRAP_FUNCTIONS))
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, tuple(_LEAF_MODULES)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _describe(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return TensorInfo(tuple(value.shape), value.dtype, value.device)
+    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+        return type(value)(_describe(v) for v in value) if type(value) in (tuple, list) else tuple(
+            _describe(v) for v in value
+        )
+    return value
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        self.values[n.name] = _describe(out)
+        return out
+
+
+def as_args(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Normalise example inputs (a tensor, a tuple of positional inputs, or a dict of keywords)."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise TraceError(
+        f"example_inputs must be a tensor, a tuple of positional inputs or a dict of keyword inputs, "
+        f"not {type(example_inputs).__name__}."
+    )
+
+
+def trace(model: nn.Module, example_inputs: Any) -> TracedModel:
+    """Trace ``model`` with fx and record every node's example value.
+
+    The model is left exactly as it was: its train/eval mode, parameters and buffers.
+    """
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"expected an nn.Module, got {type(model).__name__}.")
+    args, kwargs = as_args(example_inputs)
+    try:
+        graph = _Tracer().trace(model, concrete_args=None)
+    except Exception as exc:  # fx raises many kinds of errors
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}\n"
+            "Fix: mark the offending submodule as a leaf with sparsify.register_leaf_module(cls) "
+            "(and give it an op rule), or remove data-dependent Python control flow from forward()."
+        ) from exc
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    flat = _bind_inputs(placeholders, args, kwargs)
+    modes = {m: m.training for m in model.modules()}
+    recorder = _Recorder(gm)
+    try:
+        model.eval()
+        with torch.no_grad():
+            recorder.run(*flat)
+    except Exception as exc:
+        raise TraceError(
+            f"running the traced graph on example_inputs failed: {type(exc).__name__}: {exc}\n"
+            "Fix: pass example_inputs that the model's forward() accepts (right shape, dtype, device)."
+        ) from exc
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return TracedModel(model, gm, recorder.values, flat)
+
+
+def _bind_inputs(placeholders: list[fx.Node], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    values: list[Any] = []
+    for i, node in enumerate(placeholders):
+        name = node.target if isinstance(node.target, str) else node.name
+        name = name.lstrip("*")
+        if i < len(args):
+            values.append(args[i])
+        elif name in kwargs:
+            values.append(kwargs[name])
+        elif node.args:
+            values.append(node.args[0])
+        else:
+            raise TraceError(
+                f"example_inputs give no value for the model input {name!r}; pass it positionally "
+                "or as a keyword in a dict."
+            )
+    return values

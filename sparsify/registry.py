@@ -1,0 +1,47 @@
+"""One small generic registry used for op rules, adapters and policies."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+_KIND = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class Registry(Generic[T]):
+    """A name → object map that refuses duplicates and explains failed look-ups."""
+
+    def __init__(self, what: str, hint: str) -> None:
+        self.what = what
+        self.hint = hint
+        self._items: dict[str, T] = {}
+
+    def register(self, kind: str, item: T, *, override: bool = False) -> T:
+        if not _KIND.match(kind):
+            raise ValueError(f"{self.what} kind {kind!r} must be lower_snake_case (e.g. 'my_rule').")
+        if kind in self._items and not override:
+            raise ValueError(
+                f"{self.what} kind {kind!r} is already registered; pass override=True to replace it."
+            )
+        self._items[kind] = item
+        return item
+
+    def get(self, kind: str) -> T:
+        try:
+            return self._items[kind]
+        except KeyError:
+            raise KeyError(
+                f"unknown {self.what} kind {kind!r}; registered: {sorted(self._items)}. {self.hint}"
+            ) from None
+
+    def __contains__(self, kind: object) -> bool:
+        return kind in self._items
+
+    def list(self, pattern: str = "*") -> list[str]:
+        return sorted(k for k in self._items if fnmatch.fnmatch(k, pattern))
+
+    def items(self) -> list[tuple[str, T]]:
+        return sorted(self._items.items())

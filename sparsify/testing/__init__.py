@@ -1,0 +1,1 @@
+"""Helpers for testing pruning: the exactness oracle and small models covering each op rule."""
