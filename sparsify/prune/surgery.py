@@ -169,15 +169,16 @@ class _Transaction:
                 for k, v in state.items():
                     if isinstance(v, torch.Tensor) and v.shape == tensor.shape:
                         state[k] = v.index_select(dim, index.to(v.device))
-        new = tensor.data.index_select(dim, index)
-        if tensor.grad is not None:
-            tensor.grad = tensor.grad.index_select(dim, index)
-        tensor.data = new
+        grad = None if tensor.grad is None else tensor.grad.index_select(dim, index)
+        tensor.grad = None
+        tensor.data = tensor.data.index_select(dim, index)
+        tensor.grad = grad
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
             return False
         for t, data, grad in self.tensors.values():
+            t.grad = None
             t.data = data
             t.grad = grad
         for name in self.modules:

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv (once) with everything sparsify, its tests and benchmarks need on a CPU machine.
+# torch and torchvision are pinned together: an unpinned torchvision install replaces torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.sparsify-setup
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -nt "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}" "torchvision==${TORCHVISION_VERSION:-0.28.0}" \
+    -e ".[dev,hf]"
+  touch "$stamp"
+fi

@@ -1,0 +1,21 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import pytest
+import torch
+
+from sparsify._compat import import_torchvision
+
+
+@pytest.fixture(scope="session")
+def tv() -> ModuleType:
+    """torchvision, imported so that a CUDA build also works on a CPU-only torch."""
+    return import_torchvision()
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
