@@ -159,7 +159,7 @@ CASES = [
 
 
 def _classifier(model: nn.Module) -> nn.Module:
-    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    return [m for m in model.modules() if isinstance(m, _WEIGHTED)][-1]
 
 
 def _cases() -> Iterator[object]:

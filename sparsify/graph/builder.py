@@ -58,6 +58,7 @@ class GraphFacts:
     inexact: dict[Space, list[str]] = field(default_factory=dict)
     defined: set[Space] = field(default_factory=set)
     rule_of: dict[str, str] = field(default_factory=dict)
+    tensor_names: dict[int, str] = field(default_factory=dict)  # id(tensor) → its first qualified name
 
 
 def value_infos(value: Any, key: str) -> list[tuple[str, TensorInfo]]:
@@ -199,9 +200,19 @@ class OpContext:
             self.block(space, f"{self.describe()}: {qualified} dim {dim} has size {t.shape[dim]}, "
                               f"not the {self.facts.widths[space]} channels it is coupled to")
             return
+        qualified = self.tensor_name(t, qualified)
         self.facts.members.append(MemberSpec(space, qualified, dim, role, module))
         if role in ("out", "value"):
             self._define(space)
+
+    def tensor_name(self, t: torch.Tensor, qualified: str) -> str:
+        """The name a tensor is registered under first: a parameter shared by two modules (tied
+        embeddings) is one member, sliced once, whichever module's name a rule used."""
+        if not self.facts.tensor_names:
+            model = self.traced.model
+            for name, p in [*model.named_parameters(), *model.named_buffers()]:
+                self.facts.tensor_names.setdefault(id(p), name)
+        return self.facts.tensor_names.get(id(t), qualified)
 
     def param_member(self, arg: Any, dim: int, space: Space | None, role: str) -> bool:
         """Declare a member for a tensor argument read from a parameter; False if it is computed."""

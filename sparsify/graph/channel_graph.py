@@ -221,6 +221,7 @@ def _group(facts: GraphFacts) -> tuple[nx.Graph, list[ChannelGroup]]:
         g.blocked = list(dict.fromkeys(g.blocked))
         g.inexact = list(dict.fromkeys(g.inexact))
         g.name = _name(g)
+    _unique_names(groups)
     groups = [g for g in groups if g.members]
     groups.sort(key=lambda g: (not g.prunable, g.id))
     for i, g in enumerate(groups):
@@ -270,10 +271,21 @@ def _dedupe_members(group: ChannelGroup) -> None:
 
 
 def _name(group: ChannelGroup) -> str:
+    """The first producing module (or parameter, for bare parameters), and how many more."""
     producers = [m for m in group.members if m.role in ("out", "value")] or group.members
     if not producers:
         return f"group{group.id}"
     first = producers[0]
-    base = first.module or first.tensor
-    more = len({m.module for m in producers}) - 1
+    base = first.module if first.tensor == f"{first.module}.weight" else first.tensor
+    more = len({m.tensor for m in producers}) - 1
     return f"{base} (+{more})" if more > 0 else base
+
+
+def _unique_names(groups: list[ChannelGroup]) -> None:
+    seen: dict[str, int] = {}
+    for g in groups:
+        if g.name in seen:
+            seen[g.name] += 1
+            g.name = f"{g.name}#{seen[g.name]}"
+        else:
+            seen[g.name] = 0

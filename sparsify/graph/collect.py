@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from sparsify.graph.builder import GraphFacts, OpContext, value_infos
+from sparsify.graph.builder import GraphFacts, OpContext, Space, value_infos
 from sparsify.graph.rules import find_rule
 from sparsify.graph.trace import TensorInfo, TracedModel
 
@@ -13,6 +13,7 @@ def collect_facts(traced: TracedModel) -> GraphFacts:
     """Ask every node's op rule for its couplings; nodes without a rule become barriers."""
     facts = GraphFacts()
     gm = traced.graph_module
+    parameter_spaces: list[tuple[Space, fx.Node]] = []
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             ctx = OpContext(traced, facts, node, "input")
@@ -27,7 +28,9 @@ def collect_facts(traced: TracedModel) -> GraphFacts:
                 for d in range(info.ndim):
                     space = ctx.out(d)
                     ctx.member(space, module, name, d, "value")
-                    ctx._define(space) if space else None
+                    if space:
+                        ctx._define(space)
+                        parameter_spaces.append((space, node))
         elif node.op == "output":
             ctx = OpContext(traced, facts, node, "output")
             for arg in _nodes_in(node.args):
@@ -36,6 +39,7 @@ def collect_facts(traced: TracedModel) -> GraphFacts:
                         ctx.block(ctx._space_of_key(key, d, info), "model output")
         else:
             _apply_rule(traced, facts, node)
+    _block_undeclared_parameter_dims(facts, parameter_spaces)
     for space in list(facts.widths):
         if space not in facts.defined:
             node_name = space[0].split(".")[0]
@@ -65,6 +69,24 @@ def _apply_rule(traced: TracedModel, facts: GraphFacts, node: fx.Node) -> None:
         rule.fn(ctx)
     except Exception as exc:  # a rule that cannot handle this call must fail closed
         ctx.block_all(f"op rule {kind!r} failed on {ctx.describe()}: {type(exc).__name__}: {exc}")
+
+
+def _block_undeclared_parameter_dims(facts: GraphFacts, parameter_spaces: list[tuple[Space, fx.Node]]) -> None:
+    """A dim of a parameter read by ``get_attr`` is a channel dim only if a consumer's rule couples it
+    (``same``/``pairs``/``merge``, or a member on the consumer's space such as F.conv2d's weight dim
+    0). Others, like a kernel's spatial dims, are barriers rather than prunable on their own."""
+    coupled = {s for pair in facts.same for s in pair}
+    coupled |= {s for a, b, _, _ in facts.pairs for s in (a, b)}
+    coupled |= {s for m in facts.merges for s in (m.out, *m.factors)}
+    own = {space for space, _ in parameter_spaces}
+    tensor_of = {m.space: m.tensor for m in facts.members if m.space in own}
+    declared = {(m.tensor, m.dim) for m in facts.members if m.space not in own}
+    for space, node in parameter_spaces:
+        if space not in coupled and (tensor_of.get(space), space[1]) not in declared:
+            users = ", ".join(f"'{u.name}'" for u in node.users)
+            facts.blocked.setdefault(space, []).append(
+                f"parameter '{node.target}' dim {space[1]} is read by {users}, whose op rule does not "
+                "declare it as a channel dim")
 
 
 def _nodes_in(args: object) -> list[fx.Node]:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.utils import parametrize
 
 from sparsify.errors import TraceError
 
@@ -72,6 +73,9 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, tuple(_LEAF_MODULES)):
             return True
+        if parametrize.is_parametrized(m):  # judge by the class parametrize derived from
+            base = type(m).__bases__[0]
+            return base.__module__.startswith(("torch.nn", "torch.ao.nn")) and not issubclass(base, nn.Sequential)
         return super().is_leaf_module(m, module_qualified_name)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sparsify.graph.builder import Space
 from sparsify.graph.channel_graph import ChannelGraph, Member
 from sparsify.prune.capture import capture_channels
 
@@ -35,37 +36,56 @@ def plan_folds(cg: ChannelGraph, removals: list[tuple[Member, torch.Tensor]], at
     """
     if not removals:
         return []
-    values = capture_channels(cg.traced, [(m.space, idx) for m, idx in removals])
+    sites = [_call_sites(cg, m) for m, _ in removals]
+    values = iter(capture_channels(cg.traced, [(s, idx) for (_, idx), ss in zip(removals, sites, strict=True)
+                                               for s in ss]))
     model = cg.model
     deltas: dict[str, BiasFold] = {}
-    for (member, idx), v in zip(removals, values, strict=True):
-        if v.numel() == 0:
-            continue
-        const = v[:, :1]
-        scale = v.abs().amax(dim=1, keepdim=True).clamp_min(1.0)
-        is_const = ((v - const).abs() <= atol * scale).all(dim=1)
-        k = torch.where(is_const & (const.abs().squeeze(1) > atol), const.squeeze(1), torch.zeros_like(const.squeeze(1)))
-        if not bool((k != 0).any()):
-            continue
-        module = model.get_submodule(member.module)
-        fold = _fold_into(module, member, idx, k)
-        if fold is None:
+    for (member, idx), ss in zip(removals, sites, strict=True):
+        ks = [_constants(next(values), atol) for _ in ss]
+        k = ks[0]
+        if any(not torch.allclose(k, other, rtol=0.0, atol=atol) for other in ks[1:]):
             fold = BiasFold(member.module, torch.empty(0), False,
-                            f"{member.tensor}: removed channels carry constants {k[k != 0][:4].tolist()} "
-                            "that this consumer cannot absorb")
-        if member.module in deltas and fold.delta.numel():
-            prev = deltas[member.module]
-            deltas[member.module] = BiasFold(member.module, prev.delta + fold.delta, prev.exact and fold.exact,
-                                             prev.note or fold.note)
+                            f"'{member.module}' is called at {len(ss)} places whose removed input channels carry "
+                            "different constants; one bias cannot absorb them")
+        elif not bool((k != 0).any()):
+            continue
         else:
-            deltas.setdefault(member.module, fold)
+            fold = _fold_into(model, member, idx, k) or BiasFold(
+                member.module, torch.empty(0), False,
+                f"{member.tensor}: removed channels carry constants {k[k != 0][:4].tolist()} "
+                "that this consumer cannot absorb")
+        prev = deltas.get(member.module)
+        if prev is not None:
+            delta = prev.delta + fold.delta if prev.delta.numel() and fold.delta.numel() else (
+                prev.delta if prev.delta.numel() else fold.delta)
+            fold = BiasFold(member.module, delta, prev.exact and fold.exact, prev.note or fold.note)
+        deltas[member.module] = fold
     return list(deltas.values())
 
 
-def _fold_into(module: nn.Module, member: Member, idx: torch.Tensor, k: torch.Tensor) -> BiasFold | None:
-    expected = f"{member.module}.weight" if member.module else "weight"
-    if member.tensor != expected:
-        return None
+def _constants(v: torch.Tensor, atol: float) -> torch.Tensor:
+    """Per channel (row of ``v``), its value if it is the same non-zero constant everywhere, else 0."""
+    if v.numel() == 0:
+        return torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
+    const = v[:, 0]
+    scale = v.abs().amax(dim=1).clamp_min(1.0)
+    is_const = ((v - const[:, None]).abs() <= atol * scale[:, None]).all(dim=1)
+    return torch.where(is_const & (const.abs() > atol), const, torch.zeros_like(const))
+
+
+def _call_sites(cg: ChannelGraph, member: Member) -> list[Space]:
+    """Every channel space a consumer member reads: one per call of a module that is called twice."""
+    spaces = [m.space for m in cg.facts.members if (m.tensor, m.dim, m.role) == (member.tensor, member.dim, "in")]
+    return list(dict.fromkeys([member.space, *spaces]))
+
+
+def _fold_into(model: nn.Module, member: Member, idx: torch.Tensor, k: torch.Tensor) -> BiasFold | None:
+    module = model.get_submodule(member.module)
+    owner, _, attr = member.tensor.rpartition(".")
+    tied = getattr(model.get_submodule(owner), attr, None) is getattr(module, "weight", False)
+    if member.tensor != (f"{member.module}.weight" if member.module else "weight") and not tied:
+        return None  # not this module's weight (``tied``: its weight, registered first under another name)
     w = module.weight.detach()
     idx = idx.to(w.device)
     k = k.to(w.device, w.dtype)
@@ -79,11 +99,3 @@ def _fold_into(module: nn.Module, member: Member, idx: torch.Tensor, k: torch.Te
                                       "exact only away from the border")
         return BiasFold(member.module, delta, not padded, note)
     return None
-
-
-def apply_fold(model: nn.Module, fold: BiasFold) -> None:
-    module = model.get_submodule(fold.module)
-    if module.bias is None:
-        module.bias = nn.Parameter(fold.delta.clone(), requires_grad=module.weight.requires_grad)
-    else:
-        module.bias.data = module.bias.data + fold.delta

@@ -17,7 +17,7 @@ from torch import nn
 from sparsify.errors import InexactPruneError, PruneError
 from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup
 from sparsify.prune.attributes import sync_attributes
-from sparsify.prune.fold import BiasFold, apply_fold, plan_folds
+from sparsify.prune.fold import BiasFold, plan_folds
 
 
 @dataclass
@@ -72,12 +72,15 @@ def prune_channels(
     allow_inexact: bool = False,
     optimizer: torch.optim.Optimizer | None = None,
     atol: float = 1e-6,
+    verify_atol: float | None = None,
 ) -> PruneReport:
     """Remove the given structures (``{group id or name: structure indices}``) from the model.
 
     Constants emitted by removed channels are folded into consumers' biases where that is exact;
     elsewhere a non-zero constant raises ``InexactPruneError`` unless ``allow_inexact``. If an
-    ``optimizer`` is given, its per-parameter state (momentum, Adam moments) is sliced too.
+    ``optimizer`` is given, its per-parameter state (momentum, Adam moments) is sliced too. With
+    ``verify_atol``, the outputs on the traced example inputs must agree before and after within
+    ``verify_atol`` × (1 + max |output|), or everything is rolled back and PruneError is raised.
     """
     resolved = _validate(cg, plan, allow_inexact)
     model = cg.model
@@ -97,14 +100,15 @@ def prune_channels(
                                 + "; ".join(f.note for f in inexact[:3])
                                 + ". Zero their biases/β too (STR-BN does), or pass allow_inexact=True.")
     params_before = sum(p.numel() for p in model.parameters())
+    reference = _eval_outputs(cg) if verify_atol is not None else None
     with _Transaction(model, optimizer) as tx:
         for fold in folds:
             if fold.delta.numel():
                 prefix = f"{fold.module}." if fold.module else ""
                 tx.touch_module(fold.module)
-                tx.touch_tensor(f"{prefix}bias")
-                created = model.get_submodule(fold.module).bias is None
-                apply_fold(model, fold)
+                bias = model.get_submodule(fold.module).bias
+                created = bias is None
+                tx.replace(f"{prefix}bias", fold.delta.clone() if created else bias.detach() + fold.delta)
                 out_dim = 1 if getattr(model.get_submodule(fold.module), "transposed", False) else 0
                 if created and (f"{prefix}weight", out_dim) in slices:
                     slices[(f"{prefix}bias", 0)] = slices[(f"{prefix}weight", out_dim)]
@@ -116,6 +120,9 @@ def prune_channels(
             tx.slice(name, tensor, dim, keep)
         for module_name in tx.modules:
             sync_attributes(model.get_submodule(module_name), tx.old_attributes[module_name])
+        if reference is not None:
+            _check_same(reference, _eval_outputs(cg), verify_atol)
+        tx.commit_optimizer()
     cg.stale = True
     return PruneReport(
         removed={g.name: len(s) for g, s in resolved.values()},
@@ -127,17 +134,45 @@ def prune_channels(
     )
 
 
+def _eval_outputs(cg: ChannelGraph) -> list[torch.Tensor]:
+    model = cg.model
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(*cg.traced.inputs)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return [t for t in torch.utils._pytree.tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+
+def _check_same(reference: list[torch.Tensor], outputs: list[torch.Tensor], atol: float) -> None:
+    for a, b in zip(reference, outputs, strict=True):
+        if a.shape != b.shape:
+            raise PruneError(f"an output changed shape from {tuple(a.shape)} to {tuple(b.shape)}")
+        diff = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+        scale = 1.0 + float(a.double().abs().max()) if a.numel() else 1.0
+        if not diff <= atol * scale:
+            raise PruneError(f"the pruned model's outputs differ from the soft model's by {diff:.3g} "
+                             f"(allowed {atol * scale:.3g}): the removed channels were not all zero")
+
+
 class _Transaction:
-    """Records everything surgery changes and puts it back if the block raises."""
+    """Records everything surgery changes and puts it back if the block raises.
+
+    Sliced tensors become new Parameter/tensor objects (a parameter whose shape changes in place
+    would confuse autograd graphs still alive from before); the originals are never mutated, so a
+    rollback puts them back. The optimizer is only updated by ``commit_optimizer``, last.
+    """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         self.model = model
         self.optimizer = optimizer
-        self.tensors: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
+        self.originals: dict[str, torch.Tensor | None] = {}  # qualified name → original object
         self.modules: list[str] = []
         self.old_attributes: dict[str, dict[str, Any]] = {}
-        self.optimizer_state: dict[int, dict[str, Any]] = {}
-        self.new_bias: list[str] = []
+        self.optimizer_state: dict[int, dict[str, Any]] = {}  # id(original param) → sliced state
 
     def __enter__(self) -> _Transaction:
         return self
@@ -149,48 +184,65 @@ class _Transaction:
         self.modules.append(name)
         self.old_attributes[name] = {k: v for k, v in vars(module).items()
                                      if k not in ("_parameters", "_buffers", "_modules")}
-        self.old_attributes[name]["__bias_param__"] = module._parameters.get("bias", "absent")
 
-    def touch_tensor(self, name: str) -> None:
-        if name in self.tensors:
-            return
+    def replace(self, name: str, value: torch.Tensor | None) -> None:
+        """Set ``name`` to a new tensor (a new Parameter if the old one was a parameter)."""
         module, attr = _lookup(self.model, name)
-        t = getattr(module, attr)
-        if t is not None:
-            self.tensors[name] = (t, t.data, t.grad)
+        old = getattr(module, attr)
+        if name not in self.originals:
+            self.originals[name] = old
+        if attr in module._parameters:
+            original = self.originals[name]
+            requires_grad = original.requires_grad if original is not None else True
+            new = nn.Parameter(value, requires_grad=requires_grad) if value is not None else None
+            module._parameters[attr] = new
+        else:
+            module._buffers[attr] = value
 
     def slice(self, name: str, tensor: torch.Tensor, dim: int, keep: np.ndarray) -> None:
-        self.touch_tensor(name)
         index = torch.as_tensor(keep, device=tensor.device)
-        if self.optimizer is not None and isinstance(tensor, nn.Parameter):
-            state = self.optimizer.state.get(tensor)
-            if state:
-                self.optimizer_state.setdefault(id(tensor), (tensor, dict(state)))
-                for k, v in state.items():
-                    if isinstance(v, torch.Tensor) and v.shape == tensor.shape:
-                        state[k] = v.index_select(dim, index.to(v.device))
         grad = None if tensor.grad is None else tensor.grad.index_select(dim, index)
-        tensor.grad = None
-        tensor.data = tensor.data.index_select(dim, index)
-        tensor.grad = grad
+        self.replace(name, tensor.detach().index_select(dim, index))
+        new = _get(self.model, name)
+        if grad is not None:
+            new.grad = grad
+        original = self.originals[name]
+        if self.optimizer is not None and isinstance(original, nn.Parameter):
+            state = self.optimizer_state.get(id(original), self.optimizer.state.get(original))
+            if state:
+                self.optimizer_state[id(original)] = {
+                    k: v.index_select(dim, index.to(v.device)) if isinstance(v, torch.Tensor) and v.shape == tensor.shape
+                    else v for k, v in state.items()}
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def commit_optimizer(self) -> None:
+        """Point the optimizer at the new parameters and their sliced state."""
+        if self.optimizer is None:
+            return
+        swap = {id(old): _get(self.model, name) for name, old in self.originals.items() if isinstance(old, nn.Parameter)}
+        for group in self.optimizer.param_groups:
+            group["params"] = [swap.get(id(p), p) for p in group["params"]]
+        for old_id, new in swap.items():
+            old = next(o for o in self.originals.values() if id(o) == old_id)
+            state = self.optimizer.state.pop(old, None)
+            if old_id in self.optimizer_state:
+                state = self.optimizer_state[old_id]
+            if state is not None:
+                self.optimizer.state[new] = state
+
+    def __exit__(self, exc_type, exc, tb) -> bool:  # noqa: ANN001
         if exc_type is None:
             return False
-        for t, data, grad in self.tensors.values():
-            t.grad = None
-            t.data = data
-            t.grad = grad
-        for name in self.modules:
-            module = self.model.get_submodule(name)
-            old = dict(self.old_attributes[name])
-            bias = old.pop("__bias_param__")
-            module.__dict__.update(old)
-            if bias == "absent":
-                module._parameters.pop("bias", None)
+        for name, old in self.originals.items():
+            module, attr = _lookup(self.model, name)
+            if attr in module._parameters:
+                module._parameters[attr] = old
             else:
-                module._parameters["bias"] = bias
-        if self.optimizer is not None:
-            for tensor, state in self.optimizer_state.values():
-                self.optimizer.state[tensor] = state
+                module._buffers[attr] = old
+        for name in self.modules:
+            self.model.get_submodule(name).__dict__.update(self.old_attributes[name])
         raise PruneError(f"pruning failed and the model was restored unchanged: {type(exc).__name__}: {exc}") from exc
+
+
+def _get(model: nn.Module, name: str) -> torch.Tensor:
+    module, attr = _lookup(model, name)
+    return getattr(module, attr)

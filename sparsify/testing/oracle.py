@@ -21,7 +21,7 @@ def soft_zero_(model: nn.Module, groups: Sequence[ChannelGroup], plan: Mapping[i
                keep_bias: bool = False) -> None:
     """Zero, in place, every producing member of the planned structures (and biases unless
     ``keep_bias``): the channels then contribute nothing, or only constants."""
-    roles = PRODUCING_ROLES if keep_bias else PRODUCING_ROLES + ("bias",)
+    roles = PRODUCING_ROLES if keep_bias else (*PRODUCING_ROLES, "bias")
     by_id = {g.id: g for g in groups}
     with torch.no_grad():
         for gid, structures in plan.items():

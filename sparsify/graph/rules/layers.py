@@ -261,7 +261,7 @@ def embedding(ctx: OpContext) -> None:
     if xi is None or out is None:
         return
     couple_dims(ctx, ids, range(xi.ndim))
-    ctx.member(ctx.out(-1), ctx.module_name, "weight", 1, "value")
+    ctx.member(ctx.out(-1), ctx.module_name, "weight", 1, "out")
 
 
 register_op_rule("embedding", embedding, modules=(nn.Embedding,))

@@ -90,22 +90,25 @@ def _literals(ctx: OpContext, node: fx.Node) -> set[int]:
     return found
 
 
+def _input_index(ctx: OpContext, node: fx.Node) -> tuple[fx.Node, torch.Tensor, set[int]]:
+    """(chain root, index tensor of ``node``'s input elements in the root, size literals on the way)."""
+    parent = node.args[0]
+    if not isinstance(parent, fx.Node):
+        raise _Unsupported("a layout op whose input is not a traced tensor")
+    if _is_layout(parent, ctx):
+        return _index_tensor(ctx, parent)
+    info = ctx.traced.values.get(parent.name)
+    if not isinstance(info, TensorInfo):
+        raise _Unsupported("a layout op whose input is not a tensor")
+    return parent, torch.arange(int(np.prod(info.shape)), dtype=torch.int64).reshape(info.shape), set()
+
+
 def _index_tensor(ctx: OpContext, node: fx.Node) -> tuple[fx.Node, torch.Tensor, set[int]]:
     """(chain root, index tensor of this node's elements in the root, size literals on the way)."""
     cache = ctx.facts.__dict__.setdefault("_layout_cache", {})
     if node.name in cache:
         return cache[node.name]
-    parent = node.args[0]
-    if not isinstance(parent, fx.Node):
-        raise _Unsupported("a layout op whose input is not a traced tensor")
-    if _is_layout(parent, ctx):
-        root, parent_idx, lits = _index_tensor(ctx, parent)
-    else:
-        info = ctx.traced.values.get(parent.name)
-        if not isinstance(info, TensorInfo):
-            raise _Unsupported("a layout op whose input is not a tensor")
-        root, parent_idx, lits = parent, torch.arange(int(np.prod(info.shape)), dtype=torch.int64).reshape(
-            info.shape), set()
+    root, parent_idx, lits = _input_index(ctx, node)
     idx = _apply(ctx, node, parent_idx)
     result = (root, idx, lits | _literals(ctx, node))
     cache[node.name] = result
@@ -136,7 +139,7 @@ def layout(ctx: OpContext) -> None:
 
 
 def _coords(in_shape: tuple[int, ...], idx: torch.Tensor) -> list[torch.Tensor]:
-    strides = np.cumprod((1,) + tuple(reversed(in_shape[1:])))[::-1]
+    strides = np.cumprod((1, *reversed(in_shape[1:])))[::-1]
     return [(idx // int(strides[i])) % in_shape[i] for i in range(len(in_shape))]
 
 
@@ -145,34 +148,56 @@ def _varies(g: torch.Tensor, j: int) -> bool:
     return t > 1 and bool((g.narrow(j, 1, t - 1) != g.narrow(j, 0, t - 1)).any())
 
 
+def _shuffle_groups(ctx: OpContext, node: fx.Node) -> int | None:
+    """The group count of a channel shuffle op (nn.ChannelShuffle, torch.channel_shuffle), else None."""
+    if node.op == "call_module":
+        module = ctx.traced.graph_module.get_submodule(str(node.target))
+        return module.groups if isinstance(module, nn.ChannelShuffle) else None
+    if node.op == "call_function" and node.target is torch.channel_shuffle:
+        return int(_resolve(ctx, node.args[1] if len(node.args) > 1 else node.kwargs["groups"]))
+    return None
+
+
 def _couple_interior_splits(ctx: OpContext, exit_node: fx.Node, root: fx.Node, literals: set[int]) -> None:
     """Inside a chain, a channel dim split into (fixed, free) factors and merged back (channel
     shuffle) stays valid after pruning only if channels are removed along the free factor: all
-    channels sharing a free coordinate form one structure."""
-    in_shape = ctx.traced.values[root.name].shape
-    node = exit_node.args[0]
+    channels sharing a free coordinate form one structure. A channel shuffle op hides that split
+    (groups × channels per group) inside itself, so it is coupled as if written out."""
+    node = exit_node
     while isinstance(node, fx.Node) and _is_layout(node, ctx):
-        _, idx, _ = _index_tensor(ctx, node)
-        coords = _coords(in_shape, idx)
-        for i, g in enumerate(coords):
-            if in_shape[i] <= 1:
-                continue
-            outs = [j for j in range(idx.ndim) if _varies(g, j)]
-            if len(outs) <= 1:
-                continue
-            free = [j for j in outs if idx.shape[j] not in literals]
-            space = ctx.space(root, i)
-            if len(free) != 1:
-                ctx.block(space, f"{ctx.describe()}: dim {i} of '{root.name}' is reshaped into dims "
-                                 f"{outs} of '{node.name}' and it is ambiguous which one shrinks")
-                continue
-            position = torch.arange(idx.shape[free[0]]).reshape(
-                [-1 if j == free[0] else 1 for j in range(idx.ndim)]).expand(idx.shape)
-            free_coord = np.empty(in_shape[i], dtype=np.int64)
-            free_coord[g.reshape(-1).numpy()] = position.reshape(-1).numpy()
-            _, first = np.unique(free_coord, return_index=True)
-            ctx.pairs(space, space, first[free_coord], np.arange(in_shape[i]))
+        if node is not exit_node:
+            _, idx, _ = _index_tensor(ctx, node)
+            _couple_split(ctx, root, idx, {j for j, t in enumerate(idx.shape) if t not in literals}, node.name)
+        groups = _shuffle_groups(ctx, node)
+        if groups:
+            _, parent_idx, _ = _input_index(ctx, node)
+            split = parent_idx.unflatten(1, (groups, -1))  # (N, groups, channels per group, ...)
+            _couple_split(ctx, root, split, set(range(split.ndim)) - {1}, node.name)
         node = node.args[0]
+
+
+def _couple_split(ctx: OpContext, root: fx.Node, idx: torch.Tensor, free_dims: set[int], where: str) -> None:
+    """For each dim of ``root`` spread over several dims of ``idx``, the channels sharing a
+    coordinate along the one free (not hard-coded) dim among them are one structure."""
+    in_shape = ctx.traced.values[root.name].shape
+    for i, g in enumerate(_coords(in_shape, idx)):
+        if in_shape[i] <= 1:
+            continue
+        outs = [j for j in range(idx.ndim) if _varies(g, j)]
+        if len(outs) <= 1:
+            continue
+        free = [j for j in outs if j in free_dims]
+        space = ctx.space(root, i)
+        if len(free) != 1:
+            ctx.block(space, f"{ctx.describe()}: dim {i} of '{root.name}' is reshaped into dims "
+                             f"{outs} of '{where}' and it is ambiguous which one shrinks")
+            continue
+        position = torch.arange(idx.shape[free[0]]).reshape(
+            [-1 if j == free[0] else 1 for j in range(idx.ndim)]).expand(idx.shape)
+        free_coord = np.empty(in_shape[i], dtype=np.int64)
+        free_coord[g.reshape(-1).numpy()] = position.reshape(-1).numpy()
+        _, first = np.unique(free_coord, return_index=True)
+        ctx.pairs(space, space, first[free_coord], np.arange(in_shape[i]))
 
 
 def _tuple_element(ctx: OpContext) -> None:
@@ -232,7 +257,7 @@ def _classify(ctx: OpContext, root: fx.Node, idx: torch.Tensor, literals: set[in
         if len(outs) == 0:
             ctx.block(ctx.space(root, i), f"{what} selects from dim {i} of '{root.name}' by a constant index")
         elif len(outs) > 1:
-            reason = (f"{what} splits dim {i} of '{root.name}' into dims {list(outs)} (e.g. attention "
+            reason = (f"{what} splits dim {i} of '{root.name}' into dims {outs.tolist()} (e.g. attention "
                       "heads); pruning through such a split is not supported yet")
             ctx.block(ctx.space(root, i), reason)
             for j in outs:

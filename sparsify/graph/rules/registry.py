@@ -53,7 +53,8 @@ def register_op_rule(
     """Register ``fn`` as the channel rule of the given module types, functions and tensor methods.
 
     Functions may be given as objects or as dotted names (``"torchvision.ops.stochastic_depth.
-    stochastic_depth"``), so rules for optional packages need no import. ``fn(ctx)`` receives an :class:`~sparsify.graph.builder.OpContext` and declares, with
+    stochastic_depth"``), so rules for optional packages need no import. ``fn(ctx)`` receives an
+    :class:`~sparsify.graph.builder.OpContext` and declares, with
     ``ctx.same``/``ctx.pairs``/``ctx.member``/``ctx.block``/``ctx.fresh``/``ctx.mark_inexact``, how
     the channels of the node's inputs, outputs and parameters are coupled. Every output dim it does
     not declare is treated as a barrier.

@@ -6,6 +6,7 @@ import operator
 
 import numpy as np
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -43,7 +44,8 @@ def split(ctx: OpContext) -> None:
     """chunk/split into equal parts: part k's channels are an offset range of the input's.
 
     Every part must keep the same width after pruning, so channel j of each part is one structure.
-    Splits into unequal, hard-coded sizes are a barrier.
+    That holds for a number of parts (chunk, tensor_split into n) and a part size computed from
+    shapes; a split into unequal parts or parts of a hard-coded size is a barrier.
     """
     x = ctx.node.args[0]
     xi = ctx.info(x)
@@ -51,12 +53,17 @@ def split(ctx: OpContext) -> None:
     if xi is None or not isinstance(out, (tuple, list)):
         return
     name = ctx.node.target if ctx.node.op == "call_method" else ctx.node.target.__name__
-    dim = ctx.value(ctx.arg(2, "dim", 0)) if name in ("chunk", "split") and ctx.node.op == "call_function" \
-        else ctx.value(ctx.arg(2, "dim", 0))
-    dim %= xi.ndim
+    dim = ctx.value(ctx.arg(2, "dim", 0)) % xi.ndim
+    size = ctx.arg(1, {"chunk": "chunks", "tensor_split": "indices_or_sections"}.get(name, "split_size"))
+    if size is None and name == "split":
+        size = ctx.node.kwargs.get("split_size_or_sections")
     widths = [o.shape[dim] for o in out]
     x_space = ctx.space(x, dim)
-    equal = len(set(widths)) == 1 and not (name == "split" and isinstance(ctx.value(ctx.arg(1, "split_size")), (list, tuple)))
+    if name == "split":  # a part size: only one computed from shapes shrinks with the channels
+        scales = isinstance(size, fx.Node)
+    else:  # a number of parts (tensor_split also takes a list of split indices)
+        scales = name == "chunk" or isinstance(ctx.value(size), int)
+    equal = len(set(widths)) == 1 and scales
     offset = 0
     for k, w in enumerate(widths):
         for d in range(xi.ndim):
@@ -68,7 +75,7 @@ def split(ctx: OpContext) -> None:
             if k:
                 ctx.pairs(x_space, x_space, np.arange(w), offset + np.arange(w))
         else:
-            reason = f"{ctx.describe()} splits dim {dim} into parts of unequal or fixed sizes {widths}"
+            reason = f"{ctx.describe()} splits dim {dim} into parts of unequal or hard-coded sizes {widths}"
             ctx.block(part, reason)
             ctx.block(x_space, reason)
         offset += w
@@ -86,7 +93,8 @@ def reduction(ctx: OpContext) -> None:
         return
     dims = ctx.value(ctx.arg(1, "dim"))
     keepdim = bool(ctx.value(ctx.arg(2, "keepdim", False)))
-    reduced = set(range(xi.ndim)) if dims is None else {d % xi.ndim for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+    dims = range(xi.ndim) if dims is None else dims if isinstance(dims, (list, tuple)) else [dims]
+    reduced = {d % xi.ndim for d in dims}
     name = ctx.node.target if ctx.node.op == "call_method" else ctx.node.target.__name__
     j = 0
     for d in range(xi.ndim):

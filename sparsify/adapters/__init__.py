@@ -1,0 +1,19 @@
+"""Adapters: prunable structures → importance vectors. Built-ins register themselves on import."""
+
+from sparsify.adapters import bn_gamma, filter_norm, low_rank  # noqa: F401
+from sparsify.adapters.base import (
+    ADAPTERS,
+    Adapter,
+    AdapterConfig,
+    ImportanceVector,
+    list_adapters,
+    make_adapter,
+    register_adapter,
+)
+from sparsify.adapters.bn_gamma import BNGammaConfig
+from sparsify.adapters.filter_norm import FilterNormConfig
+from sparsify.adapters.low_rank import LowRankConfig, LowRankLinear, factorize_, factorize_linear
+
+__all__ = ["ADAPTERS", "Adapter", "AdapterConfig", "BNGammaConfig", "FilterNormConfig", "ImportanceVector",
+           "LowRankConfig", "LowRankLinear", "factorize_", "factorize_linear", "list_adapters", "make_adapter",
+           "register_adapter"]

@@ -1,0 +1,153 @@
+"""Adapters expose prunable structures as importance vectors.
+
+An :class:`ImportanceVector` is one vector of structures (the channels of one BN, the filters of one
+group, the ranks of one factorisation, ...). Its ``raw()`` value is what a policy sparsifies. The
+policy's *transform* is an ``nn.Module`` mapping raw → effective (a soft threshold with a learnable
+threshold, a mask); the adapter installs it into the model with ``torch.nn.utils.parametrize`` as a
+submodule (so its parameters are among ``model.parameters()``), the network computes with the
+effective vector, and an effective zero removes its structure exactly.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+from torch.nn.utils import parametrize
+
+from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup
+from sparsify.registry import Registry
+
+
+
+class AdapterConfig(BaseModel):
+    """Base of adapter configs; subclasses set ``kind`` to a Literal."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: str
+
+
+@dataclass(eq=False)
+class ImportanceVector:
+    """A vector of structures: entry i is structure ``entries[i]`` of ``group``."""
+
+    name: str
+    group: ChannelGroup
+    entries: np.ndarray
+    adapter: Adapter
+    handle: Any = None  # adapter-private data (the BN module, the member list, ...)
+    transform: nn.Module | None = None
+    params_per_entry: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    macs_per_entry: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def raw(self) -> torch.Tensor:
+        """The vector the policy acts on (differentiable)."""
+        return self.adapter.raw(self)
+
+    def effective(self) -> torch.Tensor:
+        """The vector the model computes with; exact zeros mark removable entries."""
+        raw = self.raw()
+        return raw if self.transform is None else self.transform(raw)
+
+
+class Adapter(abc.ABC):
+    """Turns channel groups into importance vectors and installs a policy's transform."""
+
+    kind: ClassVar[str]
+    config: AdapterConfig
+
+    def __init__(self, config: AdapterConfig) -> None:
+        self.config = config
+        self.skipped: dict[str, str] = {}  # group name → why this adapter does not cover it
+
+    @abc.abstractmethod
+    def vectors(self, cg: ChannelGraph) -> list[ImportanceVector]:
+        """One vector per structure set this adapter covers; record others in ``self.skipped``."""
+
+    @abc.abstractmethod
+    def raw(self, vector: ImportanceVector) -> torch.Tensor:
+        """The current raw (pre-policy) value of ``vector``."""
+
+    @abc.abstractmethod
+    def install(self, vector: ImportanceVector, transform: nn.Module) -> None:
+        """Make the model compute with ``transform(raw)`` in place of ``raw``; register ``transform``
+        as a submodule of the installed parametrization."""
+
+    def bake(self, vector: ImportanceVector) -> list[Baked]:
+        """Remove the installed parametrizations, leaving the effective values in the tensors.
+
+        Returns what ``unbake`` needs to put them back exactly (the tensors keep their identity,
+        so optimizers keep working)."""
+        targets = [(m, n) for m, n in self.parametrized(vector) if parametrize.is_parametrized(m, n)]
+        with torch.no_grad():
+            values = [getattr(m, n).detach().clone() for m, n in targets]  # before any removal
+        baked = []
+        for (module, name), value in zip(targets, values, strict=True):
+            plist = module.parametrizations[name]
+            param = plist.original
+            baked.append(Baked(module, name, list(plist), param, param.data))
+            parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+            param.data = value.to(param.dtype)
+        return baked
+
+    @abc.abstractmethod
+    def parametrized(self, vector: ImportanceVector) -> list[tuple[nn.Module, str]]:
+        """The (module, tensor name) pairs ``install`` parametrizes, in baking order."""
+
+
+@dataclass
+class Baked:
+    """A parametrization removed by ``bake``: enough to restore it bit-identically."""
+
+    module: nn.Module
+    name: str
+    parametrizations: list[nn.Module]
+    param: torch.Tensor
+    data: torch.Tensor
+
+    def restore(self) -> None:
+        self.param.data = self.data
+        for p in self.parametrizations:
+            parametrize.register_parametrization(self.module, self.name, p, unsafe=True)
+
+
+def original(module: nn.Module, name: str) -> torch.Tensor:
+    """A tensor's stored value, beneath any parametrization."""
+    if parametrize.is_parametrized(module, name):
+        return module.parametrizations[name].original
+    return getattr(module, name)
+
+
+ADAPTERS: Registry[tuple[type[AdapterConfig], type[Adapter]]] = Registry(
+    "adapter", "Register one with sparsify.register_adapter(kind, config_cls, adapter_cls)."
+)
+
+
+def register_adapter(kind: str, config_cls: type[AdapterConfig], adapter_cls: type[Adapter],
+                     *, override: bool = False) -> None:
+    """Register an adapter kind: its pydantic config class and its implementation."""
+    default_kind = config_cls.model_fields["kind"].default if "kind" in config_cls.model_fields else None
+    if default_kind != kind:
+        raise ValueError(f"{config_cls.__name__}.kind must default to {kind!r} (got {default_kind!r}); "
+                         f"declare `kind: Literal[{kind!r}] = {kind!r}`.")
+    if not issubclass(adapter_cls, Adapter):
+        raise TypeError(f"{adapter_cls.__name__} must subclass sparsify.adapters.Adapter")
+    adapter_cls.kind = kind
+    ADAPTERS.register(kind, (config_cls, adapter_cls), override=override)
+
+
+def list_adapters() -> list[str]:
+    return ADAPTERS.list()
+
+
+def make_adapter(config: AdapterConfig) -> Adapter:
+    _, cls = ADAPTERS.get(config.kind)
+    return cls(config)

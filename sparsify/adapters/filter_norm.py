@@ -1,0 +1,99 @@
+"""``filter_norm``: importance of a structure = Lp norm of the filters that produce it.
+
+One vector per group; the norm of structure s sums ‖W[s]‖_p over the group's producing members
+(conv/linear rows, embeddings, additive parameters). A policy's transform is applied as a
+per-structure factor effective/norm on every producing tensor (weights, BN γ and β, biases), so an
+effective zero removes the structure exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+from torch.nn.utils import parametrize
+
+from sparsify.adapters.base import Adapter, AdapterConfig, ImportanceVector, original, register_adapter
+from sparsify.graph.channel_graph import ChannelGraph, Member
+
+_NORM_ROLES = ("out", "value")
+_SCALED_ROLES = ("out", "value", "scale", "bias")
+
+
+class FilterNormConfig(AdapterConfig):
+    """Importance of a structure = Lp norm of its producing filters, summed over coupled layers."""
+
+    kind: Literal["filter_norm"] = "filter_norm"
+    p: Literal[1, 2] = Field(2, description="1 for L1 (Li et al.), 2 for L2 norms")
+
+
+def _tensor(model: nn.Module, member: Member) -> tuple[nn.Module, str]:
+    module_name, _, attr = member.tensor.rpartition(".")
+    return (model.get_submodule(module_name) if module_name else model), attr
+
+
+class _Factor(nn.Module):
+    def __init__(self, vector: ImportanceVector, dim: int, index: torch.Tensor, ndim: int) -> None:
+        super().__init__()
+        object.__setattr__(self, "vector", vector)  # plain reference: not a submodule
+        self.transform = vector.transform  # shared by all of the vector's tensors
+        self.dim, self.ndim = dim, ndim
+        self.register_buffer("index", index, persistent=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        factor = self.vector.adapter.factor(self.vector)
+        shape = [1] * self.ndim
+        shape[self.dim] = -1
+        return t * factor[self.index].to(t.dtype).view(shape)
+
+
+class FilterNormAdapter(Adapter):
+    """Covers every prunable group that has a producing weight."""
+
+    config: FilterNormConfig
+
+    def vectors(self, cg: ChannelGraph) -> list[ImportanceVector]:
+        out = []
+        for group in cg.prunable_groups():
+            norm_members = [m for m in group.members if m.role in _NORM_ROLES]
+            if not norm_members:
+                self.skipped[group.name] = "no weight produces these channels"
+                continue
+            scaled = [m for m in group.members if m.role in _SCALED_ROLES]
+            handle = {"model": cg.model, "norm": norm_members, "scaled": scaled}
+            out.append(ImportanceVector(group.name, group, torch.arange(group.width).numpy(), self, handle=handle))
+        return out
+
+    def raw(self, vector: ImportanceVector) -> torch.Tensor:
+        total = None
+        for m in vector.handle["norm"]:
+            t = original(*_tensor(vector.handle["model"], m))
+            per_index = t.movedim(m.dim, 0).flatten(1).abs().pow(self.config.p).sum(1)
+            per_structure = torch.zeros(len(vector), dtype=per_index.dtype, device=per_index.device)
+            per_structure = per_structure.index_add(0, torch.as_tensor(m.structure_of, device=t.device), per_index)
+            total = per_structure if total is None else total + per_structure.to(total.device)
+        return total.pow(1.0 / self.config.p)
+
+    def factor(self, vector: ImportanceVector) -> torch.Tensor:
+        """effective / raw per structure (1 without a transform, 0 where the raw norm is 0)."""
+        raw = self.raw(vector)
+        if vector.transform is None:
+            return torch.ones_like(raw)
+        eff = vector.transform(raw)
+        return torch.where(raw > 0, eff / raw.clamp_min(torch.finfo(raw.dtype).tiny), torch.zeros_like(raw))
+
+    def install(self, vector: ImportanceVector, transform: nn.Module) -> None:
+        vector.transform = transform
+        for m in vector.handle["scaled"]:
+            module, attr = _tensor(vector.handle["model"], m)
+            t = getattr(module, attr)
+            index = torch.as_tensor(m.structure_of, device=t.device)
+            parametrize.register_parametrization(module, attr, _Factor(vector, m.dim, index, t.ndim), unsafe=True)
+
+    def parametrized(self, vector: ImportanceVector) -> list[tuple[nn.Module, str]]:
+        return [_tensor(vector.handle["model"], m) for m in vector.handle["scaled"]]
+
+
+register_adapter("filter_norm", FilterNormConfig, FilterNormAdapter)

@@ -1,0 +1,75 @@
+"""Parameter and multiply-accumulate (MAC) counts, per module and per channel structure."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch.fx as fx
+from torch import nn
+
+from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup
+from sparsify.graph.trace import TensorInfo, TracedModel
+
+
+def module_macs(traced: TracedModel) -> dict[str, int]:
+    """MACs per example (batch dim 0 divided out) of every conv/linear call in the trace, keyed by
+    the qualified name of the weight it multiplies."""
+    macs: dict[str, int] = {}
+    gm = traced.graph_module
+    for node in gm.graph.nodes:
+        out = traced.values.get(node.name)
+        if not isinstance(out, TensorInfo) or not out.shape:
+            continue
+        per_example = math.prod(out.shape[1:]) if len(out.shape) > 1 else out.shape[0]
+        if node.op == "call_module":
+            m = gm.get_submodule(str(node.target))
+            if isinstance(m, nn.modules.conv._ConvNd):
+                fan_in = m.weight.shape[1] * math.prod(m.kernel_size) if not m.transposed else (
+                    m.weight.shape[0] // m.groups * math.prod(m.kernel_size))
+                key = f"{node.target}.weight"
+                macs[key] = macs.get(key, 0) + per_example * fan_in
+            elif isinstance(m, nn.Linear):
+                key = f"{node.target}.weight"
+                macs[key] = macs.get(key, 0) + per_example * m.in_features
+        elif node.op == "call_function" and getattr(node.target, "__name__", "") in ("linear", "conv1d", "conv2d",
+                                                                                       "conv3d"):
+            weight = node.args[1]
+            if isinstance(weight, fx.Node) and weight.op == "get_attr":
+                w = traced.values.get(weight.name)
+                if isinstance(w, TensorInfo):
+                    key = str(weight.target)
+                    macs[key] = macs.get(key, 0) + per_example * math.prod(w.shape[1:])
+    return macs
+
+
+def total_macs(traced: TracedModel) -> int:
+    return sum(module_macs(traced).values())
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def structure_costs(cg: ChannelGraph, group: ChannelGroup, macs: dict[str, int] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(params, MACs) that removing each structure of ``group`` saves, to first order.
+
+    Each member contributes its tensor's size per index; each conv/linear member contributes its
+    MACs per index of the sliced dim. Savings shared with a neighbouring group that is pruned too
+    are counted by both (the usual first-order estimate).
+    """
+    macs = module_macs(cg.traced) if macs is None else macs
+    params = np.zeros(group.width)
+    flops = np.zeros(group.width)
+    model = cg.model
+    for m in group.members:
+        module_name, _, attr = m.tensor.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        t = getattr(module, attr)
+        counts = np.bincount(m.structure_of, minlength=group.width)
+        if isinstance(t, nn.Parameter):
+            params += counts * (t.numel() // t.shape[m.dim])
+        if m.tensor in macs and m.role in ("out", "in"):
+            flops += counts * (macs[m.tensor] / t.shape[m.dim])
+    return params, flops

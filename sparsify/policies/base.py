@@ -1,0 +1,125 @@
+"""Policies turn importance vectors into zeros: learned soft thresholds, schedules, masks."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from sparsify.adapters.base import ImportanceVector
+from sparsify.registry import Registry
+
+
+class PolicyConfig(BaseModel):
+    """Base of policy configs; subclasses set ``kind`` to a Literal."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: str
+
+
+@dataclass
+class GroupView:
+    """The vectors that cover one channel group, with the group's per-structure costs."""
+
+    name: str
+    width: int
+    vectors: list[ImportanceVector]
+    params: np.ndarray
+    macs: np.ndarray
+    shape: tuple[int, ...]  # shape of the group's first producing weight (for ERK)
+
+    def magnitude(self) -> np.ndarray:
+        """Per structure, the largest |raw| over the group's vectors (a structure goes only when
+        every vector drops it)."""
+        out = np.zeros(self.width)
+        for v in self.vectors:
+            with torch.no_grad():
+                mag = v.raw().detach().abs().double().cpu().numpy()
+            np.maximum.at(out, v.entries, mag)
+        return out
+
+
+class Policy(abc.ABC):
+    """Base class of policies: ``attach`` installs transforms, ``step`` updates them."""
+
+    kind: ClassVar[str]
+    config: PolicyConfig
+
+    def __init__(self, config: PolicyConfig) -> None:
+        self.config = config
+        self.groups: list[GroupView] = []
+
+    @abc.abstractmethod
+    def attach(self, groups: Sequence[GroupView]) -> None:
+        """Create a transform per vector and install it with ``vector.adapter.install``."""
+
+    def step(self, step: int) -> None:
+        """Called by ``Sparsifier.step()`` after each optimizer step; ``step`` counts from 1."""
+
+    def finalize(self) -> None:
+        """Called by ``Sparsifier.prune()`` before zeros are read (e.g. a final global threshold)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
+class Mask(nn.Module):
+    """raw · mask, with a 0/1 mask buffer (all ones at first)."""
+
+    def __init__(self, size: int, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.register_buffer("mask", torch.ones(size, device=device))
+
+    def forward(self, raw: torch.Tensor) -> torch.Tensor:
+        return raw * self.mask.to(raw.dtype)
+
+
+def set_group_masks(group: GroupView, keep: np.ndarray) -> None:
+    """Write a per-structure keep vector (bool) into the Mask transforms of the group's vectors."""
+    for v in group.vectors:
+        assert isinstance(v.transform, Mask)
+        m = torch.as_tensor(keep[v.entries], dtype=v.transform.mask.dtype)
+        v.transform.mask.copy_(m.to(v.transform.mask.device))
+
+
+def top_k_keep(magnitude: np.ndarray, k: int) -> np.ndarray:
+    """Boolean keep vector for the k largest entries (ties broken by index)."""
+    keep = np.zeros(len(magnitude), dtype=bool)
+    keep[np.argsort(-magnitude, kind="stable")[:k]] = True
+    return keep
+
+
+POLICIES: Registry[tuple[type[PolicyConfig], type[Policy]]] = Registry(
+    "policy", "Register one with sparsify.register_policy(kind, config_cls, policy_cls)."
+)
+
+
+def register_policy(kind: str, config_cls: type[PolicyConfig], policy_cls: type[Policy],
+                    *, override: bool = False) -> None:
+    """Register a policy kind: its pydantic config class and its implementation."""
+    default_kind = config_cls.model_fields["kind"].default if "kind" in config_cls.model_fields else None
+    if default_kind != kind:
+        raise ValueError(f"{config_cls.__name__}.kind must default to {kind!r} (got {default_kind!r}); "
+                         f"declare `kind: Literal[{kind!r}] = {kind!r}`.")
+    if not issubclass(policy_cls, Policy):
+        raise TypeError(f"{policy_cls.__name__} must subclass sparsify.policies.Policy")
+    policy_cls.kind = kind
+    POLICIES.register(kind, (config_cls, policy_cls), override=override)
+
+
+def list_policies() -> list[str]:
+    return POLICIES.list()
+
+
+def make_policy(config: PolicyConfig) -> Policy:
+    _, cls = POLICIES.get(config.kind)
+    return cls(config)

@@ -1,0 +1,59 @@
+"""``slimming``: Network Slimming (Liu et al., 2017) as a baseline.
+
+During training an L1 penalty λ·sign(γ) is added to the gradient of each raw importance parameter
+(BN γ); at ``prune()`` one global threshold removes the target fraction of channels (or of
+parameters / MACs). Standard BNs still emit β after γ is masked; sparsify's bn_gamma adapter
+stores β̂ = β/γ so the masked channel emits exactly zero (the original folds nothing and is
+slightly inexact).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from sparsify.policies.base import GroupView, Mask, Policy, PolicyConfig, register_policy, set_group_masks
+from sparsify.policies.gradual_magnitude import allocate_keep
+
+
+class SlimmingConfig(PolicyConfig):
+    """L1 on BN γ during training, one global threshold at the end."""
+
+    kind: Literal["slimming"] = "slimming"
+    l1: float = Field(1e-4, ge=0, description="λ of the L1 penalty on γ (the paper uses 1e-4 / 1e-5)")
+    sparsity: float = Field(0.5, gt=0, lt=1, description="fraction to remove at prune()")
+    unit: Literal["channels", "params", "macs"] = Field("channels", description="what `sparsity` counts")
+    budget: Literal["global", "uniform", "erk"] = Field("global", description="global threshold as in the paper")
+
+
+class SlimmingPolicy(Policy):
+    config: SlimmingConfig
+
+    def attach(self, groups: Sequence[GroupView]) -> None:
+        self.groups = list(groups)
+        self.hooks = []
+        for g in self.groups:
+            for v in g.vectors:
+                raw = v.raw()
+                if not (isinstance(raw, torch.nn.Parameter) and raw.is_leaf):
+                    raise ValueError(f"slimming needs an adapter whose raw vector is a parameter (e.g. bn_gamma); "
+                                     f"'{v.name}' from {v.adapter.kind!r} is computed")
+                v.adapter.install(v, Mask(len(v), raw.device))
+                if self.config.l1:
+                    lam = self.config.l1
+                    self.hooks.append(raw.register_hook(lambda grad, p=raw: grad + lam * torch.sign(p.detach())))
+
+    def finalize(self) -> None:
+        keeps = allocate_keep(self.groups, self.config.sparsity, self.config.unit, self.config.budget)
+        with torch.no_grad():
+            for g, keep in zip(self.groups, keeps, strict=True):
+                set_group_masks(g, keep)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+
+register_policy("slimming", SlimmingConfig, SlimmingPolicy)

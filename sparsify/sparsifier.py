@@ -1,0 +1,239 @@
+"""``Sparsifier``: wrap a model, call ``step()`` while training, ``prune()`` at the end."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from rich.table import Table
+from torch import nn
+
+from sparsify.adapters import AdapterConfig, ImportanceVector, make_adapter
+from sparsify.adapters.base import Baked
+from sparsify.config import SparsifierConfig
+from sparsify.errors import PruneError, SparsifyError
+from sparsify.graph.channel_graph import ChannelGraph, build_channel_graph
+from sparsify.graph.cost import count_params, module_macs, structure_costs
+from sparsify.graph.trace import trace
+from sparsify.policies import PolicyConfig, make_policy
+from sparsify.policies.base import GroupView
+from sparsify.prune.surgery import PruneReport, prune_channels
+
+
+@dataclass
+class GroupStatus:
+    """One row of ``Sparsifier.report()``."""
+
+    name: str
+    width: int
+    zeros: int
+    params: float  # parameters the zero structures account for (first-order)
+    macs: float
+
+
+@dataclass
+class SparsityReport:
+    groups: list[GroupStatus]
+    params: int
+    macs: int
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def channel_sparsity(self) -> float:
+        total = sum(g.width for g in self.groups)
+        return sum(g.zeros for g in self.groups) / max(total, 1)
+
+    def table(self) -> Table:
+        t = Table(title=f"sparsity: {self.channel_sparsity:.1%} of {sum(g.width for g in self.groups)} structures")
+        for col in ("group", "width", "zeros", "params in zeros", "MACs in zeros"):
+            t.add_column(col, justify="left" if col == "group" else "right")
+        for g in self.groups:
+            t.add_row(g.name, str(g.width), str(g.zeros), f"{g.params:,.0f}", f"{g.macs:,.0f}")
+        return t
+
+
+@dataclass
+class PruneResult:
+    """What ``Sparsifier.prune()`` did."""
+
+    model: nn.Module
+    surgery: PruneReport
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    widths: dict[str, tuple[int, int]]
+    kept_to_stay_connected: list[str] = field(default_factory=list)
+
+    def table(self) -> Table:
+        t = Table(title="pruned")
+        for col in ("", "before", "after", "ratio"):
+            t.add_column(col, justify="right")
+        t.add_row("params", f"{self.params_before:,}", f"{self.params_after:,}",
+                  f"{self.params_before / max(self.params_after, 1):.2f}×")
+        t.add_row("MACs", f"{self.macs_before:,}", f"{self.macs_after:,}",
+                  f"{self.macs_before / max(self.macs_after, 1):.2f}×")
+        return t
+
+
+class Sparsifier:
+    """Structured sparsity as unstructured sparsity on importance vectors.
+
+    Example:
+        >>> sp = Sparsifier(model, example_inputs, adapter="bn_gamma", policy="str")
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)   # after: includes STR thresholds
+        >>> for x, y in loader: loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad(); sp.step()
+        >>> result = sp.prune(optimizer=opt)                     # physically smaller, same function
+
+    Create the optimizer after the Sparsifier (learned thresholds are model parameters), or add
+    ``sp.parameters()`` to it.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any,
+                 adapter: str | dict | AdapterConfig = "bn_gamma", policy: str | dict | PolicyConfig = "str",
+                 *, config: SparsifierConfig | None = None) -> None:
+        self.config = config or SparsifierConfig(adapter=adapter, policy=policy)
+        self.model = model
+        self.graph: ChannelGraph = build_channel_graph(model, example_inputs)
+        self._macs = module_macs(self.graph.traced)
+        self.adapter = make_adapter(self.config.adapter)
+        vectors = self.adapter.vectors(self.graph)
+        if not vectors:
+            reasons = "; ".join(f"{k}: {v}" for k, v in list(self.adapter.skipped.items())[:5])
+            raise SparsifyError(
+                f"adapter {self.config.adapter.kind!r} covers no prunable group of {type(model).__name__} "
+                f"({len(self.graph.prunable_groups())} prunable groups; {reasons or 'none'}). "
+                "Try adapter='filter_norm', or check `sparsify inspect` for barriers.")
+        self.groups = self._group_views(vectors)
+        self.policy = make_policy(self.config.policy)
+        self.policy.attach(self.groups)
+        self.step_count = 0
+        self.pruned = False
+
+    # ----- training-time ---------------------------------------------------------------------
+    def step(self) -> None:
+        """Advance the policy's schedule; call once per optimizer step."""
+        self._check_live()
+        self.step_count += 1
+        self.policy.step(self.step_count)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Learnable parameters the policy added (STR thresholds); they are also model parameters."""
+        seen, out = set(), []
+        for g in self.groups:
+            for v in g.vectors:
+                for p in (v.transform.parameters() if v.transform is not None else ()):
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        out.append(p)
+        return out
+
+    @property
+    def vectors(self) -> list[ImportanceVector]:
+        return [v for g in self.groups for v in g.vectors]
+
+    def zero_structures(self) -> dict[int, np.ndarray]:
+        """Per covered group id, the structures that every covering vector has zeroed."""
+        out = {}
+        with torch.no_grad():
+            for g in self.groups:
+                alive = np.zeros(g.width, dtype=bool)
+                for v in g.vectors:
+                    nonzero = (v.effective().detach() != 0).cpu().numpy()
+                    np.logical_or.at(alive, v.entries, nonzero)
+                out[g.vectors[0].group.id] = np.flatnonzero(~alive)
+        return out
+
+    def report(self) -> SparsityReport:
+        """Per group: width, zeroed structures, and the params/MACs they account for."""
+        zeros = self.zero_structures()
+        rows = []
+        for g in self.groups:
+            z = zeros[g.vectors[0].group.id]
+            rows.append(GroupStatus(g.name, g.width, len(z), float(g.params[z].sum()), float(g.macs[z].sum())))
+        thresholds = self.policy.thresholds() if hasattr(self.policy, "thresholds") else {}
+        return SparsityReport(rows, count_params(self.model), sum(self._macs.values()), thresholds)
+
+    # ----- the end ---------------------------------------------------------------------------
+    def prune(self, optimizer: torch.optim.Optimizer | None = None) -> PruneResult:
+        """Remove every zeroed structure physically; returns the (same, now smaller) model and a report.
+
+        The policy's transforms are baked into the weights first. The pruned model computes what
+        the soft model did (checked on the example inputs unless ``verify_atol`` is None). On any
+        failure the model, its parametrizations and the optimizer are restored.
+        """
+        self._check_live()
+        self.policy.finalize()
+        plan = self.zero_structures()
+        kept = []
+        for g in self.groups:
+            gid = g.vectors[0].group.id
+            if len(plan[gid]) == g.width:  # keep the strongest structure so the network stays connected
+                best = int(np.argmax(g.magnitude()))
+                plan[gid] = plan[gid][plan[gid] != best]
+                kept.append(g.name)
+        plan = {gid: s for gid, s in plan.items() if len(s)}
+        policy_params = sum(p.numel() for p in self.parameters())
+        params_before, macs_before = count_params(self.model) - policy_params, sum(self._macs.values())
+        baked: list[Baked] = []
+        try:
+            for v in self.vectors:
+                baked.extend(v.adapter.bake(v))
+            surgery = prune_channels(self.graph, plan, optimizer=optimizer, verify_atol=self.config.verify_atol)
+        except Exception as exc:
+            for b in baked:
+                b.restore()
+            if isinstance(exc, PruneError):
+                raise
+            raise PruneError(f"prune() failed and the model was restored: {type(exc).__name__}: {exc}") from exc
+        self.pruned = True
+        macs_after = sum(module_macs(trace(self.model, self.graph.traced.inputs)).values())
+        return PruneResult(self.model, surgery, params_before, count_params(self.model), macs_before, macs_after,
+                           surgery.widths, kept)
+
+    # ----- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Step count, policy state and every transform's tensors (thresholds, masks)."""
+        return {
+            "step_count": self.step_count,
+            "config": self.config.model_dump(mode="json"),
+            "policy": self.policy.state_dict(),
+            "transforms": [v.transform.state_dict() if v.transform is not None else {} for v in self.vectors],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: restores thresholds, masks and the schedule position exactly."""
+        if state["config"] != self.config.model_dump(mode="json"):
+            raise SparsifyError("this state was saved by a Sparsifier with a different config; build the "
+                                "Sparsifier with the same adapter and policy settings before loading it")
+        if len(state["transforms"]) != len(self.vectors):
+            raise SparsifyError(f"state has {len(state['transforms'])} importance vectors, this model has "
+                                f"{len(self.vectors)}: it was saved from a different model")
+        self.step_count = state["step_count"]
+        self.policy.load_state_dict(state["policy"])
+        for v, s in zip(self.vectors, state["transforms"], strict=True):
+            if v.transform is not None:
+                v.transform.load_state_dict(s)
+
+    # ----- helpers ---------------------------------------------------------------------------
+    def _check_live(self) -> None:
+        if self.pruned:
+            raise SparsifyError("this Sparsifier has already pruned its model; create a new Sparsifier "
+                                "(on the pruned model) to sparsify further")
+
+    def _group_views(self, vectors: list[ImportanceVector]) -> list[GroupView]:
+        by_group: dict[int, list[ImportanceVector]] = {}
+        for v in vectors:
+            by_group.setdefault(v.group.id, []).append(v)
+        views = []
+        for gid, vs in by_group.items():
+            group = self.graph.group(gid)
+            params, macs = structure_costs(self.graph, group, self._macs)
+            producer = next((m for m in group.members if m.role in ("out", "value")), group.members[0])
+            module_name, _, attr = producer.tensor.rpartition(".")
+            shape = tuple(getattr(self.model.get_submodule(module_name) if module_name else self.model,
+                                  attr).shape)
+            views.append(GroupView(group.name, group.width, vs, params, macs, shape))
+        return views
