@@ -19,9 +19,12 @@ class Registry(Generic[T]):
         self.hint = hint
         self._items: dict[str, T] = {}
 
+    def check_kind(self, kind: str) -> None:
+        if not isinstance(kind, str) or not _KIND.match(kind):
+            raise ValueError(f"{self.what} kind {kind!r} must be lower_snake_case (e.g. 'my_{self.what.replace(' ', '_')}').")
+
     def register(self, kind: str, item: T, *, override: bool = False) -> T:
-        if not _KIND.match(kind):
-            raise ValueError(f"{self.what} kind {kind!r} must be lower_snake_case (e.g. 'my_rule').")
+        self.check_kind(kind)
         if kind in self._items and not override:
             raise ValueError(
                 f"{self.what} kind {kind!r} is already registered; pass override=True to replace it."

@@ -134,6 +134,7 @@ ADAPTERS: Registry[tuple[type[AdapterConfig], type[Adapter]]] = Registry(
 def register_adapter(kind: str, config_cls: type[AdapterConfig], adapter_cls: type[Adapter],
                      *, override: bool = False) -> None:
     """Register an adapter kind: its pydantic config class and its implementation."""
+    ADAPTERS.check_kind(kind)
     default_kind = config_cls.model_fields["kind"].default if "kind" in config_cls.model_fields else None
     if default_kind != kind:
         raise ValueError(f"{config_cls.__name__}.kind must default to {kind!r} (got {default_kind!r}); "

@@ -237,8 +237,9 @@ def _apply_merges(facts: GraphFacts, uf: _UnionFind, index: dict[Space, int],
         target = root_group[out_root]
         producers = [m for m in target.members if m.role in ("out", "scale", "value", "bias")]
         out_sids = root_structures[out_root]
-        if producers or len(np.unique(out_sids)) != len(out_sids):
-            reason = f"{merge.op}: its flattened output is also produced or coupled elsewhere"
+        if producers or target.blocked or len(np.unique(out_sids)) != len(out_sids):
+            reason = (f"{merge.op}: its flattened output is a barrier ({target.blocked[0]})" if target.blocked
+                      else f"{merge.op}: its flattened output is also produced or coupled elsewhere")
             target.blocked.append(reason)
             for f in merge.factors:
                 root_group[uf.find(index[f])].blocked.append(reason)

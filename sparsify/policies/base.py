@@ -106,6 +106,7 @@ POLICIES: Registry[tuple[type[PolicyConfig], type[Policy]]] = Registry(
 def register_policy(kind: str, config_cls: type[PolicyConfig], policy_cls: type[Policy],
                     *, override: bool = False) -> None:
     """Register a policy kind: its pydantic config class and its implementation."""
+    POLICIES.check_kind(kind)
     default_kind = config_cls.model_fields["kind"].default if "kind" in config_cls.model_fields else None
     if default_kind != kind:
         raise ValueError(f"{config_cls.__name__}.kind must default to {kind!r} (got {default_kind!r}); "
