@@ -11,6 +11,6 @@ stamp=.venv/.sparsify-setup
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}" "torchvision==${TORCHVISION_VERSION:-0.28.0}" \
-    -e ".[dev,hf]"
+    -e ".[dev,hf,demo]"
   touch "$stamp"
 fi

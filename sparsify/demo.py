@@ -31,6 +31,7 @@ from rich.table import Table
 from torch import nn
 
 DATASETS = ("digits", "cifar10", "fashion-mnist")
+DEFAULT_EPOCHS = {"digits": 30, "fashion-mnist": 5, "cifar10": 10}  # only digits is tuned (about 2 min on CPU)
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -45,23 +46,24 @@ class DemoConfig:
     out: Path = Path("sparsify-demo-out")
     seed: int = 0
     quick: bool = False
-    arch: str = "residual"  # "residual" (BasicBlocks with shortcuts) or "plain" (conv-BN-ReLU stack)
-    epochs: int = 40
+    arch: str = "residual"  # "residual" (blocks with shortcuts) or "plain" (a conv-BN-ReLU stack)
+    epochs: int = 30
     finetune_epochs: int = 2
     batch_size: int = 64
-    lr: float = 0.1  # SGD, cosine to 0 after a 1-epoch linear warmup
+    lr: float = 0.1  # SGD with momentum; 1 epoch linear warmup, then cosine to 0 (per step)
     momentum: float = 0.9
-    weight_decay: float = 5e-4  # conv/linear weights
-    bn_weight_decay: float = 5e-4  # BN γ and β̂
+    weight_decay: float = 5e-4  # conv/linear weights (and BN of the dense baseline)
+    bn_weight_decay: float = 5e-2  # STR-BN γ and β̂: γ must shrink below the threshold (≤ 0.5, see below)
     s_init: float = -5.0  # STR: sigmoid(s_init) is the initial threshold
-    threshold_decay: float = 5e-3  # STR: L2 decay on s (its only decay: thresholds get no optimizer decay)
-    finetune_lr: float = 0.01
+    threshold_decay: float = 2e-2  # STR: L2 decay on s, its only decay (no optimizer decay on thresholds)
+    gamma_init: str = "ones"  # "ones" (standard) or "uniform" (γ ~ U(0.1, 1): quick runs prune at once)
+    finetune_lr: float = 1e-3  # after prune: cosine from this to 0, BN decay back to weight_decay
     baseline: bool = True
     max_steps_per_epoch: int | None = None
     train_limit: int | None = None  # use only the first N training images (quick runs)
     test_limit: int | None = None
     latency_batch: int = 256
-    latency_repeats: int = 30
+    latency_repeats: int = 20
     threads: int = 1  # torch CPU threads; more gain little on these small convs and collapse on busy cores
 
 
@@ -69,7 +71,7 @@ def quick_config(config: DemoConfig) -> DemoConfig:
     """Tiny settings: a few steps of every phase, for tests."""
     return DemoConfig(**{**asdict(config), "epochs": 2, "finetune_epochs": 1, "max_steps_per_epoch": 3,
                          "train_limit": 256, "test_limit": 128, "latency_batch": 32, "latency_repeats": 3,
-                         "quick": True})
+                         "s_init": 0.0, "gamma_init": "uniform", "quick": True})
 
 
 # ----- data --------------------------------------------------------------------------------------
@@ -147,26 +149,36 @@ def load_fashion_mnist(path: Path | None) -> Data:
                 torch.as_tensor(y_te.astype(np.int64)), classes)
 
 
-def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray, limit: int | None) -> np.ndarray:
+def _subset(n: int, limit: int | None, seed: int = 0) -> np.ndarray:
+    """Indices of a fixed-seed random subset of ``limit`` of ``n`` items (all, in order, without a limit);
+    files sorted by class make a prefix useless."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
+
+
+def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray, indices: np.ndarray) -> np.ndarray:
     from PIL import Image
 
-    n = len(offsets) - 1 if limit is None else min(limit, len(offsets) - 1)
-    out = np.empty((n, 32, 32, 3), dtype=np.uint8)
-    for i in range(n):
+    out = np.empty((len(indices), 32, 32, 3), dtype=np.uint8)
+    for j, i in enumerate(indices):
         with Image.open(io.BytesIO(blob[offsets[i]:offsets[i + 1]].tobytes())) as im:
-            out[i] = np.asarray(im.convert("RGB"))
+            out[j] = np.asarray(im.convert("RGB"))
     return out.transpose(0, 3, 1, 2)
 
 
 def load_cifar10(path: Path | None, train_limit: int | None = None, test_limit: int | None = None) -> Data:
-    """CIFAR-10 from the JPEG ``.npz`` (keys ``{train,test}_{jpeg,offsets,labels}``, ``classes``)."""
+    """CIFAR-10 from the JPEG ``.npz`` (keys ``{train,test}_{jpeg,offsets,labels}``, ``classes``); with a
+    limit, only a fixed random subset is decoded."""
     if path is None or not Path(path).is_file():
         raise SystemExit("--data cifar10 needs --data-path pointing at cifar10_jpeg.npz "
                          f"(got {str(path) if path else 'none'})")
     with np.load(path, allow_pickle=False) as z:
-        x_tr = _decode_jpegs(z["train_jpeg"], z["train_offsets"], train_limit).astype(np.float64) / 255.0
-        x_te = _decode_jpegs(z["test_jpeg"], z["test_offsets"], test_limit).astype(np.float64) / 255.0
-        y_tr, y_te = z["train_labels"][:len(x_tr)], z["test_labels"][:len(x_te)]
+        tr = _subset(len(z["train_labels"]), train_limit)
+        te = _subset(len(z["test_labels"]), test_limit)
+        x_tr = _decode_jpegs(z["train_jpeg"], z["train_offsets"], tr).astype(np.float64) / 255.0
+        x_te = _decode_jpegs(z["test_jpeg"], z["test_offsets"], te).astype(np.float64) / 255.0
+        y_tr, y_te = z["train_labels"][tr], z["test_labels"][te]
         classes = [str(c) for c in z["classes"]]
     xt, xe = _normalise(x_tr, x_te)
     return Data("cifar10", xt, torch.as_tensor(y_tr.astype(np.int64)), xe, torch.as_tensor(y_te.astype(np.int64)),
@@ -174,7 +186,7 @@ def load_cifar10(path: Path | None, train_limit: int | None = None, test_limit: 
 
 
 def load_data(config: DemoConfig) -> Data:
-    """The data set of ``config``, cut to ``train_limit``/``test_limit`` (stratification kept for digits)."""
+    """The data set of ``config``, cut to fixed random subsets of ``train_limit``/``test_limit`` images."""
     if config.data == "digits":
         data = load_digits_data()
     elif config.data == "fashion-mnist":
@@ -183,10 +195,9 @@ def load_data(config: DemoConfig) -> Data:
         data = load_cifar10(config.data_path, config.train_limit, config.test_limit)
     else:
         raise SystemExit(f"unknown data set {config.data!r}; choose one of {', '.join(DATASETS)}")
-    if config.train_limit is not None:
-        data.x_train, data.y_train = data.x_train[:config.train_limit], data.y_train[:config.train_limit]
-    if config.test_limit is not None:
-        data.x_test, data.y_test = data.x_test[:config.test_limit], data.y_test[:config.test_limit]
+    tr, te = _subset(len(data.x_train), config.train_limit), _subset(len(data.x_test), config.test_limit)
+    data.x_train, data.y_train = data.x_train[tr], data.y_train[tr]
+    data.x_test, data.y_test = data.x_test[te], data.y_test[te]
     return data
 
 
@@ -236,16 +247,23 @@ class DemoNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
 
 
-def build_model(data: Data, arch: str) -> DemoNet:
+def build_model(data: Data, arch: str, gamma_init: str = "ones") -> DemoNet:
     """The demo CNN for ``data``: 2 stages on 8×8 digits, 3 on 28/32-pixel images."""
     in_channels, size, _ = data.image_shape
     stages = [(32, 1), (64, 2)] if size <= 8 else [(32, 1), (64, 2), (128, 2)]
-    return DemoNet(in_channels, len(data.classes), 32, stages, residual=arch == "residual")
+    model = DemoNet(in_channels, len(data.classes), 32, stages, residual=arch == "residual")
+    if gamma_init == "uniform":
+        for m in model.modules():
+            if isinstance(m, _BN):
+                nn.init.uniform_(m.weight, 0.1, 1.0)
+    elif gamma_init != "ones":
+        raise ValueError(f"gamma_init must be 'ones' or 'uniform', got {gamma_init!r}")
+    return model
 
 
 # ----- training ----------------------------------------------------------------------------------
-def make_optimizer(model: nn.Module, config: DemoConfig, thresholds: Sequence[nn.Parameter] = ()
-                   ) -> torch.optim.SGD:
+def make_optimizer(model: nn.Module, config: DemoConfig, thresholds: Sequence[nn.Parameter] = (),
+                   bn_weight_decay: float | None = None) -> torch.optim.SGD:
     """SGD with parameter groups by role: conv/linear weights, BN γ/β̂, STR thresholds (no optimizer decay)."""
     from sparsify.adapters.base import original
 
@@ -255,7 +273,8 @@ def make_optimizer(model: nn.Module, config: DemoConfig, thresholds: Sequence[nn
     weights = [p for p in model.parameters() if id(p) not in thr and id(p) not in bn]
     bn_params = [p for p in model.parameters() if id(p) in bn]
     groups = [{"params": weights, "weight_decay": config.weight_decay, "role": "weights"},
-              {"params": bn_params, "weight_decay": config.bn_weight_decay, "role": "bn"}]
+              {"params": bn_params, "role": "bn",
+               "weight_decay": config.bn_weight_decay if bn_weight_decay is None else bn_weight_decay}]
     if thresholds:
         groups.append({"params": list(thresholds), "weight_decay": 0.0, "role": "thresholds"})
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
@@ -309,12 +328,13 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, data: Data, epochs: int, config: DemoConfig,
-          progress: Progress, label: str, *, sparsifier: Any = None, schedule: bool = True) -> list[dict[str, float]]:
-    """Train for ``epochs``; with ``schedule``, warmup + cosine LR over the run. Returns per-epoch history."""
+          progress: Progress, label: str, *, sparsifier: Any = None, warmup: bool = True) -> list[dict[str, float]]:
+    """Train for ``epochs`` with a cosine LR from each group's ``initial_lr`` (``lr`` if unset) to 0, after a
+    1-epoch linear warmup if ``warmup``. Returns the per-epoch history."""
     gen = torch.Generator().manual_seed(config.seed)
     per_epoch = len(batches(len(data.x_train), config.batch_size, gen, config.max_steps_per_epoch))
     total = per_epoch * epochs
-    scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, per_epoch)) if schedule else None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, per_epoch if warmup else 0))
     flip = data.name == "cifar10"
     task = progress.add_task(label, total=total, info="")
     history: list[dict[str, float]] = []
@@ -327,8 +347,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, data: Data, epochs
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
+            scheduler.step()
             if sparsifier is not None:
                 sparsifier.step()
             loss_sum += float(loss.detach()) * len(idx)
@@ -377,13 +396,24 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
     return int(sum(module_macs(trace(model, example)).values()))
 
 
+def layer_widths(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(input, output) channels of every conv and linear layer."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            out[name] = (m.in_channels, m.out_channels)
+        elif isinstance(m, nn.Linear):
+            out[name] = (m.in_features, m.out_features)
+    return out
+
+
 # ----- reporting ---------------------------------------------------------------------------------
 def short_group_name(name: str, limit: int = 48) -> str:
     return name if len(name) <= limit else name[:limit - 1] + "…"
 
 
 def save_widths_plot(widths: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Grouped bars: width of every channel group before and after pruning."""
+    """Grouped bars: width of every layer before and after pruning (``label``, ``before``, ``after``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -400,7 +430,7 @@ def save_widths_plot(widths: list[dict[str, Any]], path: Path, title: str) -> No
         ax.annotate(f"{a}/{b}", (rect.get_x() + rect.get_width() / 2, a), xytext=(0, 3), textcoords="offset points",
                     ha="center", va="bottom", fontsize=8)
     ax.set_xticks(pos, labels, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("channels (structures)")
+    ax.set_ylabel("channels")
     ax.set_title(title, fontsize=10)
     ax.set_ylim(0, before.max() * 1.15 if len(before) else 1)
     ax.legend(fontsize=8)
@@ -458,13 +488,14 @@ def _run(config: DemoConfig, console: Console) -> dict[str, Any]:
             t0 = time.perf_counter()
             torch.manual_seed(config.seed)
             dense = build_model(data, config.arch)
-            hist = train(dense, make_optimizer(dense, config), data, config.epochs, config, progress, "dense")
+            dense_opt = make_optimizer(dense, config, bn_weight_decay=config.weight_decay)
+            hist = train(dense, dense_opt, data, config.epochs, config, progress, "dense")
             results["dense"] = {"test_acc": hist[-1]["test_acc"], "history": hist}
             timings["dense_train_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         torch.manual_seed(config.seed)
-        model = build_model(data, config.arch)
+        model = build_model(data, config.arch, config.gamma_init)
         policy = STRConfig(s_init=config.s_init, threshold_decay=config.threshold_decay)
         sp = Sparsifier(model, example, adapter="bn_gamma", policy=policy)
         opt = make_optimizer(model, config, sp.parameters())
@@ -478,11 +509,13 @@ def _run(config: DemoConfig, console: Console) -> dict[str, Any]:
         x_lat = data.x_test[:config.latency_batch]
         if len(x_lat) < config.latency_batch:
             x_lat = x_lat.repeat((config.latency_batch + len(x_lat) - 1) // len(x_lat), 1, 1, 1)[:config.latency_batch]
-        reference = build_model(data, config.arch)  # the unpruned architecture without STR parametrizations
+        # the unpruned architecture without STR parametrizations: the dense baseline (or an untrained copy)
+        reference = dense if dense is not None else build_model(data, config.arch)
         lat_soft, lat_dense_arch_before = latencies_ms([model, reference], x_lat, config.latency_repeats)
         bn_names = {id(v.handle): v.name for v in sp.vectors}
         group_bns = {g.name: [bn_names[id(v.handle)] for v in g.vectors] for g in sp.groups}
         widths_before = {g.name: g.width for g in sp.groups}
+        layers_before = layer_widths(model)
         thresholds = dict(report.thresholds)
 
         # ----- prune ----------------------------------------------------------------------------------
@@ -498,9 +531,11 @@ def _run(config: DemoConfig, console: Console) -> dict[str, Any]:
 
         # ----- fine-tune the pruned model with the same optimizer -------------------------------------
         t0 = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = config.finetune_lr
-        ft_hist = train(model, opt, data, config.finetune_epochs, config, progress, "fine-tune", schedule=False)
+        for group in opt.param_groups:  # cosine from finetune_lr; the sparsity pressure on BN is no longer needed
+            group["initial_lr"] = group["lr"] = config.finetune_lr
+            if group["role"] == "bn":
+                group["weight_decay"] = config.weight_decay
+        ft_hist = train(model, opt, data, config.finetune_epochs, config, progress, "fine-tune", warmup=False)
         timings["finetune_s"] = time.perf_counter() - t0
     ft_acc = ft_hist[-1]["test_acc"] if ft_hist else pruned_acc
 
@@ -511,6 +546,9 @@ def _run(config: DemoConfig, console: Console) -> dict[str, Any]:
                        "before": before, "after": after})
     n_before = sum(w["before"] for w in widths)
     n_after = sum(w["after"] for w in widths)
+    layers_after = layer_widths(model)
+    layers = [{"layer": name, "in_before": b[0], "in_after": layers_after[name][0], "out_before": b[1],
+               "out_after": layers_after[name][1]} for name, b in layers_before.items()]
     results.update({
         "str": {"test_acc": soft_acc, "channel_sparsity": report.channel_sparsity, "thresholds": thresholds,
                 "history": hist},
@@ -526,15 +564,22 @@ def _run(config: DemoConfig, console: Console) -> dict[str, Any]:
         "finetune": {"test_acc": ft_acc, "epochs": config.finetune_epochs, "lr": config.finetune_lr,
                      "history": ft_hist},
         "widths": widths,
+        "layers": layers,
     })
     timings["total_s"] = time.perf_counter() - t_start
     results["timings_s"] = timings
 
     _print_report(console, results)
-    title = (f"{data.name}, STR-BN: {n_after}/{n_before} channels kept, "
-             f"MACs {_fmt_ratio(result.macs_before, result.macs_after)} fewer, "
-             f"acc {soft_acc:.1%} → {ft_acc:.1%} (fine-tuned)")
-    save_widths_plot(widths, out / "widths.png", title)
+    title = (f"{data.name}: {config.arch} CNN, STR-BN (adapter bn_gamma, policy str)\n"
+             f"channels {n_before} → {n_after}, params {_fmt_ratio(result.params_before, result.params_after)} "
+             f"and MACs {_fmt_ratio(result.macs_before, result.macs_after)} fewer; test acc {soft_acc:.1%} soft, "
+             f"{pruned_acc:.1%} pruned, {ft_acc:.1%} fine-tuned")
+    bars = []  # convs: output channels; the classifier: its input features (its outputs are the classes)
+    for row in layers:
+        side = "in" if isinstance(model.get_submodule(row["layer"]), nn.Linear) else "out"
+        label = row["layer"] + (" (in)" if side == "in" else "")
+        bars.append({"label": label, "before": row[f"{side}_before"], "after": row[f"{side}_after"]})
+    save_widths_plot(bars, out / "widths.png", title)
     (out / "demo.json").write_text(json.dumps(results, indent=2))
     console.print(f"wrote {out / 'demo.json'} and {out / 'widths.png'} ({timings['total_s']:.1f} s in all)")
     return results
@@ -569,11 +614,18 @@ def _print_report(console: Console, r: dict[str, Any]) -> None:
                   f"{1 - row['after'] / max(row['before'], 1):.0%}", th)
     console.print(w)
 
+    lt = Table(title="widths per layer (channels in → out)")
+    for col, just in (("layer", "left"), ("in: before → after", "right"), ("out: before → after", "right")):
+        lt.add_column(col, justify=just)  # type: ignore[arg-type]
+    for row in r["layers"]:
+        lt.add_row(row["layer"], f"{row['in_before']} → {row['in_after']}", f"{row['out_before']} → {row['out_after']}")
+    console.print(lt)
+
     a = Table(title="test accuracy")
     a.add_column("model")
     a.add_column("accuracy", justify="right")
     if "dense" in r:
-        a.add_row("dense baseline (same recipe, no STR)", f"{r['dense']['test_acc']:.2%}")
+        a.add_row("dense baseline (same recipe, no STR, BN decay = weight decay)", f"{r['dense']['test_acc']:.2%}")
     a.add_row("STR-BN soft model (before prune)", f"{r['str']['test_acc']:.2%}")
     a.add_row("pruned", f"{p['test_acc']:.2%}")
     a.add_row(f"pruned + {r['finetune']['epochs']} epoch(s) fine-tune", f"{r['finetune']['test_acc']:.2%}")
@@ -583,15 +635,26 @@ def _print_report(console: Console, r: dict[str, Any]) -> None:
                   f"(allowed {p['allowed_abs_diff']:.3g}) → {verdict}")
 
 
-def main(args: Any) -> int:
-    """Entry point of ``sparsify demo`` (``args`` from the CLI parser)."""
+def config_from_args(args: Any) -> DemoConfig:
+    """A ``DemoConfig`` from the CLI's parsed arguments."""
     config = DemoConfig(data=args.data, data_path=Path(args.data_path) if args.data_path else None,
-                        out=Path(args.out), seed=args.seed, arch=args.arch)
-    if args.epochs is not None:
-        config.epochs = args.epochs
-    if args.quick:
-        config = quick_config(config)
-    results = run_demo(config)
+                        out=Path(args.out), seed=args.seed, arch=args.arch, baseline=not args.no_baseline,
+                        epochs=args.epochs if args.epochs is not None else DEFAULT_EPOCHS[args.data],
+                        threads=args.threads or (1 if args.data == "digits" else torch.get_num_threads()))
+    if args.finetune_epochs is not None:
+        config.finetune_epochs = args.finetune_epochs
+    return quick_config(config) if args.quick else config
+
+
+def main(args: Any) -> int:
+    """Entry point of ``sparsify demo`` (``args`` from the CLI parser); 1 if pruning changed the outputs."""
+    from sparsify.errors import SparsifyError
+
+    try:
+        results = run_demo(config_from_args(args))
+    except SparsifyError as exc:
+        Console(stderr=True).print(f"[red]error[/]: {exc}")
+        return 1
     if not results["prune"]["outputs_equal"]:
         Console(stderr=True).print(
             f"[red]error[/]: the pruned model's outputs differ from the soft model's by "

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from types import ModuleType
 
 import pytest
 import torch
 
 from sparsify._compat import import_torchvision
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # one process per core: OpenMP threads spinning against each other are slow
 
 
 @pytest.fixture(scope="session")

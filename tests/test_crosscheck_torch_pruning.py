@@ -197,7 +197,7 @@ class Case:
 CASES = [
     Case("resnet18"),
     Case("resnet50"),
-    Case("densenet121", slow=True),
+    Case("densenet121"),
     Case("mobilenet_v2"),
     Case("mobilenet_v3_small"),
     Case("regnet_x_400mf"),

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +45,15 @@ EXPECT = {
     "tied_lm": Expect(1, 1, 1),
     "shared_conv_net": Expect(1, 1, None),
     "split_net": Expect(1, 1, 1),
+    "flatten_concat_net": Expect(1, 1, 1),
+    "channel_reduce_net": Expect(2, 2, 0),
 }
+
+
+_KNOWN: dict = {}
+_ORACLE_CASES = [pytest.param(name, keep_bias, id=f"{name}-{'keep_bias' if keep_bias else 'zero_bias'}",
+                              marks=_KNOWN.get((name, keep_bias), ()))
+                 for name in sorted(models.MODELS) for keep_bias in (False, True)]
 
 
 def test_every_model_has_expectations() -> None:
@@ -71,8 +81,7 @@ def _member(group: ChannelGroup, tensor: str, dim: int) -> Member:
 
 
 # ----- the oracle on every model -----------------------------------------------------------------
-@pytest.mark.parametrize("keep_bias", [False, True], ids=["zero_bias", "keep_bias"])
-@pytest.mark.parametrize("name", sorted(models.MODELS))
+@pytest.mark.parametrize(("name", "keep_bias"), _ORACLE_CASES)
 def test_oracle(name: str, keep_bias: bool) -> None:
     model, x = models.MODELS[name](torch.float64)
     randomize_(model)
@@ -181,6 +190,14 @@ def test_flatten_merge_gives_each_channel_its_spatial_columns(how: str) -> None:
         assert result.max_abs_diff <= TOL and result.groups_pruned == 2
 
 
+def test_two_flattened_maps_concatenated_are_a_barrier() -> None:
+    cg = _graph("flatten_concat_net")
+    for branch in ("a.0.weight", "b.0.weight"):
+        g = _group_of(cg, branch, 0)
+        assert not g.prunable and "flatten" in g.why_not()
+    assert _group_of(cg, "fc1.weight", 0).prunable
+
+
 # ----- 7. functional model -----------------------------------------------------------------------
 def test_functional_parameters_are_members_and_kernel_dims_are_not() -> None:
     cg = _graph("functional_net")
@@ -263,16 +280,47 @@ def test_attention_heads_are_a_barrier_but_the_mlp_is_not() -> None:
 
 
 # ----- regressions -------------------------------------------------------------------------------
-def test_tied_parameter_is_one_member_and_stays_tied() -> None:
-    model, x = models.tied_lm(torch.float64)
-    randomize_(model)
-    cg = build_channel_graph(model, x)
+@pytest.mark.parametrize("alias", [True, False], ids=["aliased", "functional"])
+def test_tied_parameter_is_one_member_that_makes_the_channels(alias: bool) -> None:
+    cg = _graph("tied_lm", alias=alias)
     g = _group_of(cg, "embed.weight", 1)
-    assert g is _group_of(cg, "fc.weight", 0)
-    assert not any(m.tensor.startswith("head.") for m in cg.facts.members)  # one name for the tied tensor
-    result = check_exactness(model, x)
+    assert g is _group_of(cg, "fc.weight", 0) and g.prunable
+    assert _member(g, "embed.weight", 1).role == "out"  # zeroing it zeroes the embedding channel
+    named_head = any(m.tensor.startswith("head.") for m in cg.facts.members)
+    assert named_head is not alias  # a tied tensor goes by its first name, embed.weight
+
+
+@pytest.mark.parametrize("keep_bias", [False, True], ids=["zero_bias", "keep_bias"])
+def test_tensor_that_makes_and_consumes_a_group_prunes_exactly(keep_bias: bool) -> None:
+    model, x = models.tied_lm(torch.float64, alias=False)
+    result = check_exactness(randomize_(model), x, keep_bias=keep_bias)
+    assert result.groups_pruned == 1 and result.max_abs_diff <= TOL
+    assert model.embed.weight.shape == (11, 4) and model.head.weight.shape == (11, 4)
+
+
+def test_tied_parameter_stays_tied_after_pruning() -> None:
+    model, x = models.tied_lm(torch.float64)
+    result = check_exactness(randomize_(model), x)
     assert result.max_abs_diff <= TOL
     assert model.head.weight is model.embed.weight and model.embed.weight.shape == (11, 4)
+
+
+def test_constants_reaching_a_sum_or_activation_product_are_refused() -> None:
+    """A sum over channels and an activation × activation matmul have no bias to absorb constants."""
+    model, x = models.channel_reduce_net(torch.float64)
+    randomize_(model).eval()
+    cg = build_channel_graph(model, x)
+    sink_groups = [g for g in cg.prunable_groups() if g.sinks]
+    assert len(sink_groups) == 2
+    for g in sink_groups:
+        m = copy.deepcopy(model)
+        cg = build_channel_graph(m, x)
+        plan = {g.id: np.array([0, 1])}
+        soft_zero_(m, cg.groups, plan, keep_bias=True)
+        with pytest.raises(InexactPruneError, match="non-zero values"):
+            prune_channels(cg, plan)
+        soft_zero_(m, cg.groups, plan, keep_bias=False)  # exact zeros pass through a sum exactly
+        prune_channels(cg, plan)
 
 
 def test_module_called_twice_folds_only_constants_both_calls_share() -> None:

@@ -7,6 +7,7 @@ from typing import Literal
 
 import numpy as np
 import pytest
+from pydantic import Field
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -220,7 +221,7 @@ class HalfConfig(PolicyConfig):
     """Masks the lower-importance half of each group at once."""
 
     kind: Literal["test_half"] = "test_half"
-    fraction: float = 0.5
+    fraction: float = Field(0.5, description="fraction of each group to mask")
 
 
 class HalfPolicy(Policy):
@@ -241,7 +242,7 @@ class HalfPolicy(Policy):
 
 class ScaledBNConfig(BNGammaConfig):
     kind: Literal["test_scaled_bn"] = "test_scaled_bn"  # type: ignore[assignment]
-    note: str = "custom"
+    note: str = Field("custom", description="an extra field that must survive round-trips")
 
 
 class ScaledBNAdapter(BNGammaAdapter):

@@ -56,6 +56,7 @@ class GraphFacts:
     members: list[MemberSpec] = field(default_factory=list)
     blocked: dict[Space, list[str]] = field(default_factory=dict)
     inexact: dict[Space, list[str]] = field(default_factory=dict)
+    sinks: dict[Space, str] = field(default_factory=dict)
     defined: set[Space] = field(default_factory=set)
     rule_of: dict[str, str] = field(default_factory=dict)
     tensor_names: dict[int, str] = field(default_factory=dict)  # id(tensor) → its first qualified name
@@ -240,6 +241,13 @@ class OpContext:
         if space is None:
             return
         self.facts.inexact.setdefault(space, []).append(reason)
+
+    def sink(self, space: Space | None, reason: str) -> None:
+        """The op mixes this dim's channels into values without a parameter in between (a sum over
+        channels, an activation × activation product): a removed channel must reach it as exactly
+        zero, since no bias can absorb a constant there."""
+        if space is not None:
+            self.facts.sinks.setdefault(space, reason)
 
     def block_all(self, reason: str) -> None:
         """Make every dim of every tensor input and output of this node a barrier."""

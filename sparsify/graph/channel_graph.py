@@ -38,7 +38,10 @@ class Member:
 
     def indices(self, structures: np.ndarray) -> np.ndarray:
         """Indices of this member that belong to any of ``structures``."""
-        return np.flatnonzero(np.isin(self.structure_of, structures))
+        chosen = np.zeros(int(self.structure_of.max(initial=-1)) + 1, dtype=bool)
+        structures = np.asarray(structures, dtype=np.int64)
+        chosen[structures[structures < len(chosen)]] = True
+        return np.flatnonzero(chosen[self.structure_of])
 
 
 @dataclass
@@ -52,6 +55,7 @@ class ChannelGroup:
     spaces: list[Space]
     blocked: list[str] = field(default_factory=list)
     inexact: list[str] = field(default_factory=list)
+    sinks: list[tuple[Space, np.ndarray, str]] = field(default_factory=list)  # (space, structure_of, why)
 
     @property
     def prunable(self) -> bool:
@@ -211,6 +215,8 @@ def _group(facts: GraphFacts) -> tuple[nx.Graph, list[ChannelGroup]]:
             for s in spaces_by_root[r]:
                 group.blocked.extend(facts.blocked.get(s, []))
                 group.inexact.extend(facts.inexact.get(s, []))
+                if s in facts.sinks:
+                    group.sinks.append((s, root_structures[r], facts.sinks[s]))
             for m in members_by_root.get(r, []):
                 group.members.append(Member(m.tensor, m.dim, m.role, m.module, root_structures[r].copy(), m.space))
         groups.append(group)
@@ -221,9 +227,9 @@ def _group(facts: GraphFacts) -> tuple[nx.Graph, list[ChannelGroup]]:
         g.blocked = list(dict.fromkeys(g.blocked))
         g.inexact = list(dict.fromkeys(g.inexact))
         g.name = _name(g)
-    _unique_names(groups)
     groups = [g for g in groups if g.members]
     groups.sort(key=lambda g: (not g.prunable, g.id))
+    _unique_names(groups)
     for i, g in enumerate(groups):
         g.id = i
     return graph, groups
@@ -237,7 +243,9 @@ def _apply_merges(facts: GraphFacts, uf: _UnionFind, index: dict[Space, int],
         target = root_group[out_root]
         producers = [m for m in target.members if m.role in ("out", "scale", "value", "bias")]
         out_sids = root_structures[out_root]
-        if producers or target.blocked or len(np.unique(out_sids)) != len(out_sids):
+        # every member must index flattened elements only (not also channels concatenated next to them)
+        covered = all(np.isin(m.structure_of, out_sids).all() for m in target.members)
+        if producers or target.blocked or not covered or len(np.unique(out_sids)) != len(out_sids):
             reason = (f"{merge.op}: its flattened output is a barrier ({target.blocked[0]})" if target.blocked
                       else f"{merge.op}: its flattened output is also produced or coupled elsewhere")
             target.blocked.append(reason)
@@ -273,9 +281,9 @@ def _dedupe_members(group: ChannelGroup) -> None:
 
 def _name(group: ChannelGroup) -> str:
     """The first producing module (or parameter, for bare parameters), and how many more."""
-    producers = [m for m in group.members if m.role in ("out", "value")] or group.members
+    producers = [m for m in group.members if m.role in ("out", "value")]
     if not producers:
-        return f"group{group.id}"
+        return f"{group.members[0].tensor}[{group.members[0].dim}]" if group.members else f"group{group.id}"
     first = producers[0]
     base = first.module if first.tensor == f"{first.module}.weight" else first.tensor
     more = len({m.tensor for m in producers}) - 1

@@ -25,7 +25,11 @@ def groups_table(cg: ChannelGraph, show_all: bool = True, max_members: int = 4) 
     for g in cg.groups:
         if not show_all and not g.prunable:
             continue
-        names = [f"{m.tensor}[{m.dim}]:{m.role}" for m in g.members]
+        roles: dict[str, list[str]] = {}
+        for m in g.members:
+            if m.role not in roles.setdefault(m.module or m.tensor, []):
+                roles[m.module or m.tensor].append(m.role)
+        names = [f"{name} ({'/'.join(r)})" for name, r in roles.items()]
         shown = ", ".join(names[:max_members]) + (f" … (+{len(names) - max_members})" if len(names) > max_members else "")
         table.add_row(str(g.id), g.name, str(g.width), shown, _status(g))
     return table

@@ -134,11 +134,10 @@ def trace(model: nn.Module, example_inputs: Any) -> TracedModel:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     flat = _bind_inputs(placeholders, args, kwargs)
     modes = {m: m.training for m in model.modules()}
-    recorder = _Recorder(gm)
     try:
         model.eval()
         with torch.no_grad():
-            recorder.run(*flat)
+            values = _record_shapes(gm, flat)
     except Exception as exc:
         raise TraceError(
             f"running the traced graph on example_inputs failed: {type(exc).__name__}: {exc}\n"
@@ -147,7 +146,18 @@ def trace(model: nn.Module, example_inputs: Any) -> TracedModel:
     finally:
         for m, mode in modes.items():
             m.training = mode
-    return TracedModel(model, gm, recorder.values, flat)
+    return TracedModel(model, gm, values, flat)
+
+
+def _record_shapes(gm: fx.GraphModule, inputs: list[Any]) -> dict[str, Any]:
+    """Every node's example value, from one forward pass (tensors are recorded as TensorInfo).
+
+    Fake tensors would avoid the arithmetic but cost more than a CPU forward for typical models;
+    a model on the ``meta`` device with meta inputs is traced without any arithmetic anyway.
+    """
+    recorder = _Recorder(gm)
+    recorder.run(*inputs)
+    return recorder.values
 
 
 def _bind_inputs(placeholders: list[fx.Node], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:

@@ -64,6 +64,21 @@ def plan_folds(cg: ChannelGraph, removals: list[tuple[Member, torch.Tensor]], at
     return list(deltas.values())
 
 
+def check_sinks(cg: ChannelGraph, sinks: list[tuple[Space, torch.Tensor, str]], atol: float) -> list[BiasFold]:
+    """Removed channels that reach a parameter-free mixing op (a sum over channels, an activation
+    product) must be exactly zero there: report those that carry a constant as inexact."""
+    if not sinks:
+        return []
+    values = capture_channels(cg.traced, [(space, idx) for space, idx, _ in sinks])
+    out = []
+    for (space, _, why), v in zip(sinks, values, strict=True):
+        k = v.abs().amax(dim=1) if v.numel() else v.new_zeros(0)
+        if bool((k > atol).any()):
+            out.append(BiasFold("", torch.empty(0), False,
+                                f"removed channels reach {why} with non-zero values (up to {float(k.max()):.3g})"))
+    return out
+
+
 def _constants(v: torch.Tensor, atol: float) -> torch.Tensor:
     """Per channel (row of ``v``), its value if it is the same non-zero constant everywhere, else 0."""
     if v.numel() == 0:

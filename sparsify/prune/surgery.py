@@ -17,7 +17,7 @@ from torch import nn
 from sparsify.errors import InexactPruneError, PruneError
 from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup
 from sparsify.prune.attributes import sync_attributes
-from sparsify.prune.fold import BiasFold, plan_folds
+from sparsify.prune.fold import BiasFold, check_sinks, plan_folds
 
 
 @dataclass
@@ -86,14 +86,22 @@ def prune_channels(
     model = cg.model
     slices: dict[tuple[str, int], set[int]] = {}
     consumers = []
+    sinks = []
     for group, s in resolved.values():
+        dead = _dead_structures(model, group, s) if fold_constants else s[:0]
+        for space, structure_of, why in group.sinks if len(dead) else ():
+            idx = np.flatnonzero(np.isin(structure_of, dead))
+            if len(idx):
+                sinks.append((space, torch.as_tensor(idx), why))
         for m in group.members:
             idx = m.indices(s)
             if len(idx):
                 slices.setdefault((m.tensor, m.dim), set()).update(idx.tolist())
-                if m.role == "in" and fold_constants:
-                    consumers.append((m, torch.as_tensor(idx)))
+            dead_idx = m.indices(dead)
+            if m.role == "in" and len(dead_idx):
+                consumers.append((m, torch.as_tensor(dead_idx)))
     folds = plan_folds(cg, consumers, atol) if fold_constants else []
+    folds += check_sinks(cg, sinks, atol)
     inexact = [f for f in folds if not f.exact]
     if inexact and not allow_inexact:
         raise InexactPruneError("removed channels emit constants that cannot be folded exactly: "
@@ -115,7 +123,9 @@ def prune_channels(
         for (name, dim), removed in sorted(slices.items()):
             module, attr = _lookup(model, name)
             tensor = getattr(module, attr)
-            keep = np.setdiff1d(np.arange(tensor.shape[dim]), np.fromiter(removed, dtype=np.int64))
+            dropped = np.zeros(tensor.shape[dim], dtype=bool)
+            dropped[np.fromiter(removed, dtype=np.int64)] = True
+            keep = np.flatnonzero(~dropped)
             tx.touch_module(name.rpartition(".")[0])
             tx.slice(name, tensor, dim, keep)
         for module_name in tx.modules:
@@ -132,6 +142,22 @@ def prune_channels(
         folds=folds,
         notes=[f.note for f in folds if f.note],
     )
+
+
+def _dead_structures(model: nn.Module, group: ChannelGroup, structures: np.ndarray) -> np.ndarray:
+    """The structures that some producing tensor zeroes entirely (a zero γ, a zeroed filter): they
+    may carry constants, which are measured and folded. Where every producer is non-zero the
+    channels vary with the input; removing them is the caller's (lossy) choice and nothing is
+    measured or folded for them."""
+    zeroed = np.zeros(group.width, dtype=bool)
+    with torch.no_grad():
+        for m in group.members:
+            if m.role in ("out", "scale", "value"):
+                t = _get(model, m.tensor)
+                rows = t.detach().movedim(m.dim, 0).reshape(t.shape[m.dim], -1)
+                zero_rows = (rows == 0).all(1).cpu().numpy()
+                np.logical_or.at(zeroed, m.structure_of, zero_rows)
+    return structures[zeroed[structures]]
 
 
 def _eval_outputs(cg: ChannelGraph) -> list[torch.Tensor]:
@@ -173,6 +199,13 @@ class _Transaction:
         self.modules: list[str] = []
         self.old_attributes: dict[str, dict[str, Any]] = {}
         self.optimizer_state: dict[int, dict[str, Any]] = {}  # id(original param) → sliced state
+        self.aliases: dict[str, list[tuple[str, str]]] = {}  # name → every (module, attr) holding it
+        self._holders: dict[int, list[tuple[str, str]]] = {}
+        for module_name, module in model.named_modules(remove_duplicate=False):
+            for table in (module._parameters, module._buffers):
+                for attr, t in table.items():
+                    if t is not None and (module_name, attr) not in self._holders.get(id(t), []):
+                        self._holders.setdefault(id(t), []).append((module_name, attr))
 
     def __enter__(self) -> _Transaction:
         return self
@@ -186,18 +219,27 @@ class _Transaction:
                                      if k not in ("_parameters", "_buffers", "_modules")}
 
     def replace(self, name: str, value: torch.Tensor | None) -> None:
-        """Set ``name`` to a new tensor (a new Parameter if the old one was a parameter)."""
+        """Set ``name`` — and every other name the same tensor is registered under (tied weights) —
+        to a new tensor (a new Parameter if the old one was a parameter)."""
         module, attr = _lookup(self.model, name)
         old = getattr(module, attr)
         if name not in self.originals:
             self.originals[name] = old
+            module_name = name.rpartition(".")[0]
+            self.aliases[name] = self._holders.get(id(old), [(module_name, attr)]) if old is not None else [
+                (module_name, attr)]
+            for holder, _ in self.aliases[name]:
+                self.touch_module(holder)
+        original = self.originals[name]
         if attr in module._parameters:
-            original = self.originals[name]
             requires_grad = original.requires_grad if original is not None else True
             new = nn.Parameter(value, requires_grad=requires_grad) if value is not None else None
-            module._parameters[attr] = new
         else:
-            module._buffers[attr] = value
+            new = value
+        for holder, holder_attr in self.aliases[name]:
+            owner = self.model.get_submodule(holder)
+            table = owner._parameters if holder_attr in owner._parameters else owner._buffers
+            table[holder_attr] = new
 
     def slice(self, name: str, tensor: torch.Tensor, dim: int, keep: np.ndarray) -> None:
         index = torch.as_tensor(keep, device=tensor.device)
@@ -233,11 +275,10 @@ class _Transaction:
         if exc_type is None:
             return False
         for name, old in self.originals.items():
-            module, attr = _lookup(self.model, name)
-            if attr in module._parameters:
-                module._parameters[attr] = old
-            else:
-                module._buffers[attr] = old
+            for holder, attr in self.aliases[name]:
+                module = self.model.get_submodule(holder)
+                table = module._parameters if attr in module._parameters else module._buffers
+                table[attr] = old
         for name in self.modules:
             self.model.get_submodule(name).__dict__.update(self.old_attributes[name])
         raise PruneError(f"pruning failed and the model was restored unchanged: {type(exc).__name__}: {exc}") from exc

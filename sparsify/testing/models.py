@@ -118,7 +118,7 @@ class GroupedConvNet(nn.Module):
     multiplier 2 followed by GroupNorm(8, 32), and InstanceNorm2d(affine=True).
 
     Rules: conv (grouped pairs, depthwise identity, multiplier pairs), batch_norm (BatchNorm2d and
-    InstanceNorm2d), group_norm (whole GroupNorm groups), pool, linear. Structures: ``grouped`` has
+    InstanceNorm2d), group_norm (whole GroupNorm groups), reduction, linear. Structures: ``grouped`` has
     4 (its conv groups), ``pw1`` has 8 (one GroupNorm group = 2 inputs of the multiplier conv),
     ``pw2`` has 8 (its own channels).
     """
@@ -304,6 +304,30 @@ class FlattenNet(nn.Module):
 
 def flatten_net(dtype: torch.dtype = torch.float32, how: str = "flatten") -> Example:
     return FlattenNet(how).to(dtype), _image(dtype)
+
+
+class FlattenConcatNet(nn.Module):
+    """Two conv branches, each flattened (C·H·W), concatenated into one linear layer.
+
+    Rules: layout (two flatten merges), cat, linear. ``fc1.weight`` dim 1 would be indexed by two
+    products at once, which a member cannot express yet: both branches are barriers (graph
+    building must not fail); the hidden layer stays prunable.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = _cbr(3, 4, stride=2)
+        self.b = _cbr(3, 5, stride=2)
+        self.fc1 = nn.Linear((4 + 5) * 4 * 4, 10)
+        self.fc2 = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.a(x).flatten(1), self.b(x).flatten(1)], dim=1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def flatten_concat_net(dtype: torch.dtype = torch.float32) -> Example:
+    return FlattenConcatNet().to(dtype), _image(dtype)
 
 
 # ----- 7. functional model -----------------------------------------------------------------------
@@ -551,27 +575,29 @@ def transformer_block(dtype: torch.dtype = torch.float32) -> Example:
 # ----- regressions: shared tensors and hard-coded sizes --------------------------------------------
 class TiedLM(nn.Module):
     """A language-model head tied to the embedding (``head.weight = embed.weight``, one Parameter
-    under two names) plus a functional readout through the same tensor (F.linear(h, embed.weight)).
+    under two names; ``alias=False`` leaves ``head`` untied) plus a functional readout through the
+    same tensor (F.linear(h, embed.weight)).
 
     Rules: embedding (weight dim 1 produces the embedding dim), linear, linear_functional.
     Topology: the tied tensor's dim 1 makes the embedding channels and consumes the hidden
     channels, so ``embed`` and ``fc`` are one group and the tensor is sliced once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, alias: bool = True) -> None:
         super().__init__()
         self.embed = nn.Embedding(11, 8)
         self.fc = nn.Linear(8, 8)
         self.head = nn.Linear(8, 11, bias=False)
-        self.head.weight = self.embed.weight
+        if alias:
+            self.head.weight = self.embed.weight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.fc(self.embed(ids)))
         return self.head(h) + F.linear(h, self.embed.weight)
 
 
-def tied_lm(dtype: torch.dtype = torch.float32) -> Example:
-    return TiedLM().to(dtype), torch.randint(0, 11, (2, 5))
+def tied_lm(dtype: torch.dtype = torch.float32, alias: bool = True) -> Example:
+    return TiedLM(alias).to(dtype), torch.randint(0, 11, (2, 5))
 
 
 class SharedConvNet(nn.Module):
@@ -622,6 +648,34 @@ def split_net(dtype: torch.dtype = torch.float32) -> Example:
     return SplitNet().to(dtype), _image(dtype, size=4)
 
 
+class ChannelReduceNet(nn.Module):
+    """Channels consumed without a parameter: a sum over the channel dim (``x.sum(1)``) and a
+    product of two activations contracting their channel dim (``a @ b.transpose(1, 2)``).
+
+    Rules: reduction (sum keeps zeroed channels exact), matmul (activation × activation). Zeroed
+    channels prune exactly; channels that still emit constants (biases kept) change both
+    results, and no bias can absorb that, so pruning them must refuse. Known gap: prune_channels
+    only checks constants at parameter consumers (role ``in``) and prunes these silently.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = _cbr(3, 6)
+        self.a = nn.Linear(3, 8)
+        self.b = nn.Linear(3, 8)
+        self.fc = nn.Linear(16 + 16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spatial = self.conv(x).sum(1).flatten(1)  # (B, H·W)
+        tokens = x.flatten(2).transpose(1, 2)  # (B, H·W tokens, 3 features)
+        gram = F.relu(self.a(tokens)) @ F.relu(self.b(tokens)).transpose(1, 2)  # (B, H·W, H·W)
+        return self.fc(torch.cat([spatial, gram.mean(2)], 1))
+
+
+def channel_reduce_net(dtype: torch.dtype = torch.float32) -> Example:
+    return ChannelReduceNet().to(dtype), _image(dtype, size=4)
+
+
 MODELS: dict[str, Callable[..., Example]] = {
     "residual_cnn": residual_cnn,
     "concat_net": concat_net,
@@ -630,6 +684,7 @@ MODELS: dict[str, Callable[..., Example]] = {
     "module_shuffle_net": module_shuffle_net,
     "se_net": se_net,
     "flatten_net": flatten_net,
+    "flatten_concat_net": flatten_concat_net,
     "functional_net": functional_net,
     "conv1d_net": conv1d_net,
     "conv3d_net": conv3d_net,
@@ -641,4 +696,5 @@ MODELS: dict[str, Callable[..., Example]] = {
     "tied_lm": tied_lm,
     "shared_conv_net": shared_conv_net,
     "split_net": split_net,
+    "channel_reduce_net": channel_reduce_net,
 }

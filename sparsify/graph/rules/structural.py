@@ -101,6 +101,7 @@ def reduction(ctx: OpContext) -> None:
         if d in reduced:
             if name != "sum":
                 ctx.mark_inexact(ctx.space(x, d), f"{ctx.describe()} reduces over dim {d} by {name}")
+            ctx.sink(ctx.space(x, d), f"{ctx.describe()} sums over dim {d}")
             if keepdim:
                 j += 1
             continue
@@ -145,6 +146,8 @@ def matmul(ctx: OpContext) -> None:
     ctx.same(rows, ctx.out(-2))
     ctx.same(cols, ctx.out(-1))
     ctx.same(ka, kb)
+    if ctx.param_name(a) is None and ctx.param_name(b) is None:
+        ctx.sink(ka, f"{ctx.describe()} contracts this dim between two activations")
     ctx.param_member(a, ai.ndim - 2, rows, "out")
     ctx.param_member(a, ai.ndim - 1, ka, "in")
     ctx.param_member(b, bi.ndim - 1, cols, "out")
@@ -169,6 +172,7 @@ def scaled_dot_product_attention(ctx: OpContext) -> None:
         couple_dims(ctx, x, range(qi.ndim - 2))
     ctx.same(ctx.space(k, -2), ctx.space(v, -2))
     ctx.same(ctx.space(q, -1), ctx.space(k, -1))
+    ctx.sink(ctx.space(q, -1), f"{ctx.describe()} contracts queries with keys over this dim")
     ctx.same(ctx.space(v, -1), ctx.out(-1))
     ctx.mark_inexact(ctx.space(k, -2), f"{ctx.describe()} takes a softmax over keys")
     if ctx.node.kwargs.get("scale") is None and len(ctx.node.args) < 7:
