@@ -67,6 +67,6 @@ class SparsifierConfig(BaseModel):
         """Load from YAML text or a path to a YAML file."""
         import yaml
 
-        text = Path(text_or_path).read_text() if isinstance(text_or_path, Path) or (
-            isinstance(text_or_path, str) and "\n" not in text_or_path and Path(text_or_path).is_file()) else text_or_path
+        is_path = isinstance(text_or_path, Path) or ("\n" not in text_or_path and Path(text_or_path).is_file())
+        text = Path(text_or_path).read_text() if is_path else text_or_path
         return cls.model_validate(yaml.safe_load(text))

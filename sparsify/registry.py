@@ -21,7 +21,8 @@ class Registry(Generic[T]):
 
     def check_kind(self, kind: str) -> None:
         if not isinstance(kind, str) or not _KIND.match(kind):
-            raise ValueError(f"{self.what} kind {kind!r} must be lower_snake_case (e.g. 'my_{self.what.replace(' ', '_')}').")
+            example = "my_" + self.what.replace(" ", "_")
+            raise ValueError(f"{self.what} kind {kind!r} must be lower_snake_case (e.g. {example!r}).")
 
     def register(self, kind: str, item: T, *, override: bool = False) -> T:
         self.check_kind(kind)

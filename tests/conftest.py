@@ -10,6 +10,10 @@ import torch
 
 from sparsify._compat import import_torchvision
 
+try:  # transformers imports torchvision: make a CUDA torchvision build importable on CPU torch first
+    import_torchvision()
+except ModuleNotFoundError:
+    pass
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # one process per core: OpenMP threads spinning against each other are slow

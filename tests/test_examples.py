@@ -8,14 +8,14 @@ from pathlib import Path
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
 
 
-def _load(name: str):  # noqa: ANN202
+def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_prune_resnet_l1(tv) -> None:  # noqa: ANN001
+def test_prune_resnet_l1(tv) -> None:
     result = _load("prune_resnet_l1").main(fraction=0.5, size=64)
     assert result["params_after"] < 0.4 * result["params_before"]
 

@@ -47,7 +47,7 @@ def _assert_same(a: dict, b: dict) -> None:
     assert a["training"] == b["training"]
 
 
-def _group_of(cg, module: str):  # noqa: ANN001, ANN202
+def _group_of(cg, module: str):
     return next(g for g in cg.groups if any(m.module == module and m.role == "out" for m in g.members))
 
 

@@ -7,9 +7,9 @@ from typing import Literal
 
 import numpy as np
 import pytest
-from pydantic import Field
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from sparsify import (

@@ -35,7 +35,7 @@ def _all_models() -> list[str]:
     return tv.models.list_models(module=tv.models)
 
 
-def _run(tv, name: str, keep_bias: bool) -> None:  # noqa: ANN001
+def _run(tv, name: str, keep_bias: bool) -> None:
     torch.manual_seed(0)
     model = randomize_(tv.models.get_model(name).double())
     size = _input_size(name)
@@ -51,13 +51,13 @@ def _run(tv, name: str, keep_bias: bool) -> None:  # noqa: ANN001
 
 @pytest.mark.parametrize("name", FAST)
 @pytest.mark.parametrize("keep_bias", [False, True], ids=["zeroed", "bias_folding"])
-def test_zoo_fast(tv, name: str, keep_bias: bool) -> None:  # noqa: ANN001
+def test_zoo_fast(tv, name: str, keep_bias: bool) -> None:
     _run(tv, name, keep_bias)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in _all_models() if n not in FAST])
-def test_zoo_full(tv, name: str) -> None:  # noqa: ANN001
+def test_zoo_full(tv, name: str) -> None:
     if name in TOO_BIG:
         pytest.skip(TOO_BIG[name])
     _run(tv, name, keep_bias=False)

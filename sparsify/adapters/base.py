@@ -24,7 +24,6 @@ from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup
 from sparsify.registry import Registry
 
 
-
 class AdapterConfig(BaseModel):
     """Base of adapter configs; subclasses set ``kind`` to a Literal."""
 

@@ -266,6 +266,16 @@ class OpContext:
         self.facts.widths[(key, d)] = info.shape[d]
         return (key, d)
 
+    @property
+    def op_name(self) -> str:
+        """The op's plain name: ``"mean"`` for ``x.mean``, ``torch.mean`` and ``aten.mean.dim``."""
+        target = self.node.target
+        if self.node.op == "call_method":
+            return str(target)
+        if isinstance(target, torch._ops.OpOverload):
+            return target.overloadpacket.__name__
+        return getattr(target, "__name__", str(target))
+
     def describe(self) -> str:
         n = self.node
         if n.op == "call_module":

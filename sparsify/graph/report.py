@@ -30,7 +30,8 @@ def groups_table(cg: ChannelGraph, show_all: bool = True, max_members: int = 4) 
             if m.role not in roles.setdefault(m.module or m.tensor, []):
                 roles[m.module or m.tensor].append(m.role)
         names = [f"{name} ({'/'.join(r)})" for name, r in roles.items()]
-        shown = ", ".join(names[:max_members]) + (f" … (+{len(names) - max_members})" if len(names) > max_members else "")
+        more = f" … (+{len(names) - max_members})" if len(names) > max_members else ""
+        shown = ", ".join(names[:max_members]) + more
         table.add_row(str(g.id), g.name, str(g.width), shown, _status(g))
     return table
 

@@ -124,13 +124,17 @@ def trace(model: nn.Module, example_inputs: Any) -> TracedModel:
     args, kwargs = as_args(example_inputs)
     try:
         graph = _Tracer().trace(model, concrete_args=None)
-    except Exception as exc:  # fx raises many kinds of errors
-        raise TraceError(
-            f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}\n"
-            "Fix: mark the offending submodule as a leaf with sparsify.register_leaf_module(cls) "
-            "(and give it an op rule), or remove data-dependent Python control flow from forward()."
-        ) from exc
-    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+        gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    except Exception as fx_exc:  # fx raises many kinds of errors
+        try:
+            gm = _export(model, args, kwargs)
+        except Exception as export_exc:
+            raise TraceError(
+                f"could not trace {type(model).__name__}. torch.fx: {type(fx_exc).__name__}: {fx_exc}\n"
+                f"torch.export: {type(export_exc).__name__}: {str(export_exc)[:500]}\n"
+                "Fix: mark the offending submodule as a leaf with sparsify.register_leaf_module(cls) "
+                "(and give it an op rule), or remove data-dependent Python control flow from forward()."
+            ) from fx_exc
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     flat = _bind_inputs(placeholders, args, kwargs)
     modes = {m: m.training for m in model.modules()}
@@ -147,6 +151,29 @@ def trace(model: nn.Module, example_inputs: Any) -> TracedModel:
         for m, mode in modes.items():
             m.training = mode
     return TracedModel(model, gm, values, flat)
+
+
+def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.GraphModule:
+    """The ATen-level graph of ``torch.export`` (used where fx fails, e.g. Hugging Face models),
+    with parameters as ``get_attr`` nodes named as in ``model`` and shared with it."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        gm = torch.export.export(model, args, kwargs=kwargs, strict=False).module()
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    own = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and str(node.target) in own:
+            module_name, _, attr = str(node.target).rpartition(".")
+            holder = gm.get_submodule(module_name) if module_name else gm
+            tensor = own[str(node.target)]
+            if isinstance(tensor, nn.Parameter):
+                holder._parameters[attr] = tensor
+            else:
+                holder._buffers[attr] = tensor
+    return gm
 
 
 def _record_shapes(gm: fx.GraphModule, inputs: list[Any]) -> dict[str, Any]:

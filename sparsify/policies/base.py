@@ -59,10 +59,10 @@ class Policy(abc.ABC):
     def attach(self, groups: Sequence[GroupView]) -> None:
         """Create a transform per vector and install it with ``vector.adapter.install``."""
 
-    def step(self, step: int) -> None:
+    def step(self, step: int) -> None:  # noqa: B027 (optional hook)
         """Called by ``Sparsifier.step()`` after each optimizer step; ``step`` counts from 1."""
 
-    def finalize(self) -> None:
+    def finalize(self) -> None:  # noqa: B027 (optional hook)
         """Called by ``Sparsifier.prune()`` before zeros are read (e.g. a final global threshold)."""
 
     def state_dict(self) -> dict[str, Any]:

@@ -71,7 +71,7 @@ class GMPPolicy(Policy):
 
     def step(self, step: int) -> None:
         c = self.config
-        if step < c.start_step or (step - c.start_step) % c.update_every and step != c.end_step:
+        if step < c.start_step or ((step - c.start_step) % c.update_every and step != c.end_step):
             return
         if step > c.end_step + c.update_every:
             return

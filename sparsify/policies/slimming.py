@@ -44,7 +44,8 @@ class SlimmingPolicy(Policy):
                 v.adapter.install(v, Mask(len(v), raw.device))
                 if self.config.l1:
                     lam = self.config.l1
-                    self.hooks.append(raw.register_hook(lambda grad, p=raw: grad + lam * torch.sign(p.detach())))
+                    self.hooks.append(raw.register_hook(
+                        lambda grad, p=raw, lam=lam: grad + lam * torch.sign(p.detach())))
 
     def finalize(self) -> None:
         keeps = allocate_keep(self.groups, self.config.sparsity, self.config.unit, self.config.budget)

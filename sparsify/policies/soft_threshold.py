@@ -61,7 +61,7 @@ class STRPolicy(Policy):
                     self.transforms.append(t)
                     if self.config.threshold_decay:
                         decay = self.config.threshold_decay
-                        t.s.register_hook(lambda g, s=t.s: g + decay * s.detach())
+                        t.s.register_hook(lambda g, s=t.s, decay=decay: g + decay * s.detach())
                     shared = t
                 v.adapter.install(v, t)
 

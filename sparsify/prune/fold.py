@@ -71,7 +71,7 @@ def check_sinks(cg: ChannelGraph, sinks: list[tuple[Space, torch.Tensor, str]], 
         return []
     values = capture_channels(cg.traced, [(space, idx) for space, idx, _ in sinks])
     out = []
-    for (space, _, why), v in zip(sinks, values, strict=True):
+    for (_, _, why), v in zip(sinks, values, strict=True):
         k = v.abs().amax(dim=1) if v.numel() else v.new_zeros(0)
         if bool((k > atol).any()):
             out.append(BiasFold("", torch.empty(0), False,

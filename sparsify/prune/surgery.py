@@ -253,14 +253,15 @@ class _Transaction:
             state = self.optimizer_state.get(id(original), self.optimizer.state.get(original))
             if state:
                 self.optimizer_state[id(original)] = {
-                    k: v.index_select(dim, index.to(v.device)) if isinstance(v, torch.Tensor) and v.shape == tensor.shape
-                    else v for k, v in state.items()}
+                    k: v.index_select(dim, index.to(v.device))
+                    if isinstance(v, torch.Tensor) and v.shape == tensor.shape else v for k, v in state.items()}
 
     def commit_optimizer(self) -> None:
         """Point the optimizer at the new parameters and their sliced state."""
         if self.optimizer is None:
             return
-        swap = {id(old): _get(self.model, name) for name, old in self.originals.items() if isinstance(old, nn.Parameter)}
+        swap = {id(old): _get(self.model, name) for name, old in self.originals.items()
+                if isinstance(old, nn.Parameter)}
         for group in self.optimizer.param_groups:
             group["params"] = [swap.get(id(p), p) for p in group["params"]]
         for old_id, new in swap.items():
@@ -271,7 +272,7 @@ class _Transaction:
             if state is not None:
                 self.optimizer.state[new] = state
 
-    def __exit__(self, exc_type, exc, tb) -> bool:  # noqa: ANN001
+    def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
             return False
         for name, old in self.originals.items():

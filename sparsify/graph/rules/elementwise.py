@@ -46,8 +46,7 @@ def binary(ctx: OpContext) -> None:
         return  # arithmetic on Python numbers (shapes)
     for t in ctx.tensor_args():
         couple_elementwise(ctx, t)
-    target = ctx.node.target
-    if target in (operator.truediv, torch.div, torch.true_divide, "div", "div_", "true_divide"):
+    if ctx.op_name in ("truediv", "div", "div_", "true_divide"):
         denominator = ctx.arg(1, "other")
         info = ctx.info(denominator)
         if info is not None:

@@ -37,7 +37,7 @@ def _is_layout(node: fx.Node, ctx: OpContext) -> bool:
         return isinstance(ctx.traced.values.get(node.args[0].name), TensorInfo) if isinstance(
             node.args[0], fx.Node) else False
     rule = find_rule(node, ctx.traced.graph_module)
-    return rule is not None and rule.kind == "layout"
+    return rule is not None and rule.kind in ("layout", "layout_aten")
 
 
 def _resolve(ctx: OpContext, arg: Any) -> Any:
@@ -72,6 +72,8 @@ def _apply(ctx: OpContext, node: fx.Node, idx: torch.Tensor) -> torch.Tensor:
 
 def _literals(ctx: OpContext, node: fx.Node) -> set[int]:
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if isinstance(node.target, torch._ops.OpOverload):
+        name = node.target.overloadpacket.__name__
     if name not in _SIZE_TAKING:
         return set()
     found: set[int] = set()

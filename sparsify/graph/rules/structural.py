@@ -52,7 +52,7 @@ def split(ctx: OpContext) -> None:
     out = ctx.value(ctx.node)
     if xi is None or not isinstance(out, (tuple, list)):
         return
-    name = ctx.node.target if ctx.node.op == "call_method" else ctx.node.target.__name__
+    name = ctx.op_name
     dim = ctx.value(ctx.arg(2, "dim", 0)) % xi.ndim
     size = ctx.arg(1, {"chunk": "chunks", "tensor_split": "indices_or_sections"}.get(name, "split_size"))
     if size is None and name == "split":
@@ -95,7 +95,7 @@ def reduction(ctx: OpContext) -> None:
     keepdim = bool(ctx.value(ctx.arg(2, "keepdim", False)))
     dims = range(xi.ndim) if dims is None else dims if isinstance(dims, (list, tuple)) else [dims]
     reduced = {d % xi.ndim for d in dims}
-    name = ctx.node.target if ctx.node.op == "call_method" else ctx.node.target.__name__
+    name = ctx.op_name
     j = 0
     for d in range(xi.ndim):
         if d in reduced:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from sparsify.graph.builder import OpContext
 from sparsify.graph.rules.common import couple_elementwise
 from sparsify.graph.rules.registry import register_op_rule
@@ -17,17 +19,23 @@ register_op_rule("stochastic_depth", stochastic_depth,
 
 
 def patch_merging_pad(ctx: OpContext) -> None:
-    """Pads H and W of a (..., H, W, C) tensor: the channel dim passes through."""
+    """Swin's patch merging: pads H and W of (..., H, W, C) to even sizes and concatenates the four
+    2×2 sub-grids along channels, so input channel c is output channels c, C+c, 2C+c and 3C+c."""
     x = ctx.node.args[0]
-    xi = ctx.info(x)
-    if xi is None:
+    xi, out = ctx.info(x), ctx.out_info
+    if xi is None or out is None:
         return
-    ctx.same(ctx.space(x, -1), ctx.out(-1))
+    c = xi.shape[-1]
+    if out.shape[-1] != 4 * c:
+        ctx.block_all(f"{ctx.describe()}: expected 4×{c} output channels, got {out.shape[-1]}")
+        return
+    channels = np.arange(c)
+    ctx.pairs(ctx.space(x, -1), ctx.out(-1), np.tile(channels, 4), np.concatenate([k * c + channels for k in range(4)]))
     for d in range(xi.ndim - 1):
         if d < xi.ndim - 3:
             ctx.same(ctx.space(x, d), ctx.out(d))
         else:
-            ctx.fresh(ctx.out(d), f"{ctx.describe()} pads spatial dim {d}")
+            ctx.fresh(ctx.out(d), f"{ctx.describe()} merges 2×2 patches of spatial dim {d}")
 
 
 register_op_rule("patch_merging_pad", patch_merging_pad,

@@ -1,0 +1,63 @@
+"""ATen overloads, as they appear in graphs from ``torch.export`` (Hugging Face models).
+
+They reuse the rules of the torch functions with the same signatures; only ``embedding`` (weight
+first) needs its own.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparsify.graph.builder import OpContext
+from sparsify.graph.rules import elementwise, layers, layout, structural
+from sparsify.graph.rules.common import couple_dims
+from sparsify.graph.rules.registry import register_op_rule
+
+aten = torch.ops.aten
+
+
+def _overloads(*packets: object) -> tuple[object, ...]:
+    out = []
+    for packet in packets:
+        for name in packet.overloads():
+            out.append(getattr(packet, name))
+    return tuple(out)
+
+
+def embedding(ctx: OpContext) -> None:
+    """aten.embedding(weight, indices): the embedding dim is weight dim 1."""
+    weight, ids = ctx.node.args[0], ctx.node.args[1]
+    xi = ctx.info(ids)
+    if xi is None or ctx.out_info is None:
+        return
+    couple_dims(ctx, ids, range(xi.ndim))
+    if not ctx.param_member(weight, 1, ctx.out(-1), "out"):
+        ctx.block_all(f"{ctx.describe()}: the embedding table is computed, not a parameter")
+
+
+register_op_rule("aten_embedding", embedding, functions=_overloads(aten.embedding))
+register_op_rule("aten_unary", elementwise.unary, functions=_overloads(
+    aten.relu, aten.relu6 if hasattr(aten, "relu6") else aten.relu_, aten.gelu, aten.silu, aten.sigmoid,
+    aten.tanh, aten.neg, aten.rsqrt, aten.sqrt, aten.exp, aten.pow, aten.cos, aten.sin, aten.abs,
+    aten.hardswish, aten.hardsigmoid, aten.leaky_relu, aten.elu, aten.mish, aten.dropout, aten.clone,
+    aten.alias, aten._to_copy, aten.to, aten.contiguous, aten.clamp, aten.square))
+register_op_rule("aten_binary", elementwise.binary, functions=_overloads(
+    aten.add, aten.sub, aten.mul, aten.div, aten.maximum, aten.minimum))
+register_op_rule("aten_shape_query", elementwise.shape_query, functions=_overloads(
+    aten._assert_tensor_metadata, aten.sym_size, aten.sym_numel, aten._assert_async, aten.sym_constrain_range_for_size))
+register_op_rule("aten_linear", layers.linear_functional, functions=_overloads(aten.linear))
+register_op_rule("aten_conv", layers.conv_functional, functions=_overloads(aten.conv1d, aten.conv2d, aten.conv3d))
+register_op_rule("aten_layer_norm", layers.layer_norm_functional, functions=_overloads(aten.layer_norm))
+register_op_rule("aten_pool", layers.pool, functions=_overloads(
+    aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.avg_pool2d, aten.max_pool2d))
+register_op_rule("aten_cat", structural.cat, functions=_overloads(aten.cat))
+register_op_rule("aten_split", structural.split, functions=_overloads(aten.chunk, aten.split))
+register_op_rule("aten_reduction", structural.reduction, functions=_overloads(aten.mean, aten.sum, aten.amax))
+register_op_rule("aten_softmax", structural.softmax, functions=_overloads(aten.softmax, aten._softmax,
+                                                                          aten.log_softmax))
+register_op_rule("aten_matmul", structural.matmul, functions=_overloads(aten.matmul, aten.bmm, aten.mm))
+register_op_rule("aten_sdpa", structural.scaled_dot_product_attention,
+                 functions=_overloads(aten.scaled_dot_product_attention))
+register_op_rule("layout_aten", layout.layout, functions=_overloads(
+    aten.view, aten.reshape, aten._unsafe_view, aten.transpose, aten.permute, aten.unsqueeze, aten.squeeze,
+    aten.expand, aten.slice, aten.select, aten.t, aten.flatten, aten.unflatten))

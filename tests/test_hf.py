@@ -1,0 +1,35 @@
+"""Hugging Face models go through the torch.export front end (fx cannot trace them)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsify import build_channel_graph
+from sparsify.testing.oracle import check_exactness
+
+transformers = pytest.importorskip("transformers")
+
+
+def _llama() -> torch.nn.Module:
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100, use_cache=False)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval().double()
+
+
+def test_llama_mlp_groups_are_prunable_and_exact() -> None:
+    model, ids = _llama(), {"input_ids": torch.randint(0, 100, (2, 8))}
+    cg = build_channel_graph(model, ids)
+    mlp = [g for g in cg.prunable_groups() if "mlp.gate_proj" in g.name]
+    assert len(mlp) == 2 and all(g.exact and g.width == 128 for g in mlp)
+    members = {m.tensor for m in mlp[0].members}
+    assert {"model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight"} <= members
+    hidden = cg.group("model.embed_tokens (+9)")
+    assert hidden.prunable and not hidden.exact and "mean" in hidden.inexact[0]
+    heads = [g for g in cg.groups if "q_proj" in g.name]
+    assert heads and not any(g.prunable for g in heads)  # attention heads are a barrier for now
+    result = check_exactness(model, ids)
+    assert result.groups_pruned == 2 and result.max_abs_diff <= 1e-10
+    assert model.model.layers[0].mlp.gate_proj.out_features == 64
+    assert model.model.layers[0].mlp.down_proj.in_features == 64
