@@ -58,6 +58,7 @@ def _outputs(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:
 @dataclass
 class OracleResult:
     max_abs_diff: float
+    output_scale: float  # max |output| of the soft model
     groups_pruned: int
     report: PruneReport
     graph: ChannelGraph
@@ -81,7 +82,8 @@ def check_exactness(model: nn.Module, example_inputs: Any, fraction: float = 0.5
     report = prune_channels(cg, plan)
     pruned = _outputs(model, example_inputs)
     diff = max((float((a - b).abs().max()) for a, b in zip(reference, pruned, strict=True)), default=0.0)
-    return OracleResult(diff, len(plan), report, cg)
+    scale = max((float(a.abs().max()) for a in reference if a.numel()), default=0.0)
+    return OracleResult(diff, scale, len(plan), report, cg)
 
 
 def _foldable(group: ChannelGroup, model: nn.Module) -> bool:
