@@ -37,8 +37,9 @@ class SparsifierConfig(BaseModel):
     adapter: SerializeAsAny[AdapterConfig] = Field(description="structures → importance vectors")
     policy: SerializeAsAny[PolicyConfig] = Field(description="importance vectors → zeros")
     verify_atol: float | None = Field(
-        1e-4, ge=0, description="prune() checks that the pruned model's outputs match the soft model's within "
-                                "this (relative) tolerance, and rolls back otherwise; None skips the check")
+        1e-3, ge=0, description="prune() checks that the pruned model's outputs match the soft model's within "
+                                "this tolerance × (1 + max |output|), and rolls back otherwise; None skips the check. "
+                                "The default leaves room for float32/TF32 rounding on GPUs; real mismatches are O(1)")
 
     @field_validator("adapter", mode="before")
     @classmethod

@@ -1,0 +1,62 @@
+"""CUDA: graphs, surgery and the Sparsifier run where the model lives (``pytest -m gpu``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsify import GMPConfig, Sparsifier, STRConfig
+from sparsify.testing.oracle import check_exactness, randomize_
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def _all_on_cuda(model: torch.nn.Module) -> bool:
+    return all(t.is_cuda for t in [*model.parameters(), *model.buffers()])
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "densenet121"])
+def test_oracle_on_cuda(tv, name: str) -> None:
+    model = randomize_(tv.models.get_model(name)).double().cuda()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, device="cuda")
+    result = check_exactness(model, x)
+    assert result.groups_pruned > 0
+    assert result.max_abs_diff <= 1e-9 * (1 + result.output_scale)
+    assert _all_on_cuda(model)
+
+
+@pytest.mark.parametrize("policy", [STRConfig(s_init=-1.0, threshold_decay=2.0),
+                                    GMPConfig(sparsity=0.5, end_step=6, update_every=2)], ids=["str", "gmp"])
+def test_sparsifier_on_cuda(tv, policy, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # exact comparisons need plain fp32
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch.manual_seed(0)
+    model = tv.models.resnet18(num_classes=10).cuda()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.05, 1.0)
+    x = torch.randn(16, 3, 32, 32, device="cuda")
+    y = torch.randint(0, 10, (16,), device="cuda")
+    sp = Sparsifier(model, x[:2], "bn_gamma", policy)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    for _ in range(8):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        sp.step()
+    assert sp.report().channel_sparsity > 0
+    model.eval()
+    with torch.no_grad():
+        soft = model(x)
+    result = sp.prune(optimizer=opt)
+    assert result.params_after < result.params_before
+    with torch.no_grad():
+        assert torch.allclose(model(x), soft, atol=1e-4, rtol=1e-3)
+    assert _all_on_cuda(model)
+    model.train()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
