@@ -33,6 +33,21 @@ class Registry(Generic[T]):
         self._items[kind] = item
         return item
 
+    def register_plugin(self, kind: str, config_cls: type, impl_cls: type, base: type, *,
+                        override: bool = False) -> None:
+        """Register a (config class, implementation) pair after checking that they fit together."""
+        self.check_kind(kind)
+        fields = getattr(config_cls, "model_fields", {})
+        default_kind = fields["kind"].default if "kind" in fields else None
+        if default_kind != kind:
+            raise ValueError(f"{config_cls.__name__}.kind must default to {kind!r} (got {default_kind!r}); "
+                             f"declare `kind: Literal[{kind!r}] = {kind!r}`.")
+        if not (isinstance(impl_cls, type) and issubclass(impl_cls, base)):
+            name = getattr(impl_cls, "__name__", impl_cls)
+            raise TypeError(f"{name} must subclass {base.__module__}.{base.__name__}")
+        impl_cls.kind = kind
+        self.register(kind, (config_cls, impl_cls), override=override)
+
     def get(self, kind: str) -> T:
         try:
             return self._items[kind]

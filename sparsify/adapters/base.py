@@ -118,6 +118,16 @@ class Baked:
             parametrize.register_parametrization(self.module, self.name, p, unsafe=True)
 
 
+def effective_over_raw(vector: ImportanceVector) -> torch.Tensor:
+    """Per entry, effective / raw: the factor that scales a structure's tensors (1 without a
+    transform, 0 where raw is 0). For adapters whose raw vector is a computed magnitude."""
+    raw = vector.raw()
+    if vector.transform is None:
+        return torch.ones_like(raw)
+    eff = vector.transform(raw)
+    return torch.where(raw > 0, eff / raw.clamp_min(torch.finfo(raw.dtype).tiny), torch.zeros_like(raw))
+
+
 def original(module: nn.Module, name: str) -> torch.Tensor:
     """A tensor's stored value, beneath any parametrization."""
     if parametrize.is_parametrized(module, name):
@@ -133,15 +143,7 @@ ADAPTERS: Registry[tuple[type[AdapterConfig], type[Adapter]]] = Registry(
 def register_adapter(kind: str, config_cls: type[AdapterConfig], adapter_cls: type[Adapter],
                      *, override: bool = False) -> None:
     """Register an adapter kind: its pydantic config class and its implementation."""
-    ADAPTERS.check_kind(kind)
-    default_kind = config_cls.model_fields["kind"].default if "kind" in config_cls.model_fields else None
-    if default_kind != kind:
-        raise ValueError(f"{config_cls.__name__}.kind must default to {kind!r} (got {default_kind!r}); "
-                         f"declare `kind: Literal[{kind!r}] = {kind!r}`.")
-    if not issubclass(adapter_cls, Adapter):
-        raise TypeError(f"{adapter_cls.__name__} must subclass sparsify.adapters.Adapter")
-    adapter_cls.kind = kind
-    ADAPTERS.register(kind, (config_cls, adapter_cls), override=override)
+    ADAPTERS.register_plugin(kind, config_cls, adapter_cls, Adapter, override=override)
 
 
 def list_adapters() -> list[str]:

@@ -15,7 +15,14 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 
-from sparsify.adapters.base import Adapter, AdapterConfig, ImportanceVector, original, register_adapter
+from sparsify.adapters.base import (
+    Adapter,
+    AdapterConfig,
+    ImportanceVector,
+    effective_over_raw,
+    original,
+    register_adapter,
+)
 from sparsify.graph.channel_graph import ChannelGraph, Member
 
 _NORM_ROLES = ("out", "value")
@@ -78,11 +85,7 @@ class FilterNormAdapter(Adapter):
 
     def factor(self, vector: ImportanceVector) -> torch.Tensor:
         """effective / raw per structure (1 without a transform, 0 where the raw norm is 0)."""
-        raw = self.raw(vector)
-        if vector.transform is None:
-            return torch.ones_like(raw)
-        eff = vector.transform(raw)
-        return torch.where(raw > 0, eff / raw.clamp_min(torch.finfo(raw.dtype).tiny), torch.zeros_like(raw))
+        return effective_over_raw(vector)
 
     def install(self, vector: ImportanceVector, transform: nn.Module) -> None:
         vector.transform = transform

@@ -27,7 +27,14 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 
-from sparsify.adapters.base import Adapter, AdapterConfig, ImportanceVector, original, register_adapter
+from sparsify.adapters.base import (
+    Adapter,
+    AdapterConfig,
+    ImportanceVector,
+    effective_over_raw,
+    original,
+    register_adapter,
+)
 from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup
 from sparsify.graph.trace import TensorInfo, TracedModel
 from sparsify.prune.attributes import register_attribute_sync
@@ -362,11 +369,7 @@ class LowRankAdapter(Adapter):
 
     def factor(self, vector: ImportanceVector) -> torch.Tensor:
         """Factor pairs: effective / raw per rank (1 without a transform, 0 where raw is 0)."""
-        raw = self.raw(vector)
-        if vector.transform is None:
-            return torch.ones_like(raw)
-        eff = vector.transform(raw)
-        return torch.where(raw > 0, eff / raw.clamp_min(torch.finfo(raw.dtype).tiny), torch.zeros_like(raw))
+        return effective_over_raw(vector)
 
     def install(self, vector: ImportanceVector, transform: nn.Module) -> None:
         if isinstance(vector.handle, _LOW_RANK):

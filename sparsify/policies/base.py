@@ -106,15 +106,7 @@ POLICIES: Registry[tuple[type[PolicyConfig], type[Policy]]] = Registry(
 def register_policy(kind: str, config_cls: type[PolicyConfig], policy_cls: type[Policy],
                     *, override: bool = False) -> None:
     """Register a policy kind: its pydantic config class and its implementation."""
-    POLICIES.check_kind(kind)
-    default_kind = config_cls.model_fields["kind"].default if "kind" in config_cls.model_fields else None
-    if default_kind != kind:
-        raise ValueError(f"{config_cls.__name__}.kind must default to {kind!r} (got {default_kind!r}); "
-                         f"declare `kind: Literal[{kind!r}] = {kind!r}`.")
-    if not issubclass(policy_cls, Policy):
-        raise TypeError(f"{policy_cls.__name__} must subclass sparsify.policies.Policy")
-    policy_cls.kind = kind
-    POLICIES.register(kind, (config_cls, policy_cls), override=override)
+    POLICIES.register_plugin(kind, config_cls, policy_cls, Policy, override=override)
 
 
 def list_policies() -> list[str]:
