@@ -265,3 +265,31 @@ def test_user_registered_adapter_and_policy_work_end_to_end() -> None:
     soft = _outputs(model)
     sp.prune()
     assert torch.allclose(_outputs(model), soft, atol=1e-5, rtol=1e-4)
+
+
+def test_str_on_filter_norm_soft_thresholds_whole_filters() -> None:
+    """Group soft-thresholding: a structure whose filter norm falls under the threshold is zeroed
+    in every producing tensor, and prunes exactly."""
+    model = SmallCNN()
+    sp = Sparsifier(model, _data()[0][:2], "filter_norm", STRConfig(s_init=-1.0, threshold_decay=1.0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-2)
+    _train(model, sp, opt, 30)
+    assert sp.report().channel_sparsity > 0
+    soft = _outputs(model)
+    sp.prune(optimizer=opt)
+    assert torch.allclose(_outputs(model), soft, atol=1e-5, rtol=1e-4)
+
+
+def test_resume_restores_str_thresholds() -> None:
+    config = SparsifierConfig(adapter="bn_gamma", policy=STRConfig(s_init=-3.0, threshold_decay=0.5))
+    model = SmallCNN()
+    sp = Sparsifier(model, _data()[0][:2], config=config)
+    _train(model, sp, torch.optim.SGD(model.parameters(), lr=0.05), 5)
+    saved_model, saved_sp = copy.deepcopy(model.state_dict()), copy.deepcopy(sp.state_dict())
+    model2 = SmallCNN()
+    sp2 = Sparsifier(model2, _data()[0][:2], config=config)
+    model2.load_state_dict(saved_model)
+    sp2.load_state_dict(saved_sp)
+    assert sp2.policy.thresholds() == sp.policy.thresholds()
+    assert sp.policy.thresholds()["bn1"] != pytest.approx(float(torch.sigmoid(torch.tensor(-3.0))))
+    assert torch.equal(_outputs(model2), _outputs(model))

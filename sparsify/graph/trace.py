@@ -122,6 +122,10 @@ def trace(model: nn.Module, example_inputs: Any) -> TracedModel:
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}.")
     args, kwargs = as_args(example_inputs)
+    devices = sorted({str(t.device) for t in [*model.parameters(), *model.buffers()]})
+    if len(devices) > 1:
+        raise TraceError(f"the model's parameters and buffers are on several devices ({', '.join(devices)}); "
+                         "sparsify prunes a model where it lives, on one device. Move it first: model.to(device).")
     try:
         graph = _Tracer().trace(model, concrete_args=None)
         gm = fx.GraphModule(model, graph, class_name=type(model).__name__)

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from sparsify.adapters.base import ImportanceVector
+from sparsify.errors import SparsifyError
 from sparsify.registry import Registry
 
 
@@ -41,6 +42,10 @@ class GroupView:
         for v in self.vectors:
             with torch.no_grad():
                 mag = v.raw().detach().abs().double().cpu().numpy()
+            if not np.isfinite(mag).all():
+                raise SparsifyError(
+                    f"importance vector '{v.name}' has {int((~np.isfinite(mag)).sum())} NaN/inf entries: training "
+                    "has diverged (lower the learning rate, check the loss) or the model was loaded with bad weights")
             np.maximum.at(out, v.entries, mag)
         return out
 
