@@ -22,6 +22,8 @@ from sparsify.graph.channel_graph import build_channel_graph as build_channel_gr
 from sparsify.graph.rules import register_op_rule as register_op_rule
 from sparsify.graph.trace import register_autowrap_function as register_autowrap_function
 from sparsify.graph.trace import register_leaf_module as register_leaf_module
+from sparsify.io import load as load
+from sparsify.io import save as save
 from sparsify.policies import GMPConfig as GMPConfig
 from sparsify.policies import PolicyConfig as PolicyConfig
 from sparsify.policies import SlimmingConfig as SlimmingConfig
@@ -59,6 +61,7 @@ __all__ = [
     "build_channel_graph",
     "list_adapters",
     "list_policies",
+    "load",
     "prune_channels",
     "register_adapter",
     "register_attribute_sync",
@@ -66,4 +69,5 @@ __all__ = [
     "register_leaf_module",
     "register_op_rule",
     "register_policy",
+    "save",
 ]

@@ -41,6 +41,15 @@ def _tensor(model: nn.Module, member: Member) -> tuple[nn.Module, str]:
     return (model.get_submodule(module_name) if module_name else model), attr
 
 
+def _index(vector: ImportanceVector, member: Member, device: torch.device) -> torch.Tensor:
+    """``member.structure_of`` as a tensor on ``device``, made once (no host copy per forward)."""
+    cache = vector.handle.setdefault("index", {})
+    key = (member.tensor, member.dim, str(device))
+    if key not in cache:
+        cache[key] = torch.as_tensor(member.structure_of, device=device)
+    return cache[key]
+
+
 class _Factor(nn.Module):
     def __init__(self, vector: ImportanceVector, dim: int, index: torch.Tensor, ndim: int) -> None:
         super().__init__()
@@ -79,7 +88,7 @@ class FilterNormAdapter(Adapter):
             t = original(*_tensor(vector.handle["model"], m))
             per_index = t.movedim(m.dim, 0).flatten(1).abs().pow(self.config.p).sum(1)
             per_structure = torch.zeros(len(vector), dtype=per_index.dtype, device=per_index.device)
-            per_structure = per_structure.index_add(0, torch.as_tensor(m.structure_of, device=t.device), per_index)
+            per_structure = per_structure.index_add(0, _index(vector, m, t.device), per_index)
             total = per_structure if total is None else total + per_structure.to(total.device)
         return total.pow(1.0 / self.config.p)
 

@@ -30,6 +30,8 @@ class PruneReport:
     params_after: int
     folds: list[BiasFold] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    plan: dict[str, list[int]] = field(default_factory=dict)  # group name → removed structure indices (sorted)
+    created_biases: dict[str, tuple[int, ...]] = field(default_factory=dict)  # bias folding created → its shape
 
 
 def _lookup(model: nn.Module, qualified: str) -> tuple[nn.Module, str]:
@@ -109,6 +111,7 @@ def prune_channels(
                                 + ". Zero their biases/β too (STR-BN does), or pass allow_inexact=True.")
     params_before = sum(p.numel() for p in model.parameters())
     reference = _eval_outputs(cg) if verify_atol is not None else None
+    created_biases: list[str] = []
     with _Transaction(model, optimizer) as tx:
         for fold in folds:
             if fold.delta.numel():
@@ -117,6 +120,8 @@ def prune_channels(
                 bias = model.get_submodule(fold.module).bias
                 created = bias is None
                 tx.replace(f"{prefix}bias", fold.delta.clone() if created else bias.detach() + fold.delta)
+                if created:
+                    created_biases.append(f"{prefix}bias")
                 out_dim = 1 if getattr(model.get_submodule(fold.module), "transposed", False) else 0
                 if created and (f"{prefix}weight", out_dim) in slices:
                     slices[(f"{prefix}bias", 0)] = slices[(f"{prefix}weight", out_dim)]
@@ -141,6 +146,8 @@ def prune_channels(
         params_after=sum(p.numel() for p in model.parameters()),
         folds=folds,
         notes=[f.note for f in folds if f.note],
+        plan={g.name: s.tolist() for g, s in resolved.values()},
+        created_biases={name: tuple(_get(model, name).shape) for name in created_biases},
     )
 
 
