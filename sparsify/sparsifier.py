@@ -19,7 +19,7 @@ from sparsify.graph.cost import count_params, module_macs, structure_costs
 from sparsify.graph.trace import trace
 from sparsify.policies import PolicyConfig, make_policy
 from sparsify.policies.base import GroupView
-from sparsify.prune.surgery import PruneReport, prune_channels
+from sparsify.prune.surgery import PruneReport, protect_members, prune_channels
 
 
 @dataclass
@@ -174,6 +174,12 @@ class Sparsifier:
                 best = int(np.argmax(g.magnitude()))
                 plan[gid] = plan[gid][plan[gid] != best]
                 kept.append(g.name)
+        for g in self.groups:  # nor may a single layer of a group be emptied (a concat of two branches)
+            gid = g.vectors[0].group.id
+            if gid in plan:
+                plan[gid], changed = protect_members(g.vectors[0].group, plan[gid], g.magnitude())
+                if changed:
+                    kept.append(g.name)
         plan = {gid: s for gid, s in plan.items() if len(s)}
         policy_params = sum(p.numel() for p in self.parameters())
         params_before, macs_before = count_params(self.model) - policy_params, sum(self._macs.values())

@@ -34,6 +34,21 @@ class PruneReport:
     created_biases: dict[str, tuple[int, ...]] = field(default_factory=dict)  # bias folding created → its shape
 
 
+def protect_members(group: ChannelGroup, removed: np.ndarray, magnitude: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, bool]:
+    """``removed`` minus, for every member it would empty (one branch of a concat), that member's
+    strongest structure by ``magnitude`` (its first if None). Returns (removed, whether it changed)."""
+    removed = np.asarray(removed, dtype=np.int64)
+    changed = False
+    for m in group.members:
+        mine = np.unique(m.structure_of)
+        if len(removed) and np.isin(mine, removed).all():
+            best = mine[np.argmax(magnitude[mine])] if magnitude is not None else mine[0]
+            removed = removed[removed != best]
+            changed = True
+    return removed, changed
+
+
 def _lookup(model: nn.Module, qualified: str) -> tuple[nn.Module, str]:
     module_name, _, attr = qualified.rpartition(".")
     return (model.get_submodule(module_name) if module_name else model), attr
@@ -102,6 +117,12 @@ def prune_channels(
             dead_idx = m.indices(dead)
             if m.role == "in" and len(dead_idx):
                 consumers.append((m, torch.as_tensor(dead_idx)))
+    for (name, dim), removed in slices.items():
+        size = _get(model, name).shape[dim]
+        if len(removed) >= size:
+            group = next(g.name for g, s in resolved.values() for m in g.members if (m.tensor, m.dim) == (name, dim))
+            raise PruneError(f"the plan removes all {size} channels of {name} (dim {dim}, in group '{group}'), "
+                             "which would leave that layer empty; keep at least one of its structures.")
     folds = plan_folds(cg, consumers, atol) if fold_constants else []
     folds += check_sinks(cg, sinks, atol)
     inexact = [f for f in folds if not f.exact]

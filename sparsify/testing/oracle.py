@@ -12,7 +12,7 @@ from torch import nn
 
 from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup, build_channel_graph
 from sparsify.graph.trace import as_args
-from sparsify.prune.surgery import PruneReport, prune_channels
+from sparsify.prune.surgery import PruneReport, protect_members, prune_channels
 
 PRODUCING_ROLES = ("out", "scale", "value")
 
@@ -43,7 +43,9 @@ def random_plan(cg: ChannelGraph, fraction: float = 0.5, seed: int = 0, exact_on
             continue
         k = min(max(1, round(g.width * fraction)), g.width - 1)
         if k > 0:
-            plan[g.id] = np.sort(rng.choice(g.width, size=k, replace=False))
+            removed, _ = protect_members(g, np.sort(rng.choice(g.width, size=k, replace=False)))
+            if len(removed):
+                plan[g.id] = removed
     return plan
 
 

@@ -186,10 +186,13 @@ def _couple_split(ctx: OpContext, root: fx.Node, idx: torch.Tensor, free_dims: s
         if in_shape[i] <= 1:
             continue
         outs = [j for j in range(idx.ndim) if _varies(g, j)]
+        space = ctx.space(root, i)
+        if len(outs) == 1 and outs[0] not in free_dims:  # e.g. view(b, groups, c // groups, ...) with groups == c
+            ctx.block(space, f"{ctx.describe()}: '{where}' gives dim {i} of '{root.name}' the size "
+                             f"{idx.shape[outs[0]]}, a constant in the model's code")
         if len(outs) <= 1:
             continue
         free = [j for j in outs if j in free_dims]
-        space = ctx.space(root, i)
         if len(free) != 1:
             ctx.block(space, f"{ctx.describe()}: dim {i} of '{root.name}' is reshaped into dims "
                              f"{outs} of '{where}' and it is ambiguous which one shrinks")
