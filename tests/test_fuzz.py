@@ -21,7 +21,7 @@ from sparsify import InexactPruneError, PruneError, TraceError, build_channel_gr
 from sparsify.testing.fuzz import Spec, architectures, build
 from sparsify.testing.oracle import check_exactness, randomize_
 
-EXAMPLES = int(os.environ.get("SPARSIFY_FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("SPARSIFY_FUZZ_EXAMPLES", "300"))
 FRACTION = 0.5
 
 

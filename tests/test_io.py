@@ -141,3 +141,46 @@ def test_load_errors(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(LoadError, match=r"model\.safetensors not found"):
         sparsify.load(MLP, tmp_path)
+
+
+ZOO = ["resnet18", "densenet121", "mobilenet_v3_small", "shufflenet_v2_x0_5", "regnet_x_400mf", "efficientnet_b0",
+       "squeezenet1_1", "googlenet", "convnext_tiny", "vit_b_16", "swin_t"]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_round_trip(tv: ModuleType, name: str, tmp_path: Path) -> None:
+    """Pruned torchvision models (inexact groups included) reload bit-exactly from their plan."""
+    size = 224 if name.startswith(("vit", "swin")) else 64
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return tv.models.get_model(name).eval()
+
+    model, x = build(), torch.randn(1, 3, size, size)
+    cg = build_channel_graph(model, x)
+    report = prune_channels(cg, random_plan(cg, 0.5, exact_only=False), allow_inexact=True)
+    assert report.params_after < report.params_before
+    with torch.no_grad():
+        for p in model.parameters():  # weights unlike the build's, so loading must really happen
+            p.add_(0.01)
+    _round_trip(model, build, report, x, tmp_path / name)
+
+
+def test_hugging_face_llama_round_trip(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100, use_cache=False)
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return transformers.LlamaForCausalLM(config).eval()
+
+    model, ids = build(), {"input_ids": torch.randint(0, 100, (1, 8))}
+    cg = build_channel_graph(model, ids)
+    report = prune_channels(cg, random_plan(cg, 0.5, exact_only=False), allow_inexact=True)
+    assert model.model.layers[0].mlp.gate_proj.out_features == 64
+    a = model(**ids).logits
+    sparsify.save(model, tmp_path / "llama", report, ids)
+    loaded = sparsify.load(build, tmp_path / "llama")
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    assert torch.equal(loaded(**ids).logits, a)
