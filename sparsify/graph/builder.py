@@ -59,6 +59,7 @@ class GraphFacts:
     sinks: dict[Space, str] = field(default_factory=dict)
     defined: set[Space] = field(default_factory=set)
     rule_of: dict[str, str] = field(default_factory=dict)
+    layout_cache: dict[str, Any] = field(default_factory=dict)  # node → (chain root, index tensor, literals)
     tensor_names: dict[int, str] = field(default_factory=dict)  # id(tensor) → its first qualified name
 
 

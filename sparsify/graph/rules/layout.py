@@ -107,7 +107,7 @@ def _input_index(ctx: OpContext, node: fx.Node) -> tuple[fx.Node, torch.Tensor, 
 
 def _index_tensor(ctx: OpContext, node: fx.Node) -> tuple[fx.Node, torch.Tensor, set[int]]:
     """(chain root, index tensor of this node's elements in the root, size literals on the way)."""
-    cache = ctx.facts.__dict__.setdefault("_layout_cache", {})
+    cache = ctx.facts.layout_cache
     if node.name in cache:
         return cache[node.name]
     root, parent_idx, lits = _input_index(ctx, node)
