@@ -43,10 +43,6 @@ def module_macs(traced: TracedModel) -> dict[str, int]:
     return macs
 
 
-def total_macs(traced: TracedModel) -> int:
-    return sum(module_macs(traced).values())
-
-
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
