@@ -57,6 +57,7 @@ class GraphFacts:
     blocked: dict[Space, list[str]] = field(default_factory=dict)
     inexact: dict[Space, list[str]] = field(default_factory=dict)
     sinks: dict[Space, str] = field(default_factory=dict)
+    kinds: dict[Space, str] = field(default_factory=dict)  # space → what its structures are ("head", ...)
     defined: set[Space] = field(default_factory=set)
     rule_of: dict[str, str] = field(default_factory=dict)
     layout_cache: dict[str, Any] = field(default_factory=dict)  # node → (chain root, index tensor, literals)
@@ -249,6 +250,12 @@ class OpContext:
         zero, since no bias can absorb a constant there."""
         if space is not None:
             self.facts.sinks.setdefault(space, reason)
+
+    def label(self, space: Space | None, kind: str) -> None:
+        """Name what the structures of ``space``'s group are ("head", "kv_group", "rnn_unit", ...);
+        adapters select groups by it. Unlabelled groups are "channel" groups."""
+        if space is not None:
+            self.facts.kinds.setdefault(space, kind)
 
     def block_all(self, reason: str) -> None:
         """Make every dim of every tensor input and output of this node a barrier."""

@@ -56,6 +56,7 @@ class ChannelGroup:
     blocked: list[str] = field(default_factory=list)
     inexact: list[str] = field(default_factory=list)
     sinks: list[tuple[Space, np.ndarray, str]] = field(default_factory=list)  # (space, structure_of, why)
+    kind: str = "channel"  # what a structure is: "channel", "head", "kv_group", "rnn_unit", ... (OpContext.label)
 
     @property
     def prunable(self) -> bool:
@@ -217,6 +218,8 @@ def _group(facts: GraphFacts) -> tuple[nx.Graph, list[ChannelGroup]]:
                 group.inexact.extend(facts.inexact.get(s, []))
                 if s in facts.sinks:
                     group.sinks.append((s, root_structures[r], facts.sinks[s]))
+                if s in facts.kinds and group.kind == "channel":
+                    group.kind = facts.kinds[s]
             for m in members_by_root.get(r, []):
                 group.members.append(Member(m.tensor, m.dim, m.role, m.module, root_structures[r].copy(), m.space))
         groups.append(group)
