@@ -15,7 +15,7 @@ from sparsify.adapters.base import Baked
 from sparsify.config import SparsifierConfig
 from sparsify.errors import PruneError, SparsifyError
 from sparsify.graph.channel_graph import ChannelGraph, build_channel_graph
-from sparsify.graph.cost import count_params, module_macs, structure_costs
+from sparsify.graph.cost import MacsModel, count_params, module_macs, structure_costs
 from sparsify.graph.trace import trace
 from sparsify.policies import PolicyConfig, make_policy
 from sparsify.policies.base import GroupView
@@ -107,7 +107,9 @@ class Sparsifier:
                 f"({len(self.graph.prunable_groups())} prunable groups; {reasons or 'none'}). "
                 "Try adapter='filter_norm', or check `sparsify inspect` for barriers.")
         self.groups = self._group_views(vectors)
+        self.macs_model = MacsModel(self.graph, self._macs)
         self.policy = make_policy(self.config.policy)
+        self.policy.cost_model = self.macs_model
         self.policy.attach(self.groups)
         self.step_count = 0
         self.pruned = False

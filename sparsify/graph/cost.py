@@ -32,8 +32,8 @@ def module_macs(traced: TracedModel) -> dict[str, int]:
             elif isinstance(m, nn.Linear):
                 key = f"{node.target}.weight"
                 macs[key] = macs.get(key, 0) + per_example * m.in_features
-        elif node.op == "call_function" and getattr(node.target, "__name__", "") in ("linear", "conv1d", "conv2d",
-                                                                                       "conv3d"):
+        elif node.op == "call_function" and getattr(node.target, "__name__", "").split(".")[0] in (
+                "linear", "conv1d", "conv2d", "conv3d"):  # torch functions and ATen overloads (linear.default)
             weight = node.args[1]
             if isinstance(weight, fx.Node) and weight.op == "get_attr":
                 w = traced.values.get(weight.name)
@@ -69,3 +69,40 @@ def structure_costs(cg: ChannelGraph, group: ChannelGroup, macs: dict[str, int] 
         if m.tensor in macs and m.role in ("out", "in"):
             flops += counts * (macs[m.tensor] / t.shape[m.dim])
     return params, flops
+
+
+class MacsModel:
+    """Exact MACs of the network once chosen structures are removed (second order: a layer whose
+    input and output channels both shrink loses both factors), without touching the model.
+
+    ``keep`` maps group id → boolean keep vector over the group's structures; groups not given
+    keep everything.
+    """
+
+    def __init__(self, cg: ChannelGraph, macs: dict[str, int] | None = None) -> None:
+        self.macs = module_macs(cg.traced) if macs is None else macs
+        self.total = float(sum(self.macs.values()))
+        # per MAC-carrying tensor: [(group id, structure_of)] for each of its sliced dims
+        self._dims: dict[str, list[tuple[int, np.ndarray]]] = {}
+        seen: set[tuple[str, int]] = set()
+        for g in cg.groups:
+            for m in g.members:
+                if m.tensor in self.macs and m.role in ("out", "in") and (m.tensor, m.dim) not in seen:
+                    seen.add((m.tensor, m.dim))
+                    self._dims.setdefault(m.tensor, []).append((g.id, m.structure_of))
+
+    def after(self, keep: dict[int, np.ndarray]) -> float:
+        """MACs per example with the structures ``keep`` marks False removed."""
+        total = 0.0
+        for tensor, macs in self.macs.items():
+            factor = 1.0
+            for gid, structure_of in self._dims.get(tensor, ()):
+                k = keep.get(gid)
+                if k is not None:
+                    factor *= float(np.count_nonzero(k[structure_of])) / max(len(structure_of), 1)
+            total += macs * factor
+        return total
+
+    def reduction(self, keep: dict[int, np.ndarray]) -> float:
+        """Dense MACs / MACs after removal (2.0 means half the MACs)."""
+        return self.total / max(self.after(keep), 1.0)

@@ -14,6 +14,7 @@ from torch import nn
 
 from sparsify.adapters.base import ImportanceVector
 from sparsify.errors import SparsifyError
+from sparsify.graph.cost import MacsModel
 from sparsify.registry import Registry
 
 
@@ -59,6 +60,18 @@ class Policy(abc.ABC):
     def __init__(self, config: PolicyConfig) -> None:
         self.config = config
         self.groups: list[GroupView] = []
+        self.cost_model: MacsModel | None = None  # set by the Sparsifier before attach: exact MACs of a plan
+
+    def keep_vectors(self) -> dict[int, np.ndarray]:
+        """Per group id, the structures some vector still keeps (effective value non-zero)."""
+        out = {}
+        with torch.no_grad():
+            for g in self.groups:
+                alive = np.zeros(g.width, dtype=bool)
+                for v in g.vectors:
+                    np.logical_or.at(alive, v.entries, (v.effective().detach() != 0).cpu().numpy())
+                out[g.vectors[0].group.id] = alive
+        return out
 
     @abc.abstractmethod
     def attach(self, groups: Sequence[GroupView]) -> None:

@@ -4,6 +4,14 @@ Effective value sign(v)·relu(|v| − g(s)) with g = sigmoid and a learnable thr
 per vector (per layer, as in STR) or shared by a group. Weight decay on s (the optimizer's, plus an
 optional ``threshold_decay``) raises the threshold over training; the loss pushes back, so layer
 budgets are learned. ``s_init`` sets how long training stays effectively dense.
+
+STR alone sets sparsity only indirectly (``s_init``, weight decay). With ``target`` set, a budget
+controller makes it hit a cost target: every ``control_every`` steps it measures the fraction of
+MACs (or parameters, channels) the soft model has already zeroed and shifts every threshold
+parameter by ``control_gain · (desired − measured)``, where *desired* follows the cubic schedule
+from 0 at ``target_start_step`` to ``target`` at ``target_end_step`` and is held after it. The
+shift is the same for every layer (a common offset in logit space, i.e. a common factor on the
+thresholds), so the split across layers is still learned by the loss gradient on each ``s``.
 """
 
 from __future__ import annotations
@@ -12,9 +20,10 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
+from sparsify.policies import budgets
 from sparsify.policies.base import GroupView, Policy, PolicyConfig, register_policy
 
 
@@ -27,21 +36,41 @@ class STRConfig(PolicyConfig):
         0.0, ge=0, description="extra L2 decay on s, added to its gradient (on top of the optimizer's weight decay)")
     granularity: Literal["vector", "group"] = Field(
         "vector", description="one threshold per vector (per BN layer, as STR-BN) or one shared by a channel group")
+    threshold_fn: Literal["sigmoid", "exp"] = Field(
+        "sigmoid", description="g(s): sigmoid as in STR (thresholds below 1), or exp (unbounded: for raw vectors "
+                               "larger than 1, or a controller that must push past 1)")
+    target: float | None = Field(
+        None, gt=0, lt=1, description="fraction of `target_unit` to remove (0.5 = 2x fewer MACs); None: no controller")
+    target_unit: Literal["macs", "params", "channels"] = Field("macs", description="what `target` counts")
+    target_start_step: int = Field(0, ge=0, description="step at which the controller's desired sparsity leaves 0")
+    target_end_step: int = Field(1000, ge=1, description="step at which the desired sparsity reaches `target`")
+    control_every: int = Field(10, ge=1, description="steps between controller updates (each reads the zeros)")
+    control_gain: float = Field(0.5, gt=0, description="shift of every s per unit of sparsity error")
+
+    @model_validator(mode="after")
+    def _check(self) -> STRConfig:
+        if self.target is not None and self.target_end_step <= self.target_start_step:
+            raise ValueError(f"target_end_step ({self.target_end_step}) must be after target_start_step "
+                             f"({self.target_start_step})")
+        return self
 
 
 class SoftThreshold(nn.Module):
-    """sign(v)·relu(|v| − sigmoid(s)) with a learnable scalar s."""
+    """sign(v)·relu(|v| − g(s)) with a learnable scalar s and g = sigmoid (or exp)."""
 
-    def __init__(self, s_init: float, device: torch.device | None = None) -> None:
+    def __init__(self, s_init: float, device: torch.device | None = None, threshold_fn: str = "sigmoid") -> None:
         super().__init__()
         self.s = nn.Parameter(torch.full((1,), float(s_init), device=device))
+        self.g = torch.sigmoid if threshold_fn == "sigmoid" else torch.exp
 
     @property
     def threshold(self) -> torch.Tensor:
-        return torch.sigmoid(self.s)
+        return self.g(self.s)
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
-        return torch.sign(raw) * torch.relu(raw.abs() - torch.sigmoid(self.s).to(raw.dtype))
+        # v − clamp(v, −τ, τ) is sign(v)·relu(|v| − τ) in two kernels instead of five
+        tau = self.g(self.s).to(raw.dtype)
+        return raw - torch.clamp(raw, -tau, tau)
 
 
 class STRPolicy(Policy):
@@ -57,13 +86,39 @@ class STRPolicy(Policy):
                 if self.config.granularity == "group" and shared is not None:
                     t = shared
                 else:
-                    t = SoftThreshold(self.config.s_init, device)
+                    t = SoftThreshold(self.config.s_init, device, self.config.threshold_fn)
                     self.transforms.append(t)
                     if self.config.threshold_decay:
                         decay = self.config.threshold_decay
                         t.s.register_hook(lambda g, s=t.s, decay=decay: g + decay * s.detach())
                     shared = t
                 v.adapter.install(v, t)
+
+    def step(self, step: int) -> None:
+        c = self.config
+        if c.target is None or step % c.control_every:
+            return
+        desired = budgets.cubic_sparsity(step, c.target, c.target_start_step, c.target_end_step)
+        if desired <= 0:
+            return
+        self.last_measured = self.measured_sparsity()
+        with torch.no_grad():
+            for t in self.transforms:
+                t.s.add_(c.control_gain * (desired - self.last_measured))
+
+    def measured_sparsity(self) -> float:
+        """Fraction of ``target_unit`` the soft model has zeroed (exact MACs with a cost model)."""
+        keep = self.keep_vectors()
+        unit = self.config.target_unit
+        if unit == "macs" and self.cost_model is not None:
+            return 1.0 - self.cost_model.after(keep) / max(self.cost_model.total, 1.0)
+        removed = total = 0.0
+        for g in self.groups:
+            cost = g.macs if unit == "macs" else (g.params if unit == "params" else None)
+            k = keep[g.vectors[0].group.id]
+            removed += float((~k).sum() if cost is None else cost[~k].sum())
+            total += float(g.width if cost is None else cost.sum())
+        return removed / max(total, 1e-12)
 
     def thresholds(self) -> dict[str, float]:
         """Current threshold g(s) per vector."""
@@ -73,6 +128,8 @@ class STRPolicy(Policy):
         return {"s": [t.s.detach().clone() for t in self.transforms]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["s"]) != len(self.transforms):
+            raise ValueError(f"state has {len(state['s'])} thresholds, this policy has {len(self.transforms)}")
         with torch.no_grad():
             for t, s in zip(self.transforms, state["s"], strict=True):
                 t.s.copy_(s)
