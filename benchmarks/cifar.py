@@ -1,0 +1,185 @@
+"""CIFAR-10 benchmark: STR-BN against GMP-ERK, Network Slimming, L1 filters and Torch-Pruning at equal MACs.
+
+Every arm uses the same recipe: one cosine schedule over ``--epochs`` (SGD, Nesterov, wd 5e-4,
+batch 256, bf16 autocast, channels_last, CUDA-graphed forward/backward), pruning arms remove
+structures after ``--prune-epoch`` epochs (to exactly ``--ratio``× fewer MACs, counted by
+sparsify for every arm) and keep training the pruned network for the remaining epochs. Data is
+decoded once and kept and augmented on the GPU. One run = one arm at one ratio; results are JSON
+files in ``--out``; ``--report`` prints the table and draws accuracy against MACs.
+
+    python benchmarks/cifar.py --arm str_bn --ratio 2 --model resnet56 --epochs 40 --prune-epoch 30
+    python benchmarks/cifar.py --parallel dense str_bn:2 str_bn:4 gmp_erk:2 ...   # several runs at once
+    python benchmarks/cifar.py --report --out out/cifar
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from cifar_lib.arms import ARMS, macs_of
+from cifar_lib.data import DeviceLoader, load_cifar10
+from cifar_lib.models import build
+from cifar_lib.train import Recipe, Trainer
+from rich.console import Console
+from rich.table import Table
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data" / "cifar10_jpeg.npz"
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)
+    data = load_cifar10(args.data, args.limit, args.cache)
+    recipe = Recipe(epochs=args.epochs, prune_epoch=args.prune_epoch, batch=args.batch, lr=args.lr)
+    train = DeviceLoader(data["train_x"], data["train_y"], recipe.batch, device, train=True, seed=args.seed)
+    test = DeviceLoader(data["test_x"], data["test_y"], 1000, device, train=False)
+    model = build(args.model).to(device).to(memory_format=torch.channels_last)
+    example = next(iter(test))[0][:2]
+    arm = ARMS[args.arm](args.ratio, len(train), recipe.prune_epoch, args.seed)
+    macs_before, params_before = macs_of(model, example), sum(p.numel() for p in model.parameters())
+    arm.setup(model, example)
+    bf16 = device.type == "cuda" and not args.fp32
+    trainer = Trainer(model, recipe, device, bf16=bf16, graphs=arm.graphs and not args.no_graphs)
+    trainer.rebuild(next(iter(train))[0])
+    total_steps, step, log = recipe.epochs * len(train), 0, []
+    record: dict = {}
+    for epoch in range(recipe.epochs):
+        if epoch == recipe.prune_epoch and arm.name != "dense":
+            trainer.ungraph()
+            record["top1_before_prune"] = trainer.evaluate(test)
+            model.eval()
+            start = time.perf_counter()
+            arm.prune(model, example)
+            record["prune_seconds"] = time.perf_counter() - start
+            record["top1_after_prune"] = trainer.evaluate(test)
+            trainer.rebuild(next(iter(train))[0])
+        step, stats = trainer.train_epoch(train, step, total_steps, arm)
+        stats["epoch"] = epoch + 1
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == recipe.epochs:
+            stats["top1"] = trainer.evaluate(test)
+        log.append(stats)
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()}), flush=True)
+    trainer.ungraph()
+    record.update({
+        "arm": arm.name, "ratio": args.ratio if arm.name != "dense" else 1.0, "model": args.model, "seed": args.seed,
+        "recipe": vars(recipe), "macs_before": macs_before, "macs_after": macs_of(model, example),
+        "params_before": params_before, "params_after": sum(p.numel() for p in model.parameters()),
+        "top1": log[-1]["top1"], "train_seconds": sum(e["seconds"] for e in log),
+        "images_per_s": statistics.median(e["images_per_s"] for e in log), "epochs": log, "info": arm.info,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "CPU",
+        "torch": torch.__version__, "command": " ".join(sys.argv),
+    })
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"{args.model}_{arm.name}_{record['ratio']:g}x_seed{args.seed}.json"
+    (out / name).write_text(json.dumps(record, indent=1, default=str))
+    print(f"{arm.name} {record['ratio']:g}x: top1 {record['top1']:.4f}, MACs {macs_before / record['macs_after']:.2f}x "
+          f"fewer, {record['train_seconds']:.0f} s, {record['images_per_s']:,.0f} images/s → {out / name}")
+    return record
+
+
+def report(out: Path) -> None:
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.name != "summary.json"]
+    records.sort(key=lambda r: (r["model"], r["ratio"], r["arm"]))
+    table = Table(title=f"CIFAR-10 ({records[0]['device'] if records else '?'})")
+    for col in ("model", "arm", "target", "MACs (M)", "MACs ×", "params (k)", "top-1 %", "before prune %",
+                "right after %", "train s", "images/s"):
+        table.add_column(col, justify="left" if col in ("model", "arm") else "right")
+    for r in records:
+        def pct(k: str, r: dict = r) -> str:
+            return f"{100 * r[k]:.2f}" if k in r else "–"
+
+        table.add_row(r["model"], r["arm"], f"{r['ratio']:g}×", f"{r['macs_after'] / 1e6:.1f}",
+                      f"{r['macs_before'] / r['macs_after']:.2f}", f"{r['params_after'] / 1e3:.0f}", pct("top1"),
+                      pct("top1_before_prune"), pct("top1_after_prune"), f"{r['train_seconds']:.0f}",
+                      f"{r['images_per_s']:,.0f}")
+    Console(width=200).print(table)
+    (out / "summary.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "epochs"} for r in records],
+                                                 indent=1, default=str))
+    _plot(records, out / "accuracy_vs_macs.png")
+
+
+def _plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm in sorted({r["arm"] for r in records}):
+        rs = sorted((r for r in records if r["arm"] == arm), key=lambda r: r["macs_after"])
+        ax.plot([r["macs_after"] / 1e6 for r in rs], [100 * r["top1"] for r in rs], "o-", label=arm)
+    ax.set_xlabel("MACs per image (M)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title("CIFAR-10: accuracy against MACs")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def parallel(args: argparse.Namespace, specs: list[str]) -> None:
+    """Launch one process per ``arm[:ratio]`` at once (the GPU is launch-bound with one), wait for all."""
+    procs = []
+    for spec in specs:
+        arm, _, ratio = spec.partition(":")
+        cmd = [sys.executable, __file__, "--arm", arm, "--ratio", ratio or "2", *_passthrough(args)]
+        log = open(Path(args.out) / f"{arm}_{ratio or 'dense'}.log", "w")
+        procs.append((spec, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+    for spec, p, log in procs:
+        p.wait()
+        log.close()
+        print(f"{spec}: exit {p.returncode}")
+
+
+def _passthrough(args: argparse.Namespace) -> list[str]:
+    out = ["--model", args.model, "--epochs", str(args.epochs), "--prune-epoch", str(args.prune_epoch),
+           "--batch", str(args.batch), "--lr", str(args.lr), "--seed", str(args.seed), "--data", str(args.data),
+           "--out", str(args.out), "--eval-every", str(args.eval_every)]
+    for flag in ("cache", "limit", "device"):
+        if getattr(args, flag) is not None:
+            out += [f"--{flag}", str(getattr(args, flag))]
+    return out + (["--no-graphs"] if args.no_graphs else []) + (["--fp32"] if args.fp32 else [])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arm", choices=sorted(ARMS), default="dense")
+    p.add_argument("--ratio", type=float, default=2.0, help="target: this many times fewer MACs")
+    p.add_argument("--model", default="resnet56")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--prune-epoch", type=int, default=30)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--cache", default=None, help="folder for the decoded arrays (skips decoding next time)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N images of each split")
+    p.add_argument("--device", default=None)
+    p.add_argument("--eval-every", type=int, default=5)
+    p.add_argument("--no-graphs", action="store_true", help="eager forward/backward (no CUDA graph)")
+    p.add_argument("--fp32", action="store_true")
+    p.add_argument("--out", default="out/cifar")
+    p.add_argument("--parallel", nargs="+", metavar="ARM[:RATIO]", help="run these arms at once, one process each")
+    p.add_argument("--report", action="store_true", help="print the table and plot from the JSON files in --out")
+    args = p.parse_args()
+    if args.report:
+        report(Path(args.out))
+    elif args.parallel:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        parallel(args, args.parallel)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()

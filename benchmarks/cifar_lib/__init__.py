@@ -1,0 +1,1 @@
+"""CIFAR-10 benchmark harness: data kept and augmented on the GPU, models, arms, training loop."""

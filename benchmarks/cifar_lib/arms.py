@@ -1,0 +1,157 @@
+"""The compared methods. Each arm hooks the shared training loop and prunes at the prune epoch to
+an exact MACs target (MACs counted by sparsify for every arm, Torch-Pruning's included)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsify import FilterNormConfig, GMPConfig, SlimmingConfig, Sparsifier, STRConfig
+from sparsify.graph.cost import module_macs
+from sparsify.graph.trace import trace
+
+
+def macs_of(model: nn.Module, example: torch.Tensor) -> int:
+    return sum(module_macs(trace(model, example[:1])).values())
+
+
+class Arm:
+    """Default: dense training, nothing pruned."""
+
+    name = "dense"
+    graphs = True  # the forward/backward may be captured in a CUDA graph
+
+    def __init__(self, ratio: float, steps_per_epoch: int, prune_epoch: int, seed: int) -> None:
+        self.ratio, self.steps_per_epoch, self.prune_epoch, self.seed = ratio, steps_per_epoch, prune_epoch, seed
+        self.prune_step = steps_per_epoch * prune_epoch
+        self.info: dict[str, Any] = {}
+
+    @property
+    def ramp(self) -> tuple[int, int]:
+        """Steps over which the gradual arms bring sparsity from 0 to the target: from the end of
+        the first epoch to 60 % of the sparse phase."""
+        start = min(self.steps_per_epoch, self.prune_step // 10)
+        return start, max(start + 1, int(0.6 * self.prune_step))
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of MACs to remove."""
+        return 1.0 - 1.0 / self.ratio
+
+    def setup(self, model: nn.Module, example: torch.Tensor) -> None:
+        """Before the optimizer is made (policies may add parameters)."""
+
+    def after_backward(self) -> None:
+        """Between backward and the optimizer step."""
+
+    def after_step(self, step: int) -> None:
+        """After each optimizer step."""
+
+    def prune(self, model: nn.Module, example: torch.Tensor) -> None:
+        """Remove structures at the prune epoch (the model is in eval mode, eager)."""
+
+
+class STRBN(Arm):
+    """Ours: STR on BN γ with learned per-layer thresholds; the budget controller brings the soft
+    model to the MACs target by 60 % of the sparse phase and holds it; prune() is exact."""
+
+    name = "str_bn"
+
+    def setup(self, model: nn.Module, example: torch.Tensor) -> None:
+        cfg = STRConfig(s_init=-6.0, threshold_fn="exp", target=self.fraction, target_unit="macs",
+                        target_start_step=self.ramp[0], target_end_step=self.ramp[1],
+                        control_every=max(1, min(10, self.steps_per_epoch // 4)), control_gain=0.2)
+        self.sp = Sparsifier(model, example[:2], "bn_gamma", cfg)
+
+    def after_step(self, step: int) -> None:
+        if step <= self.prune_step:
+            self.sp.step()
+
+    def prune(self, model: nn.Module, example: torch.Tensor) -> None:
+        self.info["soft_macs_removed"] = self.sp.policy.measured_sparsity()
+        self.info["thresholds"] = self.sp.policy.thresholds()
+        self.sp.prune()
+
+
+class GMPERK(Arm):
+    """Ours: gradual magnitude pruning of filter norms, cubic schedule, ERK budget over MACs (exact)."""
+
+    name = "gmp_erk"
+
+    def setup(self, model: nn.Module, example: torch.Tensor) -> None:
+        cfg = GMPConfig(sparsity=self.fraction, unit="macs", budget="erk", start_step=self.ramp[0],
+                        end_step=self.ramp[1], update_every=max(self.steps_per_epoch // 2, 1))
+        self.sp = Sparsifier(model, example[:2], FilterNormConfig(p=2), cfg)
+
+    def after_step(self, step: int) -> None:
+        if step <= self.prune_step:
+            self.sp.step()
+
+    def prune(self, model: nn.Module, example: torch.Tensor) -> None:
+        self.sp.prune()
+
+
+class Slimming(Arm):
+    """Network Slimming: L1 on γ during the sparse phase, one global γ threshold to the MACs target."""
+
+    name = "slimming"
+    l1 = 1e-5  # the paper's value for ResNets (1e-4 for VGG)
+
+    def setup(self, model: nn.Module, example: torch.Tensor) -> None:
+        cfg = SlimmingConfig(l1=self.l1, sparsity=self.fraction, unit="macs", budget="global")
+        self.sp = Sparsifier(model, example[:2], "bn_gamma", cfg)
+
+    def prune(self, model: nn.Module, example: torch.Tensor) -> None:
+        self.sp.prune()
+
+
+class L1OneShot(Arm):
+    """Li et al.: dense training, then one-shot removal of the smallest-L1 filters, the same fraction
+    in every layer (uniform), then fine-tuning."""
+
+    name = "l1"
+
+    def prune(self, model: nn.Module, example: torch.Tensor) -> None:
+        cfg = GMPConfig(sparsity=self.fraction, unit="macs", budget="uniform", start_step=0, end_step=1)
+        sp = Sparsifier(model, example[:2], FilterNormConfig(p=1), cfg)
+        sp.policy.update(self.fraction)
+        sp.prune()
+
+
+class TorchPruning(Arm):
+    """Torch-Pruning's sparse-learning pruner (GroupNormPruner, DepGraph), its CIFAR recipe scaled:
+    group regularisation (reg 5e-4) during the sparse phase, then global group pruning in small
+    steps until the MACs target, then fine-tuning."""
+
+    name = "torch_pruning"
+    graphs = False  # TP keeps its tracing autograd graph alive: CUDA-graph capture fails ("legacy stream depend")
+
+    def setup(self, model: nn.Module, example: torch.Tensor) -> None:
+        import torch_pruning as tp
+
+        self.tp = tp
+        self.model = model
+        self.pruner = tp.pruner.GroupNormPruner(
+            model, example[:2], importance=tp.importance.GroupMagnitudeImportance(p=2), reg=5e-4,
+            global_pruning=True, pruning_ratio=1.0, iterative_steps=400, ignored_layers=[model.fc],
+            in_channel_groups={}, out_channel_groups={}, num_heads={})
+
+    def after_backward(self) -> None:
+        if not self.info.get("pruned"):  # sparse learning happens before pruning only
+            self.pruner.regularize(self.model)
+
+    def prune(self, model: nn.Module, example: torch.Tensor) -> None:
+        x = example[:1]
+        base = macs_of(model, x)
+        steps = 0
+        while macs_of(model, x) > base / self.ratio and steps < 400:
+            self.pruner.step()
+            steps += 1
+        self.info["tp_steps"] = steps
+        self.info["pruned"] = True
+
+
+ARMS: dict[str, type[Arm]] = {a.name: a for a in (Arm, STRBN, GMPERK, Slimming, L1OneShot, TorchPruning)}
+
