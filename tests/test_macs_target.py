@@ -77,3 +77,27 @@ def test_str_target_config_is_checked() -> None:
         STRConfig(target=0.5, target_start_step=100, target_end_step=50)
     with pytest.raises(ValueError):
         STRConfig(target=1.5)
+
+
+@pytest.mark.parametrize("cap", [0.8, 1.0])
+def test_str_controller_does_not_empty_a_layer(cap: float) -> None:
+    """The controller alone (no training: lr 0) shifts all thresholds together; a layer far weaker
+    than the others would be emptied (cap 1.0 shows it) unless the per-vector cap stops its push."""
+    torch.manual_seed(0)
+    model = _cnn()
+    with torch.no_grad():
+        model[4].weight.mul_(0.02)
+    cfg = STRConfig(s_init=-6.0, threshold_fn="exp", target=0.6, target_start_step=2, target_end_step=30,
+                    control_every=1, control_gain=0.3, max_vector_sparsity=cap)
+    sp = Sparsifier(model, torch.randn(2, 3, 16, 16), "bn_gamma", cfg)
+    weak = next(v for v in sp.vectors if v.handle is model[4])
+    worst = 0.0
+    for _ in range(150):
+        sp.step()
+        with torch.no_grad():
+            worst = max(worst, float((weak.effective() == 0).float().mean()))
+    if cap < 1:
+        assert worst < 1.0  # never emptied …
+        assert sp.policy.measured_sparsity() > 0.55  # … while the other layers carry the target
+    else:
+        assert worst == 1.0

@@ -11,7 +11,8 @@ MACs (or parameters, channels) the soft model has already zeroed and shifts ever
 parameter by ``control_gain · (desired − measured)``, where *desired* follows the cubic schedule
 from 0 at ``target_start_step`` to ``target`` at ``target_end_step`` and is held after it. The
 shift is the same for every layer (a common offset in logit space, i.e. a common factor on the
-thresholds), so the split across layers is still learned by the loss gradient on each ``s``.
+thresholds), so the split across layers is still learned by the loss gradient on each ``s``; a
+vector that is already ``max_vector_sparsity`` zeros is not pushed further.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ class STRConfig(PolicyConfig):
     target_end_step: int = Field(1000, ge=1, description="step at which the desired sparsity reaches `target`")
     control_every: int = Field(10, ge=1, description="steps between controller updates (each reads the zeros)")
     control_gain: float = Field(0.5, gt=0, description="shift of every s per unit of sparsity error")
+    max_vector_sparsity: float = Field(
+        0.9, gt=0, le=1, description="the controller never raises the threshold of a vector that already has this "
+                                     "fraction of zeros (a common shift would otherwise empty whole layers)")
 
     @model_validator(mode="after")
     def _check(self) -> STRConfig:
@@ -102,9 +106,17 @@ class STRPolicy(Policy):
         if desired <= 0:
             return
         self.last_measured = self.measured_sparsity()
+        shift = c.control_gain * (desired - self.last_measured)
         with torch.no_grad():
+            capped = set()
+            if shift > 0 and c.max_vector_sparsity < 1:
+                vectors = [v for g in self.groups for v in g.vectors]
+                zeros = torch.stack([(v.effective().detach() == 0).float().mean().to(vectors[0].raw().device)
+                                     for v in vectors]).cpu().tolist()  # one device→host copy
+                capped = {id(v.transform) for v, z in zip(vectors, zeros, strict=True) if z >= c.max_vector_sparsity}
             for t in self.transforms:
-                t.s.add_(c.control_gain * (desired - self.last_measured))
+                if id(t) not in capped:
+                    t.s.add_(shift)
 
     def measured_sparsity(self) -> float:
         """Fraction of ``target_unit`` the soft model has zeroed (exact MACs with a cost model)."""
