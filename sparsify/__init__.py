@@ -6,12 +6,17 @@ physically without changing what the network computes.
 
 from importlib.metadata import PackageNotFoundError, version
 
+from sparsify import speed as speed
+from sparsify.adapters import ActivationConfig as ActivationConfig
 from sparsify.adapters import AdapterConfig as AdapterConfig
 from sparsify.adapters import BNGammaConfig as BNGammaConfig
 from sparsify.adapters import FilterNormConfig as FilterNormConfig
+from sparsify.adapters import HeadsConfig as HeadsConfig
+from sparsify.adapters import RNNUnitsConfig as RNNUnitsConfig
 from sparsify.adapters import list_adapters as list_adapters
 from sparsify.adapters import register_adapter as register_adapter
 from sparsify.config import SparsifierConfig as SparsifierConfig
+from sparsify.deploy import deploy as deploy
 from sparsify.errors import InexactPruneError as InexactPruneError
 from sparsify.errors import PruneError as PruneError
 from sparsify.errors import SparsifyError as SparsifyError
@@ -41,16 +46,19 @@ except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "ActivationConfig",
     "AdapterConfig",
     "BNGammaConfig",
     "ChannelGraph",
     "ChannelGroup",
     "FilterNormConfig",
     "GMPConfig",
+    "HeadsConfig",
     "InexactPruneError",
     "PolicyConfig",
     "PruneError",
     "PruneReport",
+    "RNNUnitsConfig",
     "STRConfig",
     "SlimmingConfig",
     "Sparsifier",
@@ -59,6 +67,7 @@ __all__ = [
     "TraceError",
     "__version__",
     "build_channel_graph",
+    "deploy",
     "list_adapters",
     "list_policies",
     "load",
@@ -70,4 +79,5 @@ __all__ = [
     "register_op_rule",
     "register_policy",
     "save",
+    "speed",
 ]

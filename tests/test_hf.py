@@ -27,9 +27,10 @@ def test_llama_mlp_groups_are_prunable_and_exact() -> None:
     assert {"model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight"} <= members
     hidden = cg.group("model.embed_tokens (+9)")
     assert hidden.prunable and not hidden.exact and "mean" in hidden.inexact[0]
-    heads = [g for g in cg.groups if "q_proj" in g.name]
-    assert heads and not any(g.prunable for g in heads)  # attention heads are a barrier for now
+    heads = [g for g in cg.groups if "q_proj" in g.name]  # one group of 2 KV groups per layer (tests/test_attention.py)
+    assert len(heads) == 2 and all(g.prunable and g.exact and g.kind == "kv_group" and g.width == 2 for g in heads)
     result = check_exactness(model, ids)
-    assert result.groups_pruned == 2 and result.max_abs_diff <= 1e-10
+    assert result.groups_pruned == 4 and result.max_abs_diff <= 1e-10
+    assert model.model.layers[0].self_attn.k_proj.out_features == 16  # one of the two KV heads (head_dim 16)
     assert model.model.layers[0].mlp.gate_proj.out_features == 64
     assert model.model.layers[0].mlp.down_proj.in_features == 64

@@ -1,6 +1,7 @@
 """Adapters: prunable structures → importance vectors. Built-ins register themselves on import."""
 
 from sparsify.adapters import bn_gamma, filter_norm, low_rank  # noqa: F401
+from sparsify.adapters.activation import ActivationConfig
 from sparsify.adapters.base import (
     ADAPTERS,
     Adapter,
@@ -12,8 +13,11 @@ from sparsify.adapters.base import (
 )
 from sparsify.adapters.bn_gamma import BNGammaConfig
 from sparsify.adapters.filter_norm import FilterNormConfig
+from sparsify.adapters.heads import HeadsConfig
 from sparsify.adapters.low_rank import LowRankConfig, LowRankLinear, factorize_, factorize_linear
+from sparsify.adapters.rnn_units import RNNUnitsConfig
 
-__all__ = ["ADAPTERS", "Adapter", "AdapterConfig", "BNGammaConfig", "FilterNormConfig", "ImportanceVector",
-           "LowRankConfig", "LowRankLinear", "factorize_", "factorize_linear", "list_adapters", "make_adapter",
-           "register_adapter"]
+__all__ = ["ADAPTERS", "ActivationConfig", "Adapter", "AdapterConfig", "BNGammaConfig", "FilterNormConfig",
+           "HeadsConfig", "ImportanceVector",
+           "LowRankConfig", "LowRankLinear", "RNNUnitsConfig", "factorize_", "factorize_linear", "list_adapters",
+           "make_adapter", "register_adapter"]

@@ -86,7 +86,7 @@ class FilterNormAdapter(Adapter):
         total = None
         for m in vector.handle["norm"]:
             t = original(*_tensor(vector.handle["model"], m))
-            per_index = t.movedim(m.dim, 0).flatten(1).abs().pow(self.config.p).sum(1)
+            per_index = t.movedim(m.dim, 0).reshape(t.shape[m.dim], -1).abs().pow(self.config.p).sum(1)
             per_structure = torch.zeros(len(vector), dtype=per_index.dtype, device=per_index.device)
             per_structure = per_structure.index_add(0, _index(vector, m, t.device), per_index)
             total = per_structure if total is None else total + per_structure.to(total.device)

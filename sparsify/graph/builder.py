@@ -60,16 +60,16 @@ class GraphFacts:
     kinds: dict[Space, str] = field(default_factory=dict)  # space → what its structures are ("head", ...)
     defined: set[Space] = field(default_factory=set)
     rule_of: dict[str, str] = field(default_factory=dict)
-    layout_cache: dict[str, Any] = field(default_factory=dict)  # node → (chain root, index tensor, literals)
+    layout_cache: dict[str, Any] = field(default_factory=dict)  # node → (root, index tensor, literals, hard-coded ones)
     tensor_names: dict[int, str] = field(default_factory=dict)  # id(tensor) → its first qualified name
 
 
 def value_infos(value: Any, key: str) -> list[tuple[str, TensorInfo]]:
-    """(value_key, TensorInfo) for a node's value: itself, or each tensor element of a tuple."""
+    """(value_key, TensorInfo) for a node's value: itself, or each tensor element of a (nested) tuple."""
     if isinstance(value, TensorInfo):
         return [(key, value)]
-    if isinstance(value, (tuple, list)):
-        return [(f"{key}.{k}", v) for k, v in enumerate(value) if isinstance(v, TensorInfo)]
+    if isinstance(value, (tuple, list)):  # nested tuples (an LSTM's (h_n, c_n)) get keys "name.1.0"
+        return [item for k, v in enumerate(value) for item in value_infos(v, f"{key}.{k}")]
     return []
 
 
@@ -126,16 +126,18 @@ class OpContext:
         return None
 
     # ----- spaces -----------------------------------------------------------------------
-    def space(self, arg: Any, dim: int, element: int | None = None) -> Space | None:
-        """The channel space of dim ``dim`` of an argument node (or of tuple element ``element``)."""
+    def space(self, arg: Any, dim: int, element: int | tuple[int, ...] | None = None) -> Space | None:
+        """The channel space of dim ``dim`` of an argument node (or of tuple element ``element``;
+        a tuple of indices for nested tuples: ``(1, 0)`` is an LSTM's h_n)."""
         if not isinstance(arg, fx.Node):
             return None
         value = self.traced.values.get(arg.name)
         key = arg.name
-        if element is not None:
-            if not isinstance(value, (tuple, list)):
+        for k in (() if element is None else (element,) if isinstance(element, int) else element):
+            if not isinstance(value, (tuple, list)) or not -len(value) <= k < len(value):
                 return None
-            value, key = value[element], f"{arg.name}.{element}"
+            k %= len(value)
+            value, key = value[k], f"{key}.{k}"
         if not isinstance(value, TensorInfo):
             return None
         if not -value.ndim <= dim < value.ndim:
@@ -147,8 +149,19 @@ class OpContext:
         self.facts.widths[(key, dim)] = width
         return (key, dim)
 
-    def out(self, dim: int, element: int | None = None) -> Space | None:
+    def out(self, dim: int, element: int | tuple[int, ...] | None = None) -> Space | None:
         return self.space(self.node, dim, element)
+
+    def internal(self, name: str, width: int) -> Space | None:
+        """A channel space inside this node with no traced value of its own (an LSTM's 4·H gate
+        rows): it carries members (``out``/``bias`` roles only: it cannot be measured, so nothing
+        may consume it) and couplings to the node's real spaces."""
+        if width <= 1:
+            return None
+        space = (f"{self.node.name}.{name}", 0)
+        self.facts.widths[space] = width
+        self._define(space)
+        return space
 
     def _define(self, s: Space) -> None:
         if s[0] == self.node.name or s[0].startswith(self.node.name + "."):

@@ -244,7 +244,9 @@ def _apply_merges(facts: GraphFacts, uf: _UnionFind, index: dict[Space, int],
     for merge in facts.merges:
         out_root = uf.find(index[merge.out])
         target = root_group[out_root]
-        producers = [m for m in target.members if m.role in ("out", "scale", "value", "bias")]
+        consumed = {(m.tensor, m.dim) for m in target.members if m.role == "in"}  # a get_attr's "value" too
+        producers = [m for m in target.members if m.role in ("out", "scale", "value", "bias")
+                     and not (m.role == "value" and (m.tensor, m.dim) in consumed)]
         out_sids = root_structures[out_root]
         # every member must index flattened elements only (not also channels concatenated next to them)
         covered = all(np.isin(m.structure_of, out_sids).all() for m in target.members)

@@ -8,11 +8,15 @@ from typing import Any
 from torch import nn
 
 AttributeSync = Callable[[nn.Module, dict[str, Any]], None]
-_SYNCS: dict[type[nn.Module], AttributeSync] = {}
+_SYNCS: dict[type[nn.Module] | str, AttributeSync] = {}
 
 
-def register_attribute_sync(cls: type[nn.Module]) -> Callable[[AttributeSync], AttributeSync]:
-    """Decorator: ``fn(module, old_attributes)`` fixes ``cls`` attributes after its tensors are sliced."""
+def register_attribute_sync(cls: type[nn.Module] | str) -> Callable[[AttributeSync], AttributeSync]:
+    """Decorator: ``fn(module, old_attributes)`` fixes ``cls`` attributes after its tensors are sliced.
+
+    ``cls`` may be a dotted class name (``"transformers.pytorch_utils.Conv1D"``: no import needed).
+    A module whose own tensors are untouched is synced too when a descendant's are (an attention
+    module's head counts follow its q/k/v projections), after its descendants."""
 
     def deco(fn: AttributeSync) -> AttributeSync:
         _SYNCS[cls] = fn
@@ -21,11 +25,30 @@ def register_attribute_sync(cls: type[nn.Module]) -> Callable[[AttributeSync], A
     return deco
 
 
-def sync_attributes(module: nn.Module, old: dict[str, Any]) -> None:
+def _sync_of(module: nn.Module) -> AttributeSync | None:
     for cls in type(module).__mro__:
-        if cls in _SYNCS:
-            _SYNCS[cls](module, old)
-            return
+        for key in (cls, f"{cls.__module__}.{cls.__qualname__}"):
+            if key in _SYNCS:
+                return _SYNCS[key]
+    return None
+
+
+def sync_attributes(module: nn.Module, old: dict[str, Any]) -> None:
+    fn = _sync_of(module)
+    if fn is not None:
+        fn(module, old)
+
+
+def modules_to_sync(model: nn.Module, touched: list[str]) -> list[str]:
+    """``touched`` plus their ancestors that have an attribute sync, deepest first."""
+    names = dict.fromkeys(touched)
+    for name in touched:
+        parts = name.split(".") if name else []
+        for k in range(len(parts) - 1, -1, -1):
+            parent = ".".join(parts[:k])
+            if parent not in names and _sync_of(model.get_submodule(parent)) is not None:
+                names[parent] = None
+    return sorted(names, key=lambda n: -(n.count(".") + 1 if n else 0))
 
 
 @register_attribute_sync(nn.modules.conv._ConvNd)
@@ -79,3 +102,53 @@ def _embedding(m: nn.Embedding, old: dict[str, Any]) -> None:
 @register_attribute_sync(nn.PReLU)
 def _prelu(m: nn.PReLU, old: dict[str, Any]) -> None:
     m.num_parameters = m.weight.shape[0]
+
+
+@register_attribute_sync(nn.RNNBase)
+def _rnn(m: nn.RNNBase, old: dict[str, Any]) -> None:
+    gates = {"LSTM": 4, "GRU": 3}.get(m.mode, 1)
+    m.hidden_size = m.weight_hh_l0.shape[0] // gates
+    m.input_size = m.weight_ih_l0.shape[1]
+    if m.proj_size:
+        m.proj_size = m.weight_hr_l0.shape[0]
+    m._init_flat_weights()  # forward() reads _flat_weights; surgery replaced the Parameters behind it
+
+
+# ----- Hugging Face attention (by dotted name: no transformers import) --------------------------------
+@register_attribute_sync("transformers.pytorch_utils.Conv1D")
+def _hf_conv1d(m: nn.Module, old: dict[str, Any]) -> None:
+    m.nx, m.nf = m.weight.shape
+
+
+@register_attribute_sync("transformers.models.gpt2.modeling_gpt2.GPT2Attention")
+def _gpt2_attention(m: nn.Module, old: dict[str, Any]) -> None:
+    """forward() splits c_attn's output by ``split_size`` (q|k|v, or k|v for cross-attention)."""
+    m.split_size = m.c_attn.weight.shape[1] // (2 if m.is_cross_attention else 3)
+    m.embed_dim = m.split_size  # the attention's inner width (HF ties it to hidden_size before pruning)
+    m.num_heads = m.split_size // m.head_dim
+
+
+@register_attribute_sync("transformers.models.gpt2.modeling_gpt2.GPT2Model")
+def _gpt2_model(m: nn.Module, old: dict[str, Any]) -> None:
+    m.embed_dim = m.wte.weight.shape[1]
+
+
+def _bert_attention(m: nn.Module, old: dict[str, Any]) -> None:
+    m.all_head_size = m.query.weight.shape[0]
+    m.num_attention_heads = m.all_head_size // m.attention_head_size
+
+
+register_attribute_sync("transformers.models.bert.modeling_bert.BertSelfAttention")(_bert_attention)
+register_attribute_sync("transformers.models.bert.modeling_bert.BertCrossAttention")(_bert_attention)
+
+
+@register_attribute_sync("transformers.models.llama.modeling_llama.LlamaAttention")
+def _llama_attention(m: nn.Module, old: dict[str, Any]) -> None:
+    """Head counts are q_proj/k_proj rows // head_dim; repeat_kv reads ``num_key_value_groups``."""
+    heads, kv_heads = m.q_proj.weight.shape[0] // m.head_dim, m.k_proj.weight.shape[0] // m.head_dim
+    m.num_key_value_groups = heads // max(kv_heads, 1)
+
+
+for _name in ("mistral.modeling_mistral.MistralAttention", "qwen2.modeling_qwen2.Qwen2Attention",
+              "qwen3.modeling_qwen3.Qwen3Attention"):  # the same attention code as LLaMA's
+    register_attribute_sync(f"transformers.models.{_name}")(_llama_attention)

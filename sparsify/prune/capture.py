@@ -21,8 +21,8 @@ class _Capture(fx.Interpreter):
         out = super().run_node(n)
         for i, (key, dim), index in self.wanted.get(n.name, []):
             value = out
-            if key != n.name:
-                value = out[int(key.rsplit(".", 1)[1])]
+            for k in key[len(n.name) + 1:].split(".") if key != n.name else ():  # (nested) tuple element
+                value = value[int(k)]
             index = index.to(value.device)
             self.found[i] = value.index_select(dim, index).movedim(dim, 0).flatten(1)
         return out

@@ -16,7 +16,7 @@ from torch import nn
 
 from sparsify.errors import InexactPruneError, PruneError
 from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup
-from sparsify.prune.attributes import sync_attributes
+from sparsify.prune.attributes import modules_to_sync, sync_attributes
 from sparsify.prune.fold import BiasFold, check_sinks, plan_folds
 
 
@@ -101,11 +101,16 @@ def prune_channels(
     """
     resolved = _validate(cg, plan, allow_inexact)
     model = cg.model
+    on_meta = any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    if on_meta and verify_atol is not None:
+        raise PruneError("verify_atol compares outputs, but the model is on the meta device (no values); "
+                         "pass verify_atol=None to prune a meta model's architecture")
     slices: dict[tuple[str, int], set[int]] = {}
     consumers = []
     sinks = []
     for group, s in resolved.values():
-        dead = _dead_structures(model, group, s) if fold_constants else s[:0]
+        # a meta model has no values: nothing is measured or folded (its architecture is pruned only)
+        dead = _dead_structures(model, group, s) if fold_constants and not on_meta else s[:0]
         for space, structure_of, why in group.sinks if len(dead) else ():
             idx = np.flatnonzero(np.isin(structure_of, dead))
             if len(idx):
@@ -154,7 +159,8 @@ def prune_channels(
             keep = np.flatnonzero(~dropped)
             tx.touch_module(name.rpartition(".")[0])
             tx.slice(name, tensor, dim, keep)
-        for module_name in tx.modules:
+        for module_name in modules_to_sync(model, tx.modules):  # attention modules above their projections too
+            tx.touch_module(module_name)
             sync_attributes(model.get_submodule(module_name), tx.old_attributes[module_name])
         if reference is not None:
             _check_same(reference, _eval_outputs(cg), verify_atol)

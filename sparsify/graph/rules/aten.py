@@ -56,8 +56,6 @@ register_op_rule("aten_reduction", structural.reduction, functions=_overloads(at
 register_op_rule("aten_softmax", structural.softmax, functions=_overloads(aten.softmax, aten._softmax,
                                                                           aten.log_softmax))
 register_op_rule("aten_matmul", structural.matmul, functions=_overloads(aten.matmul, aten.bmm, aten.mm))
-register_op_rule("aten_sdpa", structural.scaled_dot_product_attention,
-                 functions=_overloads(aten.scaled_dot_product_attention))
 register_op_rule("layout_aten", layout.layout, functions=_overloads(
     aten.view, aten.reshape, aten._unsafe_view, aten.transpose, aten.permute, aten.unsqueeze, aten.squeeze,
     aten.expand, aten.slice, aten.select, aten.t, aten.flatten, aten.unflatten))

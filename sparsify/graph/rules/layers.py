@@ -312,7 +312,7 @@ def attention_barrier(ctx: OpContext) -> None:
 
 
 register_op_rule("attention_barrier", attention_barrier,
-                 modules=(nn.MultiheadAttention, nn.RNN, nn.LSTM, nn.GRU, nn.RNNCell, nn.LSTMCell,
+                 modules=(nn.MultiheadAttention, nn.RNNCell, nn.LSTMCell,  # RNN, LSTM, GRU: rules/rnn.py
                           nn.GRUCell, nn.Bilinear, nn.EmbeddingBag, nn.TransformerEncoderLayer,
                           nn.TransformerDecoderLayer))
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.graph.builder import OpContext
-from sparsify.graph.rules.common import couple_dims, couple_elementwise
+from sparsify.graph.rules.common import couple_elementwise
+from sparsify.graph.rules.layout import sizes_are_synced
 from sparsify.graph.rules.registry import register_op_rule
 
 
@@ -59,8 +60,8 @@ def split(ctx: OpContext) -> None:
         size = ctx.node.kwargs.get("split_size_or_sections")
     widths = [o.shape[dim] for o in out]
     x_space = ctx.space(x, dim)
-    if name == "split":  # a part size: only one computed from shapes shrinks with the channels
-        scales = isinstance(size, fx.Node)
+    if name == "split":  # a part size: only one computed from shapes (or a synced attribute) shrinks
+        scales = isinstance(size, fx.Node) or sizes_are_synced(ctx.node)
     else:  # a number of parts (tensor_split also takes a list of split indices)
         scales = name == "chunk" or isinstance(ctx.value(size), int)
     equal = len(set(widths)) == 1 and scales
@@ -158,29 +159,7 @@ register_op_rule("matmul", matmul, functions=(torch.matmul, torch.bmm, torch.mm,
                  methods=("matmul", "bmm", "mm"))
 
 
-def scaled_dot_product_attention(ctx: OpContext) -> None:
-    """SDPA: q·kᵀ contracts the head dim; keys and values share the sequence dim.
-
-    With the default scale 1/sqrt(head_dim), removing head dims changes the scale: inexact.
-    """
-    q, k, v = ctx.node.args[:3]
-    qi, out = ctx.info(q), ctx.out_info
-    if qi is None or out is None:
-        return
-    couple_dims(ctx, q, range(qi.ndim - 1))
-    for x in (k, v):
-        couple_dims(ctx, x, range(qi.ndim - 2))
-    ctx.same(ctx.space(k, -2), ctx.space(v, -2))
-    ctx.same(ctx.space(q, -1), ctx.space(k, -1))
-    ctx.sink(ctx.space(q, -1), f"{ctx.describe()} contracts queries with keys over this dim")
-    ctx.same(ctx.space(v, -1), ctx.out(-1))
-    ctx.mark_inexact(ctx.space(k, -2), f"{ctx.describe()} takes a softmax over keys")
-    if ctx.node.kwargs.get("scale") is None and len(ctx.node.args) < 7:
-        ctx.mark_inexact(ctx.space(q, -1), f"{ctx.describe()} scales by 1/sqrt(head_dim)")
-
-
-register_op_rule("scaled_dot_product_attention", scaled_dot_product_attention,
-                 functions=(F.scaled_dot_product_attention,))
+# scaled_dot_product_attention: see rules/attention.py (heads, grouped-query attention)
 
 
 def opaque(ctx: OpContext) -> None:

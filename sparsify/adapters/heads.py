@@ -1,0 +1,144 @@
+"""``heads``: one importance vector per attention layer, one entry per head (or KV group).
+
+Covers the groups whose structures are attention heads (``ChannelGroup.kind == "head"``) or
+grouped-query KV groups (``"kv_group"``: a key/value head with the query heads that read it). The raw
+importance of a head is the L2 norm of its weights: its q, k and v rows (head_dim rows each, all of
+a KV group's) together with the output projection's columns that read it (``source="qkvo"``), or
+only those output columns (``source="o"``: what the head writes into the residual stream).
+
+A policy's transform acts as a per-head factor effective/raw on the tensors that produce the head
+(q, k, v rows and their biases), as in ``filter_norm``: a zero removes the head exactly (its output
+is then zero, so the output projection's columns see nothing), and ``prune()`` removes it physically.
+
+``nn.MultiheadAttention`` is a leaf that ties its inner width to ``embed_dim`` (so its heads cannot
+shrink); :func:`explicit_multihead_attention_` swaps it for an equivalent explicit module first.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from sparsify.adapters.base import AdapterConfig, ImportanceVector, original, register_adapter
+from sparsify.adapters.filter_norm import FilterNormAdapter, _index, _tensor
+from sparsify.errors import SparsifyError
+from sparsify.graph.channel_graph import ChannelGraph
+from sparsify.prune.attributes import register_attribute_sync
+
+HEAD_KINDS = ("head", "kv_group")
+
+
+class HeadsConfig(AdapterConfig):
+    """Importance of an attention head (or KV group) = L2 norm of its weights."""
+
+    kind: Literal["heads"] = "heads"
+    source: Literal["qkvo", "o"] = Field(
+        "qkvo", description="weights of the norm: the head's q/k/v rows and output-projection columns "
+                            "('qkvo'), or only the output-projection columns ('o')")
+
+
+class HeadsAdapter(FilterNormAdapter):
+    """Like ``filter_norm``, restricted to head and KV-group groups, with the output columns in the norm."""
+
+    config: HeadsConfig
+
+    def vectors(self, cg: ChannelGraph) -> list[ImportanceVector]:
+        out = []
+        for group in cg.prunable_groups():
+            if group.kind not in HEAD_KINDS:
+                self.skipped[group.name] = f"its structures are {group.kind}s, not attention heads"
+                continue
+            producers = [m for m in group.members if m.role in ("out", "value")]
+            columns = [m for m in group.members if m.role == "in"]
+            norm = columns if self.config.source == "o" else producers + columns
+            if not producers or not norm:
+                self.skipped[group.name] = "no weight produces (or reads) these heads"
+                continue
+            scaled = [m for m in group.members if m.role in ("out", "value", "scale", "bias")]
+            handle = {"model": cg.model, "norm": norm, "scaled": scaled}
+            out.append(ImportanceVector(group.name, group, torch.arange(group.width).numpy(), self, handle=handle))
+        return out
+
+    def raw(self, vector: ImportanceVector) -> torch.Tensor:
+        """Per head: sqrt of the sum of squares of every weight in ``handle["norm"]`` that belongs to it."""
+        total = None
+        for m in vector.handle["norm"]:
+            t = original(*_tensor(vector.handle["model"], m))
+            per_index = t.movedim(m.dim, 0).flatten(1).square().sum(1)
+            per_head = torch.zeros(len(vector), dtype=per_index.dtype, device=per_index.device)
+            per_head = per_head.index_add(0, _index(vector, m, t.device), per_index)
+            total = per_head if total is None else total + per_head.to(total.device)
+        return total.sqrt()
+
+
+register_adapter("heads", HeadsConfig, HeadsAdapter)
+
+
+# ----- nn.MultiheadAttention → explicit attention ---------------------------------------------------
+class ExplicitMultiheadAttention(nn.Module):
+    """What ``nn.MultiheadAttention`` computes, written with nn.Linear q/k/v/out projections,
+    ``view(b, s, -1, head_dim)`` and ``F.scaled_dot_product_attention``, so that torch.fx traces
+    into it and its heads are prunable (``nn.MultiheadAttention`` is a leaf whose inner width must
+    equal ``embed_dim``). Made by :func:`explicit_multihead_attention_`; same call signature, but the
+    attention weights are not returned (the second output is None)."""
+
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
+        super().__init__()
+        if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
+            raise SparsifyError("only nn.MultiheadAttention with kdim == vdim == embed_dim, no add_bias_kv and no "
+                                "add_zero_attn can be swapped for an explicit attention module")
+        e, factory = mha.embed_dim, {"device": mha.in_proj_weight.device, "dtype": mha.in_proj_weight.dtype}
+        bias = mha.in_proj_bias is not None
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(e, e, bias=bias, **factory) for _ in range(3))
+        self.out_proj = nn.Linear(e, e, bias=mha.out_proj.bias is not None, **factory)
+        with torch.no_grad():
+            for i, proj in enumerate((self.q_proj, self.k_proj, self.v_proj)):
+                proj.weight.copy_(mha.in_proj_weight[i * e:(i + 1) * e])
+                if bias:
+                    proj.bias.copy_(mha.in_proj_bias[i * e:(i + 1) * e])
+            self.out_proj.weight.copy_(mha.out_proj.weight)
+            if mha.out_proj.bias is not None:
+                self.out_proj.bias.copy_(mha.out_proj.bias)
+        self.embed_dim, self.num_heads, self.head_dim = e, mha.num_heads, mha.head_dim
+        self.dropout, self.batch_first = mha.dropout, mha.batch_first
+        self.train(mha.training)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, None]:
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        b, n, s = query.shape[0], query.shape[1], key.shape[1]
+        q = self.q_proj(query).view(b, n, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(key).view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(value).view(b, s, -1, self.head_dim).transpose(1, 2)
+        mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+                                 target_type=q.dtype, check_other=False)
+        if key_padding_mask is not None:
+            padding = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask", other_type=None,
+                                        other_name="", target_type=q.dtype, check_other=False).view(b, 1, 1, s)
+            mask = padding if mask is None else mask + padding
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=is_causal and mask is None)
+        y = self.out_proj(y.transpose(1, 2).reshape(b, n, -1))
+        return (y if self.batch_first else y.transpose(0, 1)), None
+
+
+@register_attribute_sync(ExplicitMultiheadAttention)
+def _explicit_mha(m: ExplicitMultiheadAttention, old: dict) -> None:
+    m.num_heads = m.q_proj.out_features // m.head_dim
+
+
+def explicit_multihead_attention_(model: nn.Module) -> nn.Module:
+    """Replace every ``nn.MultiheadAttention`` in ``model`` (in place) by an equivalent
+    :class:`ExplicitMultiheadAttention`, whose heads the ``heads`` adapter can prune. Returns ``model``."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.MultiheadAttention:
+                setattr(module, child_name, ExplicitMultiheadAttention(child))
+    return model
