@@ -40,6 +40,11 @@ class SparsifierConfig(BaseModel):
         1e-3, ge=0, description="prune() checks that the pruned model's outputs match the soft model's within "
                                 "this tolerance × (1 + max |output|), and rolls back otherwise; None skips the check. "
                                 "The default leaves room for float32/TF32 rounding on GPUs; real mismatches are O(1)")
+    round_to: int | None = Field(
+        None, ge=1, strict=True,
+        description="prune() keeps every pruned layer at a multiple of this many channels (or its full width) by "
+                    "keeping back the strongest removed structures, e.g. 8 or 64 for GPU tensor cores; "
+                    "sparsify.speed.width_latency_table suggests a value. None: no rounding")
 
     @field_validator("adapter", mode="before")
     @classmethod

@@ -19,6 +19,7 @@ from sparsify.graph.cost import MacsModel, count_params, module_macs, structure_
 from sparsify.graph.trace import trace
 from sparsify.policies import PolicyConfig, make_policy
 from sparsify.policies.base import GroupView
+from sparsify.prune.rounding import round_plan
 from sparsify.prune.surgery import PruneReport, protect_members, prune_channels
 
 
@@ -95,6 +96,9 @@ class Sparsifier:
                  adapter: str | dict | AdapterConfig = "bn_gamma", policy: str | dict | PolicyConfig = "str",
                  *, config: SparsifierConfig | None = None) -> None:
         self.config = config or SparsifierConfig(adapter=adapter, policy=policy)
+        if isinstance(model, nn.parallel.DistributedDataParallel):  # its reducer would miss the new parameters
+            raise SparsifyError("create the Sparsifier on the plain model, then wrap that model in "
+                                "DistributedDataParallel (see sparsify.distributed)")
         self.model = model
         self.graph: ChannelGraph = build_channel_graph(model, example_inputs)
         self._macs = module_macs(self.graph.traced)
@@ -182,6 +186,9 @@ class Sparsifier:
                 plan[gid], changed = protect_members(g.vectors[0].group, plan[gid], g.magnitude())
                 if changed:
                     kept.append(g.name)
+        round_to = self.config.round_to or getattr(self.config.policy, "round_to", None)
+        if round_to:  # keep back the strongest removed structures: widths become multiples of round_to
+            plan = round_plan(self.graph, plan, round_to, {g.vectors[0].group.id: g.magnitude() for g in self.groups})
         plan = {gid: s for gid, s in plan.items() if len(s)}
         policy_params = sum(p.numel() for p in self.parameters())
         params_before, macs_before = count_params(self.model) - policy_params, sum(self._macs.values())

@@ -16,6 +16,10 @@ from pydantic import Field, model_validator
 
 from sparsify.policies import budgets
 from sparsify.policies.base import GroupView, Mask, Policy, PolicyConfig, register_policy, set_group_masks, top_k_keep
+from sparsify.policies.macs_target import budget_keeps
+from sparsify.prune.rounding import round_keep
+
+_ROUND_BISECT_STEPS = 30
 
 
 class GMPConfig(PolicyConfig):
@@ -23,12 +27,18 @@ class GMPConfig(PolicyConfig):
 
     kind: Literal["gmp"] = "gmp"
     sparsity: float = Field(0.5, gt=0, lt=1, description="final fraction to remove (of `unit`)")
-    unit: Literal["channels", "params", "macs"] = Field("channels", description="what `sparsity` counts")
+    unit: Literal["channels", "params", "macs"] = Field(
+        "channels", description="what `sparsity` counts; macs: the exact fraction of the network's MACs removed "
+                                "(second order, solved by bisection on the budget)")
     budget: Literal["uniform", "global", "erk"] = Field("uniform", description="how the target splits across groups")
     start_step: int = Field(0, ge=0, description="first step that updates masks")
     end_step: int = Field(1000, ge=1, description="step at which the final sparsity is reached")
     update_every: int = Field(100, ge=1, description="steps between mask updates (Δt)")
     initial_sparsity: float = Field(0.0, ge=0, lt=1, description="sparsity at start_step")
+    round_to: int | None = Field(
+        None, ge=1, strict=True,
+        description="keep every pruned layer at a multiple of this many channels (or its full width), e.g. 8 or 64 "
+                    "for GPU tensor cores; the budget still removes at least `sparsity`")
 
     @model_validator(mode="after")
     def _check(self) -> GMPConfig:
@@ -39,9 +49,52 @@ class GMPConfig(PolicyConfig):
         return self
 
 
-def allocate_keep(groups: Sequence[GroupView], sparsity: float, unit: str, budget: str) -> list[np.ndarray]:
-    """Boolean keep vectors per group meeting ``sparsity`` of ``unit`` under ``budget``."""
-    magnitudes = [g.magnitude() for g in groups]
+def allocate_keep(groups: Sequence[GroupView], sparsity: float, unit: str, budget: str,
+                  round_to: int | None = None, meet_target: bool = True,
+                  magnitudes: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Boolean keep vectors per group meeting ``sparsity`` of ``unit`` under ``budget``.
+
+    With ``round_to``, every layer keeps a multiple of ``round_to`` channels (or its full width), and (if
+    ``meet_target``) the sparsity handed to the budget is raised (bisection) until the rounded vectors
+    remove at least the cost the unrounded ones would. Pass ``meet_target=False`` when a caller bisects
+    on an exact target itself (the MACs controller): the result is then just rounded, and monotone in
+    ``sparsity``. ``magnitudes`` (per group, as ``GroupView.magnitude()``) saves recomputing them."""
+    magnitudes = [g.magnitude() for g in groups] if magnitudes is None else magnitudes
+    keeps = _allocate(groups, magnitudes, sparsity, unit, budget)
+    if round_to is None or round_to == 1:
+        return keeps
+    if not meet_target:
+        return [round_keep(g.vectors[0].group, k, round_to, m) for g, k, m in zip(groups, keeps, magnitudes,
+                                                                                  strict=True)]
+    costs = [np.ones(g.width) if unit == "channels" else (g.params if unit == "params" else g.macs) for g in groups]
+
+    def removed(ks: list[np.ndarray]) -> float:
+        return float(sum(c[~k].sum() for c, k in zip(costs, ks, strict=True)))
+
+    def rounded(s: float) -> list[np.ndarray]:
+        return [round_keep(g.vectors[0].group, k, round_to, m)
+                for g, k, m in zip(groups, _allocate(groups, magnitudes, s, unit, budget), magnitudes, strict=True)]
+
+    target = removed(keeps) * (1 - 1e-12)
+    best = rounded(sparsity)
+    if removed(best) >= target:
+        return best
+    lo, hi = sparsity, 1.0
+    best = rounded(hi)
+    if removed(best) < target:
+        return best  # the rounding does not allow the target: remove what it allows
+    for _ in range(_ROUND_BISECT_STEPS):
+        mid = 0.5 * (lo + hi)
+        candidate = rounded(mid)
+        if removed(candidate) >= target:
+            hi, best = mid, candidate
+        else:
+            lo = mid
+    return best
+
+
+def _allocate(groups: Sequence[GroupView], magnitudes: list[np.ndarray], sparsity: float, unit: str,
+              budget: str) -> list[np.ndarray]:
     widths = [g.width for g in groups]
     if unit == "channels" and budget == "uniform":
         counts = budgets.keep_counts_uniform(widths, sparsity)
@@ -83,9 +136,13 @@ class GMPPolicy(Policy):
         self.current = sparsity
         if sparsity <= 0:
             return
+        c = self.config
+        exact = c.unit == "macs" and self.cost_model is not None  # budget_keeps bisects on the exact MACs
+        mags = [g.magnitude() for g in self.groups]  # once, not once per bisection step
+        keeps = budget_keeps(self, sparsity, lambda s: allocate_keep(self.groups, s, c.unit, c.budget, c.round_to,
+                                                                     meet_target=not exact, magnitudes=mags))
         with torch.no_grad():
-            for g, keep in zip(self.groups, allocate_keep(self.groups, sparsity, self.config.unit,
-                                                          self.config.budget), strict=True):
+            for g, keep in zip(self.groups, keeps, strict=True):
                 set_group_masks(g, keep)
 
     def finalize(self) -> None:

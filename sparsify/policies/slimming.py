@@ -17,6 +17,7 @@ from pydantic import Field
 
 from sparsify.policies.base import GroupView, Mask, Policy, PolicyConfig, register_policy, set_group_masks
 from sparsify.policies.gradual_magnitude import allocate_keep
+from sparsify.policies.macs_target import budget_keeps
 
 
 class SlimmingConfig(PolicyConfig):
@@ -25,7 +26,9 @@ class SlimmingConfig(PolicyConfig):
     kind: Literal["slimming"] = "slimming"
     l1: float = Field(1e-4, ge=0, description="λ of the L1 penalty on γ (the paper uses 1e-4 / 1e-5)")
     sparsity: float = Field(0.5, gt=0, lt=1, description="fraction to remove at prune()")
-    unit: Literal["channels", "params", "macs"] = Field("channels", description="what `sparsity` counts")
+    unit: Literal["channels", "params", "macs"] = Field(
+        "channels", description="what `sparsity` counts; macs: the exact fraction of the network's MACs removed "
+                                "(second order, solved by bisection on the budget)")
     budget: Literal["global", "uniform", "erk"] = Field("global", description="global threshold as in the paper")
 
 
@@ -48,7 +51,8 @@ class SlimmingPolicy(Policy):
                         lambda grad, p=raw, lam=lam: grad + lam * torch.sign(p.detach())))
 
     def finalize(self) -> None:
-        keeps = allocate_keep(self.groups, self.config.sparsity, self.config.unit, self.config.budget)
+        c = self.config
+        keeps = budget_keeps(self, c.sparsity, lambda s: allocate_keep(self.groups, s, c.unit, c.budget))
         with torch.no_grad():
             for g, keep in zip(self.groups, keeps, strict=True):
                 set_group_masks(g, keep)

@@ -1,0 +1,66 @@
+"""benchmarks/speed.py at tiny CPU settings, and the width-latency tool (sparsify.speed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from sparsify.speed import measure_latency, suggest_round_to, width_latency_table
+
+pytest.importorskip("torch_pruning")
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("speed_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["speed_bench"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_speed_benchmark_smoke(tmp_path: Path) -> None:
+    bench = _load()
+    out = tmp_path / "speed.json"
+    bench.main(["--device", "cpu", "--models", "resnet18", "--batch", "2", "--size", "64", "--iters", "3",
+                "--tp-steps", "8", "--refine", "2", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["torch"] == torch.__version__ and result["device"]
+    rows = {r["arm"]: r for r in result["rows"]}
+    assert set(rows) == {"dense", "ours", "ours+round", "tp", "tp+round"}
+    for arm, r in rows.items():
+        assert not r["error"], (arm, r["error"])
+        assert r["ms"] > 0 and r["realised"] == pytest.approx(r["speedup"] / r["reduction"])
+    assert rows["ours"]["reduction"] == pytest.approx(2.0, abs=0.1)  # GMP's exact-MACs budget hits the target
+    assert rows["ours+round"]["reduction"] >= 1.95 and rows["tp"]["reduction"] >= 1.95
+    assert rows["ours+round"]["round_to"] == 8
+    odd = {arm: r["info"]["widths_not_multiple_of_8"] for arm, r in rows.items()}
+    assert odd["dense"] == 0 and odd["ours+round"] == 0 and odd["ours"] > 0, odd  # round_to=8 aligns every layer
+
+
+def test_suggest_round_to_prefers_multiples_that_pay_off() -> None:
+    # widths that are not multiples of 8 run 3× slower: rounding up to 8 pays off, 16 costs more channels
+    ms = {w: (1.0 if w % 8 == 0 else 3.0) * w / 64 for w in range(64, 257, 2)}
+    best, scores = suggest_round_to(ms, (8, 16))
+    assert best == 8 and scores[8] < scores[1] and scores[8] < scores[16]
+    linear = {w: w / 64 for w in range(64, 257, 2)}  # latency ∝ width: no rounding pays off
+    assert suggest_round_to(linear, (8, 16))[0] == 1
+    with pytest.raises(ValueError, match="rounded-up width"):
+        suggest_round_to({63: 1.0}, (8,))
+
+
+def test_width_latency_table_on_cpu() -> None:
+    table = width_latency_table("linear", range(8, 33, 4), batch=2, tokens=4, device="cpu", iters=2, warmup=1,
+                                candidates=(8, 16))
+    assert set(table.ms) == set(range(8, 33, 4)) and table.suggested in (1, 8, 16)
+    assert json.dumps(table.to_dict())
+    with pytest.raises(ValueError, match="op must be"):
+        width_latency_table("conv5x5", [8], device="cpu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="iters"):
+        measure_latency(lambda: None, iters=0)
