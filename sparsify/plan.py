@@ -1,0 +1,274 @@
+"""Width plans: decide how many structures each group keeps, apart from which ones.
+
+``make_plan`` needs only shapes (it runs on a model built on the ``meta`` device: a LLaMA-7B plan
+costs seconds and well under a gigabyte); ``apply_plan`` picks the structures to keep on a real
+model by importance (filter magnitude or Wanda-style activations) and prunes them with the
+transactional surgery. A plan is a pydantic model: ``plan.to_json()`` / ``WidthPlan.from_json``.
+
+    >>> with torch.device("meta"):
+    ...     big = LlamaForCausalLM(config_7b)
+    >>> plan = make_plan(big, {"input_ids": torch.zeros(1, 8, dtype=torch.long, device="meta")}, 0.5)
+    >>> apply_plan(small_real_model, inputs, plan, importance="activation", calibration=batches)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from sparsify.errors import InexactPruneError, SparsifyError
+from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup, build_channel_graph
+from sparsify.graph.cost import module_macs, structure_costs
+from sparsify.policies import budgets
+from sparsify.prune.surgery import PruneReport, protect_members, prune_channels
+
+Importance = Literal["magnitude", "filter_norm", "activation", "wanda", "index"]
+
+
+class GroupPlan(BaseModel):
+    """How many structures one channel group keeps."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(description="channel group name, as `sparsify inspect` prints it")
+    kind: str = Field("channel", description="what a structure is: channel, head, kv_group, ...")
+    width: int = Field(ge=1, description="structures in the planned model's group")
+    keep: int = Field(ge=1, description="structures to keep in the planned model")
+    exact: bool = Field(True, description="whether removing all-zero structures leaves the function unchanged")
+
+    @property
+    def ratio(self) -> float:
+        return self.keep / self.width
+
+
+class WidthPlan(BaseModel):
+    """Per channel group, the width to keep; serialisable, independent of weight values."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: str = Field(description="class name of the planned model")
+    sparsity: float = Field(ge=0, le=1, description="target fraction of `unit` removed from the planned groups")
+    unit: Literal["channels", "params", "macs"] = Field(description="what `sparsity` counts")
+    budget: Literal["uniform", "erk"] = Field(description="how the target splits across groups")
+    groups: list[GroupPlan] = Field(description="one entry per planned group")
+    params: dict[str, float] = Field(default_factory=dict, description="first-order params: total, in groups, "
+                                     "removed")
+    macs: dict[str, float] = Field(default_factory=dict, description="first-order MACs per example: total, removed")
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = self.model_dump_json(indent=1)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> WidthPlan:
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text).read_text()
+        return cls.model_validate_json(text)
+
+    def group(self, name: str) -> GroupPlan:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+
+def _planned_groups(cg: ChannelGraph, kinds: Iterable[str] | None, include_inexact: bool) -> list[ChannelGroup]:
+    kinds = None if kinds is None else set(kinds)
+    return [g for g in cg.prunable_groups() if (include_inexact or g.exact) and (kinds is None or g.kind in kinds)]
+
+
+def _producer_shape(cg: ChannelGraph, group: ChannelGroup) -> tuple[int, ...]:
+    producer = next((m for m in group.members if m.role in ("out", "value")), group.members[0])
+    module_name, _, attr = producer.tensor.rpartition(".")
+    owner = cg.model.get_submodule(module_name) if module_name else cg.model
+    return tuple(getattr(owner, attr).shape)
+
+
+def make_plan(model: nn.Module, example_inputs: Any, sparsity: float, *,
+              unit: Literal["channels", "params", "macs"] = "params",
+              budget: Literal["uniform", "erk"] = "uniform", kinds: Iterable[str] | None = None,
+              include_inexact: bool = False, min_keep: int = 1, graph: ChannelGraph | None = None,
+              timings: dict[str, float] | None = None) -> WidthPlan:
+    """Plan the width of every prunable group for removing ``sparsity`` of ``unit``.
+
+    Reads only shapes, so ``model`` may live on the ``meta`` device. ``unit`` counts channels,
+    parameters or MACs over the planned groups (first order, as the ``gmp`` policy does);
+    ``budget='uniform'`` removes one common fraction of every group, ``'erk'`` more from large
+    layers (RigL's Erdős–Rényi-Kernel on the producing weight shapes). Groups whose pruning is
+    inexact (a LayerNorm/RMSNorm over the channels) are left out unless ``include_inexact``;
+    ``kinds`` restricts the plan to groups of those kinds (``{"channel"}``, ``{"head", "kv_group"}``).
+    ``timings``, if given, receives seconds per phase.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise SparsifyError(f"sparsity must be in [0, 1), got {sparsity}")
+    if unit not in ("channels", "params", "macs") or budget not in ("uniform", "erk"):
+        raise SparsifyError(f"unit must be 'channels', 'params' or 'macs' and budget 'uniform' or 'erk' (a plan "
+                            f"reads no weight values, so no 'global' ranking); got unit={unit!r}, budget={budget!r}")
+    clock = time.perf_counter()
+    cg = graph if graph is not None else build_channel_graph(model, example_inputs)
+    if timings is not None:
+        timings["graph"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+    groups = _planned_groups(cg, kinds, include_inexact)
+    if not groups:
+        raise SparsifyError(
+            f"{type(model).__name__} has no prunable{'' if include_inexact else ' exact'} channel group"
+            f"{'' if kinds is None else f' of kinds {sorted(kinds)}'} to plan; check `sparsify inspect` for "
+            "barriers" + ("" if include_inexact else ", or pass include_inexact=True") + ".")
+    macs = module_macs(cg.traced)
+    costs = [structure_costs(cg, g, macs) for g in groups]
+    widths = np.array([g.width for g in groups], dtype=np.int64)
+    zeros = [np.zeros(g.width) for g in groups]  # no weight values: removal order is structure order
+    if unit == "channels" and budget == "uniform":
+        keep = budgets.keep_counts_uniform(widths, sparsity, min_keep)
+    else:
+        cost = [np.ones(g.width) if unit == "channels" else c[0 if unit == "params" else 1]
+                for g, c in zip(groups, costs, strict=True)]
+        shapes = {i: _producer_shape(cg, g) for i, g in enumerate(groups)} if budget == "erk" else None
+        keep = budgets.keep_counts_for_cost(zeros, cost, sparsity, budget, erk_shapes=shapes, min_keep=min_keep)
+    plans = [GroupPlan(name=g.name, kind=g.kind, width=g.width, keep=int(k), exact=g.exact)
+             for g, k in zip(groups, keep, strict=True)]
+    in_groups = sum(float(c[0].sum()) for c in costs)
+    removed_params = sum(float(c[0][k:].sum()) for c, k in zip(costs, keep, strict=True))
+    removed_macs = sum(float(c[1][k:].sum()) for c, k in zip(costs, keep, strict=True))
+    plan = WidthPlan(model=type(model).__name__, sparsity=sparsity, unit=unit, budget=budget, groups=plans,
+                     params={"total": float(sum(p.numel() for p in model.parameters())), "in_groups": in_groups,
+                             "removed": removed_params},
+                     macs={"total": float(sum(macs.values())), "removed": removed_macs})
+    if timings is not None:
+        timings["budget"] = time.perf_counter() - clock
+    return plan
+
+
+# ----- applying a plan to a real model ---------------------------------------------------------------
+
+
+@dataclass
+class PlanResult:
+    """What ``apply_plan`` did."""
+
+    model: nn.Module
+    surgery: PruneReport
+    keep: dict[str, int]  # group name → structures kept
+    removed: dict[str, np.ndarray] = field(default_factory=dict)  # group name → removed structure indices
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
+def group_importance(cg: ChannelGraph, groups: list[ChannelGroup], importance: Importance | Callable[..., Any],
+                     calibration: Iterable[Any] | None = None) -> dict[int, np.ndarray]:
+    """Per group id, one importance value per structure (higher = keep).
+
+    ``magnitude`` (= ``filter_norm``): L2 norm of the producing filters; ``activation`` (= ``wanda``):
+    Σ |W[:, s]|·‖X_s‖ over the consuming layers, on ``calibration`` batches (required); ``index``:
+    keep the first structures (reads no values: for meta models). A callable gets ``(cg, group)``
+    and returns a vector of ``group.width`` values.
+    """
+    if callable(importance):
+        out = {}
+        for g in groups:
+            v = np.asarray(importance(cg, g), dtype=np.float64).reshape(-1)
+            if v.shape != (g.width,) or not np.isfinite(v).all():
+                raise SparsifyError(f"the importance function returned {v.shape} values (or NaN/inf) for group "
+                                    f"'{g.name}' of width {g.width}; return one finite value per structure")
+            out[g.id] = v
+        return out
+    if importance == "index":
+        return {g.id: -np.arange(g.width, dtype=np.float64) for g in groups}
+    if importance not in ("magnitude", "filter_norm", "activation", "wanda"):
+        raise SparsifyError(f"unknown importance {importance!r}; use 'magnitude', 'activation' (Wanda), 'index' "
+                            "or a callable (cg, group) -> vector")
+    if _on_meta(cg.model):
+        raise SparsifyError(f"importance={importance!r} reads weight values, but the model is on the meta device "
+                            "(no data). Apply the plan to a model with real weights, or use importance='index' to "
+                            "prune the architecture only.")
+    if importance in ("magnitude", "filter_norm"):
+        from sparsify.adapters.filter_norm import FilterNormAdapter, FilterNormConfig
+
+        adapter: Any = FilterNormAdapter(FilterNormConfig())
+    else:
+        from sparsify.adapters.activation import ActivationAdapter, ActivationConfig
+
+        adapter = ActivationAdapter(ActivationConfig(include_inexact=True))
+    wanted = {g.id for g in groups}
+    found = adapter.vectors(cg, calibrate=False) if importance in ("activation", "wanda") else adapter.vectors(cg)
+    vectors = {v.group.id: v for v in found if v.group.id in wanted}
+    missing = [g.name for g in groups if g.id not in vectors]
+    if missing:
+        raise SparsifyError(f"importance={importance!r} does not cover groups {missing[:5]}: "
+                            f"{[adapter.skipped.get(n, '?') for n in missing[:5]]}. Use importance='magnitude' "
+                            "or leave those groups out of the plan.")
+    if importance in ("activation", "wanda"):
+        if calibration is None:
+            raise SparsifyError("importance='activation' needs calibration batches (an iterable of model inputs)")
+        adapter.calibrate(cg.model, calibration, vectors=list(vectors.values()))
+    with torch.no_grad():
+        return {gid: v.raw().detach().double().cpu().numpy() for gid, v in vectors.items()}
+
+
+def apply_plan(model: nn.Module, example_inputs: Any, plan: WidthPlan, importance: Importance | Callable[..., Any]
+               = "magnitude", *, calibration: Iterable[Any] | None = None,
+               match: Literal["auto", "ratio", "count"] = "auto", optimizer: torch.optim.Optimizer | None = None,
+               allow_inexact: bool = False, graph: ChannelGraph | None = None) -> PlanResult:
+    """Prune ``model`` to ``plan``'s widths, keeping each group's most important structures.
+
+    Groups are matched by name (same architecture family and layer names: e.g. a plan made on a
+    LLaMA-7B-shaped meta model applied to a small LLaMA with the same layer count). ``match``:
+    ``count`` keeps ``plan.keep`` structures (widths must equal), ``ratio`` keeps
+    ``round(keep/width · width)`` of the real group, ``auto`` uses the count where widths agree.
+    The surgery is transactional: on any error the model is left unchanged. Removing structures
+    that are not zero changes the function (one-shot pruning); the removed set is in the result.
+    """
+    cg = graph if graph is not None else build_channel_graph(model, example_inputs)
+    by_name = {g.name: g for g in cg.groups}
+    unknown = [p.name for p in plan.groups if p.name not in by_name]
+    if unknown:
+        known = [g.name for g in cg.prunable_groups()][:8]
+        raise SparsifyError(f"the plan names groups this {type(model).__name__} does not have: {unknown[:5]} "
+                            f"({len(unknown)} in all); this model's prunable groups include {known}. Make the "
+                            "plan on a model of the same family with the same layer names.")
+    chosen: list[tuple[ChannelGroup, int]] = []
+    for p in plan.groups:
+        g = by_name[p.name]
+        if not g.prunable:
+            raise SparsifyError(f"group '{g.name}' is not prunable in this model: {g.why_not()}")
+        if not g.exact and not allow_inexact:
+            raise InexactPruneError(f"group '{g.name}' is inexact here ({g.inexact[0]}); pass allow_inexact=True to "
+                                    "prune it anyway, or make the plan without include_inexact")
+        if g.kind != p.kind:
+            raise SparsifyError(f"group '{g.name}' holds structures of kind {g.kind!r} here but {p.kind!r} in the "
+                                "plan; the plan was made for a different architecture")
+        if match == "count" or (match == "auto" and g.width == p.width):
+            if g.width != p.width:
+                raise SparsifyError(f"group '{g.name}' has width {g.width}, the plan's has {p.width}; "
+                                    "use match='ratio' to keep the same fraction")
+            k = p.keep
+        else:
+            k = int(min(max(math.floor(p.ratio * g.width + 0.5), 1), g.width))
+        chosen.append((g, k))
+    if calibration is None:
+        calibration = [example_inputs]
+    scores = group_importance(cg, [g for g, _ in chosen], importance, calibration)
+    removal: dict[int, np.ndarray] = {}
+    for g, k in chosen:
+        order = np.argsort(-scores[g.id], kind="stable")
+        removed = np.sort(order[k:])
+        removed, _ = protect_members(g, removed, scores[g.id])
+        if len(removed):
+            removal[g.id] = removed
+    surgery = prune_channels(cg, removal, allow_inexact=allow_inexact, optimizer=optimizer)
+    names = {g.id: g.name for g, _ in chosen}
+    return PlanResult(model, surgery, {g.name: g.width - len(removal.get(g.id, ())) for g, _ in chosen},
+                      {names[gid]: s for gid, s in removal.items()})
