@@ -64,13 +64,17 @@ class Policy(abc.ABC):
 
     def keep_vectors(self) -> dict[int, np.ndarray]:
         """Per group id, the structures some vector still keeps (effective value non-zero)."""
-        out = {}
-        with torch.no_grad():
-            for g in self.groups:
-                alive = np.zeros(g.width, dtype=bool)
-                for v in g.vectors:
-                    np.logical_or.at(alive, v.entries, (v.effective().detach() != 0).cpu().numpy())
-                out[g.vectors[0].group.id] = alive
+        vectors = [v for g in self.groups for v in g.vectors]
+        with torch.no_grad():  # one device→host copy for all vectors (a sync per vector stalls a GPU)
+            nonzero = [(v.effective().detach() != 0).flatten() for v in vectors]
+            flat = torch.cat([t.to(nonzero[0].device) for t in nonzero]).cpu().numpy()
+        out, pos = {}, 0
+        for g in self.groups:
+            alive = np.zeros(g.width, dtype=bool)
+            for v in g.vectors:
+                np.logical_or.at(alive, v.entries, flat[pos:pos + len(v)])
+                pos += len(v)
+            out[g.vectors[0].group.id] = alive
         return out
 
     @abc.abstractmethod
