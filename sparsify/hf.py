@@ -1,0 +1,466 @@
+"""Hugging Face models after pruning: a config that agrees with the weights, and save/load.
+
+After ``prune_channels`` or ``Sparsifier.prune()`` the layers of a Hugging Face model are smaller, but
+``model.config`` still describes the original architecture. ``sync_config`` reads every layer's widths
+from its weights and writes them into the config: widths that are the same in every layer go into the
+standard fields (``intermediate_size``, ``hidden_size``, ``num_attention_heads``, ``num_key_value_heads``,
+``head_dim``), so a plain ``AutoModelForCausalLM.from_pretrained`` rebuilds the model. Where widths differ
+from layer to layer (or the config class cannot express them), every layer's widths are also stored in
+``config.sparsify_layer_widths``; ``from_pretrained`` here builds the model from the config, resizes
+those layers and loads the weights strictly. Model families are keyed by ``config.model_type``
+(``register_family``); llama, mistral, qwen2, gpt2 and bert are built in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from sparsify.errors import SparsifyError
+from sparsify.io import LoadError
+
+RECORD = "sparsify_layer_widths"
+Widths = dict[str, int]
+
+
+@dataclass(frozen=True)
+class Family:
+    """How the layers of one model family store their widths.
+
+    ``fields``: width name → config attribute that holds it when uniform (None: the config class has no
+    such field; the width is derived, e.g. BERT's head size = hidden_size / num_attention_heads).
+    ``layers``: the base model → its list of transformer layers. ``read``: a layer → its widths, read
+    from the weights (raises ``SparsifyError`` where the weights fit no configuration). ``resize``:
+    give a layer the widths (tensors of the new shapes, uninitialised where the shape changes) and set
+    the module attributes that depend on them; a no-op on the tensors when they already fit.
+    """
+
+    fields: dict[str, str | None]
+    layers: Callable[[nn.Module], nn.ModuleList]
+    read: Callable[[nn.Module], Widths]
+    resize: Callable[[nn.Module, Widths, Any], None]
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(model_type: str, family: Family) -> None:
+    """Teach ``sync_config``/``from_pretrained`` a model family (``config.model_type``)."""
+    if model_type in FAMILIES:
+        raise ValueError(f"a family for model_type {model_type!r} is already registered")
+    FAMILIES[model_type] = family
+
+
+# ----- tensors ---------------------------------------------------------------------------------
+def _new(old: torch.Tensor, shape: tuple[int, ...]) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=old.dtype, device=old.device), requires_grad=old.requires_grad)
+
+
+def _linear(m: nn.Linear, out: int | None = None, inp: int | None = None) -> None:
+    """Give ``m`` the shape (out, inp) (None keeps that side)."""
+    shape = (out or m.weight.shape[0], inp or m.weight.shape[1])
+    if tuple(m.weight.shape) != shape:
+        m.weight = _new(m.weight, shape)
+    if m.bias is not None and m.bias.shape[0] != shape[0]:
+        m.bias = _new(m.bias, (shape[0],))
+    m.out_features, m.in_features = shape
+
+
+def _conv1d(m: nn.Module, out: int | None = None, inp: int | None = None) -> None:
+    """The same for transformers' ``Conv1D`` (GPT-2), whose weight is (in, out)."""
+    shape = (inp or m.weight.shape[0], out or m.weight.shape[1])
+    if tuple(m.weight.shape) != shape:
+        m.weight = _new(m.weight, shape)
+    if m.bias is not None and m.bias.shape[0] != shape[1]:
+        m.bias = _new(m.bias, (shape[1],))
+    m.nx, m.nf = shape
+
+
+def _rows(m: nn.Module) -> int:
+    return int(m.weight.shape[0])
+
+
+def _cols(m: nn.Module) -> int:
+    return int(m.weight.shape[1])
+
+
+def _heads(what: str, width: int, head_dim: int) -> int:
+    if width % head_dim:
+        raise SparsifyError(f"{what} has {width} channels, not a multiple of the head size {head_dim}: no "
+                            "configuration describes it. Prune attention by whole heads (adapter='heads').")
+    return width // head_dim
+
+
+def _same(what: str, **values: int) -> int:
+    if len(set(values.values())) > 1:
+        raise SparsifyError(f"{what} disagree ({', '.join(f'{k}={v}' for k, v in values.items())}); "
+                            "no configuration describes such a layer. Prune them as one channel group.")
+    return next(iter(values.values()))
+
+
+# ----- llama-style (llama, mistral, qwen2) ------------------------------------------------------
+def _llama_read(layer: nn.Module) -> Widths:
+    mlp, attn = layer.mlp, layer.self_attn
+    inter = _same("MLP widths", gate_proj=_rows(mlp.gate_proj), up_proj=_rows(mlp.up_proj),
+                  down_proj_in=_cols(mlp.down_proj))
+    d = int(attn.head_dim)
+    q = _same("query widths", q_proj=_rows(attn.q_proj), o_proj_in=_cols(attn.o_proj))
+    kv = _same("key/value widths", k_proj=_rows(attn.k_proj), v_proj=_rows(attn.v_proj))
+    h, k = _heads("q_proj", q, d), _heads("k_proj", kv, d)
+    if h % k:
+        raise SparsifyError(f"{h} query heads and {k} key/value heads: grouped-query attention needs a whole "
+                            "number of query heads per key/value head. Prune heads with adapter='heads', "
+                            "which removes whole key/value groups.")
+    return {"intermediate_size": inter, "num_attention_heads": h, "num_key_value_heads": k, "head_dim": d}
+
+
+def _llama_resize(layer: nn.Module, w: Widths, config: Any) -> None:
+    mlp, attn = layer.mlp, layer.self_attn
+    if w["head_dim"] != attn.head_dim:
+        raise SparsifyError(f"head_dim {w['head_dim']} differs from the model's {attn.head_dim} (set by "
+                            "config.head_dim); sparsify never prunes within heads, so the record is corrupt")
+    _linear(mlp.gate_proj, out=w["intermediate_size"])
+    _linear(mlp.up_proj, out=w["intermediate_size"])
+    _linear(mlp.down_proj, inp=w["intermediate_size"])
+    mlp.intermediate_size = w["intermediate_size"]
+    mlp.hidden_size = _cols(mlp.gate_proj)
+    layer.hidden_size = _cols(mlp.gate_proj)
+    q, kv = w["num_attention_heads"] * w["head_dim"], w["num_key_value_heads"] * w["head_dim"]
+    _linear(attn.q_proj, out=q)
+    _linear(attn.k_proj, out=kv)
+    _linear(attn.v_proj, out=kv)
+    _linear(attn.o_proj, inp=q)
+    attn.num_key_value_groups = w["num_attention_heads"] // w["num_key_value_heads"]
+    for name in ("num_heads", "num_attention_heads"):  # older transformers kept head counts on the module
+        if hasattr(attn, name):
+            setattr(attn, name, w["num_attention_heads"])
+    if hasattr(attn, "num_key_value_heads"):
+        attn.num_key_value_heads = w["num_key_value_heads"]
+
+
+_LLAMA = Family(
+    fields={"intermediate_size": "intermediate_size", "num_attention_heads": "num_attention_heads",
+            "num_key_value_heads": "num_key_value_heads", "head_dim": "head_dim"},
+    layers=lambda base: base.layers, read=_llama_read, resize=_llama_resize)
+
+
+# ----- GPT-2 -----------------------------------------------------------------------------------
+def _gpt2_read(layer: nn.Module) -> Widths:
+    mlp, attn = layer.mlp, layer.attn
+    inter = _same("MLP widths", c_fc=int(mlp.c_fc.weight.shape[1]), c_proj_in=int(mlp.c_proj.weight.shape[0]))
+    qkv = int(attn.c_attn.weight.shape[1])
+    if qkv % 3:
+        raise SparsifyError(f"c_attn has {qkv} output channels, not q|k|v of equal widths")
+    inner = _same("attention widths", c_attn=qkv // 3, c_proj_in=int(attn.c_proj.weight.shape[0]))
+    d = int(attn.head_dim)
+    return {"intermediate_size": inter, "num_attention_heads": _heads("c_attn", inner, d), "head_dim": d}
+
+
+def _gpt2_resize(layer: nn.Module, w: Widths, config: Any) -> None:
+    mlp, attn = layer.mlp, layer.attn
+    _conv1d(mlp.c_fc, out=w["intermediate_size"])
+    _conv1d(mlp.c_proj, inp=w["intermediate_size"])
+    inner = w["num_attention_heads"] * w["head_dim"]
+    _conv1d(attn.c_attn, out=3 * inner)
+    _conv1d(attn.c_proj, inp=inner)
+    attn.num_heads, attn.head_dim, attn.split_size = w["num_attention_heads"], w["head_dim"], inner
+    if getattr(config, "scale_attn_weights", True):
+        attn.scaling = w["head_dim"] ** -0.5
+
+
+_GPT2 = Family(fields={"intermediate_size": "n_inner", "num_attention_heads": "num_attention_heads",
+                       "head_dim": None},
+               layers=lambda base: base.h, read=_gpt2_read, resize=_gpt2_resize)
+
+
+# ----- BERT ------------------------------------------------------------------------------------
+def _bert_read(layer: nn.Module) -> Widths:
+    sa = layer.attention.self
+    inter = _same("MLP widths", intermediate=_rows(layer.intermediate.dense), output_in=_cols(layer.output.dense))
+    inner = _same("attention widths", query=_rows(sa.query), key=_rows(sa.key), value=_rows(sa.value),
+                  output_in=_cols(layer.attention.output.dense))
+    d = int(sa.attention_head_size)
+    return {"intermediate_size": inter, "num_attention_heads": _heads("query", inner, d), "head_dim": d}
+
+
+def _bert_resize(layer: nn.Module, w: Widths, config: Any) -> None:
+    sa = layer.attention.self
+    _linear(layer.intermediate.dense, out=w["intermediate_size"])
+    _linear(layer.output.dense, inp=w["intermediate_size"])
+    inner = w["num_attention_heads"] * w["head_dim"]
+    for m in (sa.query, sa.key, sa.value):
+        _linear(m, out=inner)
+    _linear(layer.attention.output.dense, inp=inner)
+    sa.num_attention_heads, sa.attention_head_size, sa.all_head_size = w["num_attention_heads"], w["head_dim"], inner
+    sa.scaling = w["head_dim"] ** -0.5
+
+
+_BERT = Family(fields={"intermediate_size": "intermediate_size", "num_attention_heads": "num_attention_heads",
+                       "head_dim": None},
+               layers=lambda base: base.encoder.layer, read=_bert_read, resize=_bert_resize)
+
+for _type in ("llama", "mistral", "qwen2"):
+    register_family(_type, _LLAMA)
+register_family("gpt2", _GPT2)
+register_family("bert", _BERT)
+
+
+# ----- sync ------------------------------------------------------------------------------------
+def _family(config: Any) -> Family:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise SparsifyError(f"sparsify.hf does not know the layout of model_type {model_type!r} (known: "
+                            f"{sorted(FAMILIES)}); describe it with sparsify.hf.register_family(model_type, "
+                            "Family(...))")
+    return FAMILIES[model_type]
+
+
+def _layers(model: nn.Module, family: Family) -> nn.ModuleList:
+    base = getattr(model, "base_model", model)
+    try:
+        return family.layers(base)
+    except AttributeError as exc:
+        raise SparsifyError(f"{type(model).__name__} does not have the layer list of model_type "
+                            f"{model.config.model_type!r}: {exc}") from exc
+
+
+def _hidden(model: nn.Module) -> int:
+    return int(model.get_input_embeddings().weight.shape[1])
+
+
+def layer_widths(model: nn.Module) -> list[Widths]:
+    """Every layer's widths (intermediate_size, num_attention_heads, ...), read from its weights."""
+    family = _family(model.config)
+    out = []
+    for i, layer in enumerate(_layers(model, family)):
+        try:
+            out.append(family.read(layer))
+        except SparsifyError as exc:
+            raise SparsifyError(f"layer {i} of {type(model).__name__}: {exc}") from None
+    return out
+
+
+def _skeleton(cls: type, config: Any) -> nn.Module:
+    """The model ``config`` builds, on the meta device (shapes only, no memory, no arithmetic); raises
+    where the config class rejects the config (``validate()``, run by save_pretrained and loading)."""
+    if callable(getattr(config, "validate", None)):
+        config.validate()
+    with torch.device("meta"):
+        return cls(config)
+
+
+def _apply_fields(config: Any, fields: dict[str, int]) -> None:
+    for attr, value in fields.items():
+        setattr(config, attr, value)
+
+
+def sync_config(model: nn.Module) -> Any:
+    """Make ``model.config`` (and the layers' module attributes) agree with the weights; returns the config.
+
+    Widths uniform over the layers go into the config's fields (the largest one where they differ);
+    if some layer then still differs from what the config builds, every layer's widths are stored in
+    ``config.sparsify_layer_widths`` (load with ``sparsify.hf.from_pretrained``), else that entry is
+    removed (plain ``from_pretrained`` works). Raises ``SparsifyError`` if the weights fit no config
+    of the model's class; the model and config are then unchanged.
+    """
+    config = model.config
+    family = _family(config)
+    widths = layer_widths(model)
+    fields: dict[str, int] = {"hidden_size": _hidden(model)}
+    for name, attr in family.fields.items():
+        if attr is not None:
+            fields[attr] = max(w[name] for w in widths)
+    candidate = copy.deepcopy(config)
+    _apply_fields(candidate, fields)
+    if hasattr(candidate, RECORD):
+        delattr(candidate, RECORD)
+    try:
+        skeleton = _skeleton(type(model), candidate)
+    except Exception:  # head counts the config class rejects (e.g. hidden_size % num_attention_heads)
+        for name in ("num_attention_heads", "num_key_value_heads", "head_dim"):
+            attr = family.fields.get(name)
+            if attr is not None:
+                fields[attr] = getattr(config, attr)
+        _apply_fields(candidate, fields)
+        try:
+            skeleton = _skeleton(type(model), candidate)
+        except Exception as exc:
+            cause = " ".join(str(exc).split())[:300].rstrip(".")
+            raise SparsifyError(
+                f"no {type(config).__name__} describes the pruned widths (hidden_size={fields['hidden_size']}): "
+                f"{type(exc).__name__}: {cause}. Prune the hidden width to a size the config "
+                "class accepts (e.g. a multiple of num_attention_heads), or save with sparsify.save(), which "
+                "replays the pruning plan on the original architecture.") from exc
+    built = layer_widths(skeleton)
+    # module attributes first: if a layer cannot take its widths, nothing has been changed yet
+    for layer, w in zip(_layers(model, family), widths, strict=True):
+        family.resize(layer, w, candidate)
+    _apply_fields(config, fields)
+    if built != widths:
+        setattr(config, RECORD, {str(i): dict(w) for i, w in enumerate(widths)})
+    elif hasattr(config, RECORD):
+        delattr(config, RECORD)
+    return config
+
+
+# ----- save / load -----------------------------------------------------------------------------
+def save_pretrained(model: nn.Module, path: str | Path, **kwargs: Any) -> Path:
+    """``sync_config(model)`` then ``model.save_pretrained(path, **kwargs)`` (safetensors); returns the path.
+
+    A model still carrying a policy's parametrizations (STR thresholds, masks) is refused: call
+    ``Sparsifier.prune()`` first, which bakes them into the weights.
+    """
+    leftover = sorted(name for name, m in model.named_modules() if parametrize.is_parametrized(m))
+    if leftover:
+        raise SparsifyError(f"{len(leftover)} modules still carry parametrizations (e.g. '{leftover[0]}'): their "
+                            "state dict would hold 'parametrizations.*' keys that no model loads. Call "
+                            "Sparsifier.prune() first (it bakes the learned thresholds/masks into the weights).")
+    sync_config(model)
+    directory = Path(path)
+    model.save_pretrained(directory, **kwargs)
+    return directory
+
+
+def _checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise LoadError(f"{path} has no model.safetensors (or model.safetensors.index.json): save the model with "
+                    "sparsify.hf.save_pretrained(model, path)")
+
+
+def _checkpoint_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    shapes = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def _record(config: Any) -> dict[int, Widths] | None:
+    raw = getattr(config, RECORD, None)
+    if raw is None:
+        return None
+    fields = set(_family(config).fields)
+    n = config.num_hidden_layers
+    try:
+        record = {int(k): {str(f): int(v) for f, v in w.items()} for k, w in raw.items()}
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise LoadError(f"config.{RECORD} must map layer index → {{width name: int}}, got {raw!r:.200}") from exc
+    bad = [i for i, w in record.items() if not 0 <= i < n or set(w) != fields]
+    if bad:
+        raise LoadError(f"config.{RECORD} entry for layer {bad[0]} is invalid ({record[bad[0]]}): layers are "
+                        f"0..{n - 1}, each with exactly the widths {sorted(fields)}")
+    return record
+
+
+def _resize_layers(model: nn.Module, record: dict[int, Widths]) -> None:
+    family = _family(model.config)
+    layers = _layers(model, family)
+    for i, w in sorted(record.items()):
+        family.resize(layers[i], w, model.config)
+
+
+def _layer_prefixes(model: nn.Module, record: dict[int, Widths]) -> tuple[str, ...]:
+    layers = _layers(model, _family(model.config))
+    name = next(n for n, m in model.named_modules() if m is layers)
+    return tuple(f"{name}.{i}." if name else f"{i}." for i in record)
+
+
+def _check_shapes(skeleton: nn.Module, shapes: dict[str, tuple[int, ...]], record: Any, path: Path) -> None:
+    for key, t in skeleton.state_dict().items():
+        if key in shapes and tuple(t.shape) != shapes[key]:
+            if record is None:
+                raise LoadError(
+                    f"'{key}' is {shapes[key]} in {path} but {tuple(t.shape)} in the {type(skeleton).__name__} that "
+                    f"its config.json describes, and config.json has no '{RECORD}': the model was saved after "
+                    "pruning without syncing its config. Load it into the pruned model's architecture, and save "
+                    "pruned models with sparsify.hf.save_pretrained(model, path), which records per-layer widths.")
+            raise LoadError(
+                f"'{key}' is {shapes[key]} in {path} but {tuple(t.shape)} after resizing the layers to "
+                f"config.{RECORD}: the weights and the recorded widths disagree (was config.json edited, or "
+                "written for other weights?). Save the model again with sparsify.hf.save_pretrained.")
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' report of the size mismatches that the per-layer resize expects."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def _model_class(config: Any, model_class: type | None) -> type:
+    if model_class is not None:
+        return model_class
+    import transformers
+
+    names = getattr(config, "architectures", None) or []
+    for name in names:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    raise LoadError(f"config.json names no architecture transformers provides ({names}); pass model_class=, "
+                    "e.g. from_pretrained(path, model_class=transformers.LlamaForCausalLM)")
+
+
+def from_pretrained(path: str | Path, model_class: type | None = None, **kwargs: Any) -> nn.Module:
+    """Load a model saved by ``save_pretrained`` (or any Hugging Face directory), per-layer widths included.
+
+    Builds ``model_class`` (default: ``config.architectures[0]``) with ``model_class.from_pretrained(path,
+    **kwargs)``; if ``config.sparsify_layer_widths`` is present, resizes those layers to the recorded
+    widths and loads their weights from the checkpoint. Every checkpoint tensor must have the shape of
+    the model so built, else ``LoadError`` says which tensor differs and why.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    from sparsify._compat import import_torchvision
+
+    with contextlib.suppress(ModuleNotFoundError):
+        import_torchvision()
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    cls = _model_class(config, model_class)
+    record = _record(config)
+    files = _checkpoint_files(path)
+    skeleton = _skeleton(cls, config)
+    if record is not None:
+        _resize_layers(skeleton, record)
+    _check_shapes(skeleton, _checkpoint_shapes(files), record, path)
+    if record is None:
+        return cls.from_pretrained(path, **kwargs)
+    with _quiet_transformers():
+        model = cls.from_pretrained(path, ignore_mismatched_sizes=True, **kwargs)
+    _resize_layers(model, record)
+    prefixes = _layer_prefixes(model, record)
+    state = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    if key.startswith(prefixes) and key in state:
+                        state[key].copy_(f.get_tensor(key))
+    if layer_widths(model) != [record.get(i, w) for i, w in enumerate(layer_widths(model))]:
+        raise LoadError(f"the loaded layers do not have the widths config.{RECORD} records")
+    return model
