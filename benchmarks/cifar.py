@@ -10,12 +10,19 @@ files in ``--out``; ``--report`` prints the table and draws accuracy against MAC
     python benchmarks/cifar.py --arm str_bn --ratio 2 --model resnet56 --epochs 40 --prune-epoch 30
     python benchmarks/cifar.py --parallel dense str_bn:2 str_bn:4 gmp_erk:2 ...   # several runs at once
     python benchmarks/cifar.py --report --out out/cifar
+    torchrun --nproc-per-node 2 benchmarks/cifar.py --arm str_bn --ratio 2   # DDP: same global batch
+
+Under torchrun (DDP: NCCL on GPUs, gloo on CPUs) every rank takes its slice of the same global
+batch, the Sparsifier is created on the plain model and the model is wrapped afterwards; before
+pruning, `sparsify.distributed.check_synchronized` checks that thresholds and masks are identical
+on every rank (recorded in the JSON); every rank prunes and the model is wrapped again.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -34,26 +41,47 @@ from rich.table import Table
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data" / "cifar10_jpeg.npz"
 
 
+def _distributed(args: argparse.Namespace) -> tuple[torch.device, int, int]:
+    """(device, rank, world size); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    if world == 1:
+        return torch.device(args.device or ("cuda" if cuda else "cpu")), 0, 1
+    local = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local)
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return torch.device(f"cuda:{local}" if cuda else "cpu"), torch.distributed.get_rank(), world
+
+
 def run(args: argparse.Namespace) -> dict:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device, rank, world = _distributed(args)
     torch.manual_seed(args.seed)
     data = load_cifar10(args.data, args.limit, args.cache)
     recipe = Recipe(epochs=args.epochs, prune_epoch=args.prune_epoch, batch=args.batch, lr=args.lr)
-    train = DeviceLoader(data["train_x"], data["train_y"], recipe.batch, device, train=True, seed=args.seed)
+    train = DeviceLoader(data["train_x"], data["train_y"], recipe.batch, device, train=True, seed=args.seed,
+                         rank=rank, world=world)
     test = DeviceLoader(data["test_x"], data["test_y"], 1000, device, train=False)
-    model = build(args.model).to(device).to(memory_format=torch.channels_last)
+    model = build(args.model)
+    if args.sync_bn and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device).to(memory_format=torch.channels_last)
     example = next(iter(test))[0][:2]
     arm = ARMS[args.arm](args.ratio, len(train), recipe.prune_epoch, args.seed)
     macs_before, params_before = macs_of(model, example), sum(p.numel() for p in model.parameters())
     arm.setup(model, example)
     bf16 = device.type == "cuda" and not args.fp32
-    trainer = Trainer(model, recipe, device, bf16=bf16, graphs=arm.graphs and not args.no_graphs)
+    trainer = Trainer(model, recipe, device, bf16=bf16, graphs=arm.graphs and not args.no_graphs, ddp=world > 1)
     trainer.rebuild(next(iter(train))[0])
     total_steps, step, log = recipe.epochs * len(train), 0, []
     record: dict = {}
     for epoch in range(recipe.epochs):
         if epoch == recipe.prune_epoch and arm.name != "dense":
             trainer.ungraph()
+            if world > 1 and hasattr(arm, "sp"):
+                from sparsify.distributed import check_synchronized
+
+                record["synchronized"] = check_synchronized(arm.sp)  # raises if the ranks differ
             record["top1_before_prune"] = trainer.evaluate(test)
             model.eval()
             start = time.perf_counter()
@@ -66,6 +94,8 @@ def run(args: argparse.Namespace) -> dict:
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == recipe.epochs:
             stats["top1"] = trainer.evaluate(test)
         log.append(stats)
+        if rank:
+            continue
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()}), flush=True)
     trainer.ungraph()
     record.update({
@@ -75,11 +105,15 @@ def run(args: argparse.Namespace) -> dict:
         "top1": log[-1]["top1"], "train_seconds": sum(e["seconds"] for e in log),
         "images_per_s": statistics.median(e["images_per_s"] for e in log), "epochs": log, "info": arm.info,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "CPU",
-        "torch": torch.__version__, "command": " ".join(sys.argv),
+        "torch": torch.__version__, "command": " ".join(sys.argv), "processes": world,
     })
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if rank:
+        return record
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"{args.model}_{arm.name}_{record['ratio']:g}x_seed{args.seed}.json"
+    name = f"{args.model}_{arm.name}_{record['ratio']:g}x_seed{args.seed}{f'_ddp{world}' if world > 1 else ''}.json"
     (out / name).write_text(json.dumps(record, indent=1, default=str))
     print(f"{arm.name} {record['ratio']:g}x: top1 {record['top1']:.4f}, MACs {macs_before / record['macs_after']:.2f}x "
           f"fewer, {record['train_seconds']:.0f} s, {record['images_per_s']:,.0f} images/s → {out / name}")
@@ -168,6 +202,7 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--no-graphs", action="store_true", help="eager forward/backward (no CUDA graph)")
     p.add_argument("--fp32", action="store_true")
+    p.add_argument("--sync-bn", action="store_true", help="under DDP: SyncBatchNorm (BN statistics over all ranks)")
     p.add_argument("--out", default="out/cifar")
     p.add_argument("--parallel", nargs="+", metavar="ARM[:RATIO]", help="run these arms at once, one process each")
     p.add_argument("--report", action="store_true", help="print the table and plot from the JSON files in --out")

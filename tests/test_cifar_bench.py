@@ -48,3 +48,23 @@ def test_report_prints_table_and_plot(cifar, capsys) -> None:
     bench.report(out)
     assert (out / "accuracy_vs_macs.png").exists()
     assert "CIFAR-10" in capsys.readouterr().out
+
+
+def test_ddp_run_on_two_cpu_processes(cifar, tmp_path: Path) -> None:
+    """torchrun with 2 gloo processes: each rank takes half of the global batch; before pruning the
+    ranks' thresholds are checked identical (the run fails otherwise); rank 0 writes the record."""
+    import os
+    import subprocess
+
+    _, data, out = cifar
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           str(ROOT / "benchmarks" / "cifar.py"), "--arm", "str_bn", "--device", "cpu", "--model", "resnet20",
+           "--limit", "128", "--batch", "64",
+           "--epochs", "2", "--prune-epoch", "1", "--no-graphs", "--fp32", "--data", str(data),
+           "--cache", str(out / "cache"), "--out", str(tmp_path), "--eval-every", "1"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((tmp_path / "resnet20_str_bn_2x_seed0_ddp2.json").read_text())
+    assert record["processes"] == 2
+    assert record["synchronized"]["world_size"] == 2 and record["synchronized"]["tensors"] > 0

@@ -61,11 +61,16 @@ class DeviceLoader:
 
     Training batches are reshuffled every epoch, randomly cropped from a 4-pixel zero-padded copy
     and flipped; every batch has exactly ``batch`` images (the remainder is dropped), which CUDA
-    graphs need. Batches come out channels_last.
+    graphs need. Batches come out channels_last. With ``world`` > 1 (DDP), every rank draws the
+    same global batch and keeps its ``batch / world`` slice, so the ranks together see exactly
+    what one process would.
     """
 
     def __init__(self, x: np.ndarray, y: np.ndarray, batch: int, device: torch.device, train: bool,
-                 seed: int = 0) -> None:
+                 seed: int = 0, rank: int = 0, world: int = 1) -> None:
+        if train and batch % world:
+            raise ValueError(f"batch {batch} must be divisible by the number of processes {world}")
+        self.rank, self.world = rank, world
         self.x = torch.from_numpy(x).to(device)
         if train:
             self.x = torch.nn.functional.pad(self.x, (4, 4, 4, 4))
@@ -98,4 +103,5 @@ class DeviceLoader:
             crop = self.x[idx[:, None, None], :, rows, cols]  # (B, 32, 32, 3): advanced dims first
             flip = torch.rand(self.batch, device=self.device, generator=self.generator) < 0.5
             crop = torch.where(flip[:, None, None, None], crop.flip(2), crop)
-            yield self._normalise(crop.permute(0, 3, 1, 2)), self.y[idx]
+            mine = slice(self.rank * self.batch // self.world, (self.rank + 1) * self.batch // self.world)
+            yield self._normalise(crop[mine].permute(0, 3, 1, 2)), self.y[idx][mine]

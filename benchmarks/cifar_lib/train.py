@@ -34,12 +34,15 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 
 
 class Trainer:
-    """Owns the model's optimizer and (on CUDA) its graphed forward; ``rebuild()`` after pruning."""
+    """Owns the model's optimizer and its training forward: CUDA-graphed on one GPU, wrapped in
+    DistributedDataParallel when ``ddp`` (then eager); ``rebuild()`` after pruning."""
 
-    def __init__(self, model: nn.Module, recipe: Recipe, device: torch.device, bf16: bool, graphs: bool) -> None:
+    def __init__(self, model: nn.Module, recipe: Recipe, device: torch.device, bf16: bool, graphs: bool,
+                 ddp: bool = False) -> None:
         self.model, self.recipe, self.device = model, recipe, device
-        self.bf16, self.graphs = bf16, graphs and device.type == "cuda"
+        self.bf16, self.graphs, self.ddp = bf16, graphs and device.type == "cuda" and not ddp, ddp
         self.graphed = False
+        self.net: nn.Module = model  # what the training step calls
 
     def rebuild(self, example: torch.Tensor) -> None:
         """(Re)create the optimizer and capture the forward/backward for the model's current shapes."""
@@ -48,6 +51,9 @@ class Trainer:
         fused = {"fused": True} if self.device.type == "cuda" else {}
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=r.lr, momentum=r.momentum, nesterov=True,
                                          weight_decay=r.weight_decay, **fused)
+        if self.ddp:  # a new wrapper: the old reducer holds the parameters from before pruning
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if self.graphs:
             self.model.train()
             for p in self.model.parameters():  # graphed backward + AccumulateGrad into a missing .grad
@@ -62,6 +68,7 @@ class Trainer:
         if self.graphed:
             self.model.__dict__.pop("forward", None)
             self.graphed = False
+        self.net = self.model
 
     def _autocast(self) -> Any:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False)
@@ -77,7 +84,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, warmup, r.lr)
             with self._autocast():
-                logits = self.model(x)
+                logits = self.net(x)
             loss = F.cross_entropy(logits.float(), y)
             self.optimizer.zero_grad(set_to_none=False)
             loss.backward()
@@ -88,7 +95,7 @@ class Trainer:
             loss_sum += loss.detach()
         _sync(self.device)
         seconds = time.perf_counter() - start
-        images = len(loader) * loader.batch
+        images = len(loader) * loader.batch  # the global batch: all ranks together
         return step, {"loss": float(loss_sum) / len(loader), "seconds": seconds, "images_per_s": images / seconds}
 
     @torch.no_grad()
