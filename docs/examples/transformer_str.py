@@ -167,7 +167,10 @@ def main(adapter: str = "filter_norm", policy: str = "str", dense_steps: int = 3
     # decay on the weights lets neurons the loss does not need shrink below their layer's threshold
     thresholds = {id(p) for p in sp.parameters()}
     opt = torch.optim.AdamW([{"params": [p for p in model.parameters() if id(p) not in thresholds]},
-                             {"params": sp.parameters(), "lr": threshold_lr, "weight_decay": 0.0}],
+                             {"params": sp.parameters(), "weight_decay": 0.0,
+                              # Adam moves s by ~lr a step whatever the gradient: keep it well below the
+                              # controller's pace (control_gain · error / control_every) or it wins
+                              "lr": threshold_lr if not (policy == "str" and str_target) else threshold_lr / 10}],
                             lr=lr, weight_decay=sparse_weight_decay)
     train(model, opt, train_data, sparse_steps, batch, seq, generator, sp)
     report = sp.report()
