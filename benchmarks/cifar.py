@@ -182,7 +182,8 @@ def _passthrough(args: argparse.Namespace) -> list[str]:
     for flag in ("cache", "limit", "device"):
         if getattr(args, flag) is not None:
             out += [f"--{flag}", str(getattr(args, flag))]
-    return out + (["--no-graphs"] if args.no_graphs else []) + (["--fp32"] if args.fp32 else [])
+    flags = [f for f, on in (("--no-graphs", args.no_graphs), ("--fp32", args.fp32), ("--sync-bn", args.sync_bn)) if on]
+    return out + flags
 
 
 def main() -> None:

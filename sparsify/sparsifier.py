@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from rich.table import Table
 from torch import nn
+from torch.nn.utils import parametrize
 
 from sparsify.adapters import AdapterConfig, ImportanceVector, make_adapter
 from sparsify.adapters.base import Baked
@@ -135,6 +136,13 @@ class Sparsifier:
                         seen.add(id(p))
                         out.append(p)
         return out
+
+    @staticmethod
+    def cached() -> Any:
+        """Context for the training forward: every parametrized tensor (an STR-BN γ read by both the
+        weight and the bias of its BatchNorm) is computed once per forward instead of at each read.
+        Same values and gradients; fewer kernels (a third fewer ops for STR-BN ResNet-56)."""
+        return parametrize.cached()
 
     @property
     def vectors(self) -> list[ImportanceVector]:

@@ -29,7 +29,7 @@ def test_arm_runs_and_hits_its_macs_target(cifar, arm: str) -> None:
     bench, data, out = cifar
     args = argparse.Namespace(arm=arm, ratio=2.0, model="resnet20", epochs=2, prune_epoch=1, batch=64, lr=0.05,
                               seed=0, data=str(data), cache=str(out / "cache"), limit=128, device="cpu",
-                              eval_every=1, no_graphs=True, fp32=True, out=str(out))
+                              eval_every=1, no_graphs=True, fp32=True, sync_bn=False, out=str(out))
     record = bench.run(args)
     assert 0.0 <= record["top1"] <= 1.0 and len(record["epochs"]) == 2
     reduction = record["macs_before"] / record["macs_after"]

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from cifar_lib.data import DeviceLoader
 
@@ -59,7 +60,7 @@ class Trainer:
             for p in self.model.parameters():  # graphed backward + AccumulateGrad into a missing .grad
                 if p.requires_grad:            # gives wrong gradients from the 3rd step on (torch 2.11)
                     p.grad = torch.zeros_like(p)
-            with self._autocast():
+            with self._autocast(), parametrize.cached():
                 torch.cuda.make_graphed_callables(self.model, (example,), num_warmup_iters=3)
             self.graphed = True
 
@@ -83,7 +84,7 @@ class Trainer:
         for x, y in loader:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, warmup, r.lr)
-            with self._autocast():
+            with self._autocast(), parametrize.cached():  # each parametrized tensor once per forward
                 logits = self.net(x)
             loss = F.cross_entropy(logits.float(), y)
             self.optimizer.zero_grad(set_to_none=False)

@@ -120,7 +120,13 @@ class Baked:
 
 def effective_over_raw(vector: ImportanceVector) -> torch.Tensor:
     """Per entry, effective / raw: the factor that scales a structure's tensors (1 without a
-    transform, 0 where raw is 0). For adapters whose raw vector is a computed magnitude."""
+    transform, 0 where raw is 0). For adapters whose raw vector is a computed magnitude.
+
+    A transform with a ``constant_factor()`` (a 0/1 mask) gives it directly: the magnitudes are not
+    recomputed in every forward (the factor of a mask does not depend on them)."""
+    constant = getattr(vector.transform, "constant_factor", None)
+    if constant is not None:
+        return constant()
     raw = vector.raw()
     if vector.transform is None:
         return torch.ones_like(raw)

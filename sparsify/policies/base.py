@@ -104,6 +104,10 @@ class Mask(nn.Module):
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
         return raw * self.mask.to(raw.dtype)
 
+    def constant_factor(self) -> torch.Tensor:
+        """effective / raw, whatever raw is: the mask itself."""
+        return self.mask
+
 
 def set_group_masks(group: GroupView, keep: np.ndarray) -> None:
     """Write a per-structure keep vector (bool) into the Mask transforms of the group's vectors."""

@@ -72,9 +72,28 @@ class SoftThreshold(nn.Module):
         return self.g(self.s)
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
-        # v − clamp(v, −τ, τ) is sign(v)·relu(|v| − τ) in two kernels instead of five
-        tau = self.g(self.s).to(raw.dtype)
-        return raw - torch.clamp(raw, -tau, tau)
+        return _SoftThresholdFn.apply(raw, self.g(self.s).to(raw.dtype))
+
+
+class _SoftThresholdFn(torch.autograd.Function):
+    """sign(v)·relu(|v| − τ) with a hand-written backward: 4 kernels forward and 4 backward instead
+    of ~17 for the autograd of clamp/sign/relu (a training step launches this once per vector).
+    d/dv = [|v| > τ], d/dτ = −Σ sign(v)·[|v| > τ]·grad."""
+
+    @staticmethod
+    def forward(ctx: object, raw: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        eff = raw - torch.clamp(raw, -tau, tau)
+        kept_sign = eff.sign()  # sign(v) where kept, 0 where thresholded away
+        ctx.save_for_backward(kept_sign)
+        ctx.tau_shape = tau.shape
+        return eff
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (kept_sign,) = ctx.saved_tensors
+        signed = grad * kept_sign
+        return signed * kept_sign, (-signed.sum()).reshape(ctx.tau_shape)
 
 
 class STRPolicy(Policy):
