@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> dict:
     macs_before, params_before = macs_of(model, example), sum(p.numel() for p in model.parameters())
     arm.setup(model, example)
     bf16 = device.type == "cuda" and not args.fp32
-    trainer = Trainer(model, recipe, device, bf16=bf16, graphs=arm.graphs and not args.no_graphs, ddp=world > 1)
+    trainer = Trainer(model, recipe, device, bf16=bf16, graphs=arm.graphs and not args.no_graphs, ddp=world > 1,
+                      cache=arm.cache)
     trainer.rebuild(next(iter(train))[0])
     total_steps, step, log = recipe.epochs * len(train), 0, []
     record: dict = {}

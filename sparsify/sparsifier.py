@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,12 +139,25 @@ class Sparsifier:
                         out.append(p)
         return out
 
-    @staticmethod
-    def cached() -> Any:
+    @contextlib.contextmanager
+    def cached(self, batched: bool = True) -> Iterator[None]:
         """Context for the training forward: every parametrized tensor (an STR-BN γ read by both the
-        weight and the bias of its BatchNorm) is computed once per forward instead of at each read.
-        Same values and gradients; fewer kernels (a third fewer ops for STR-BN ResNet-56)."""
-        return parametrize.cached()
+        weight and the bias of its BatchNorm) is computed once per forward instead of at each read,
+        and, with ``batched``, all of them at entry from one chain of kernels when the policy and the
+        adapter support it (STR on bn_gamma). Same values and gradients, far fewer kernels. Enter it
+        inside the forward that is differentiated (inside a CUDA-graphed callable, not around it)."""
+        with parametrize.cached():
+            if batched and hasattr(self.policy, "batched_effective") and not self.pruned:
+                self._prefill_parametrizations()
+            yield
+
+    def _prefill_parametrizations(self) -> None:
+        batched = self.policy.batched_effective()
+        if batched is None:
+            return
+        effective, sizes = batched
+        for module, name, value in self.adapter.batched_parametrized_values(self.vectors, effective, sizes) or ():
+            parametrize._cache[(id(module), name)] = value
 
     @property
     def vectors(self) -> list[ImportanceVector]:

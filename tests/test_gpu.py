@@ -60,3 +60,46 @@ def test_sparsifier_on_cuda(tv, policy, monkeypatch: pytest.MonkeyPatch) -> None
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     opt.step()
+
+
+@pytest.mark.parametrize("arm", ["dense", "str_bn", "gmp_erk"])
+def test_cifar_harness_graphed_steps_equal_eager(arm: str) -> None:
+    """The benchmark's CUDA-graphed step (batched STR transform captured inside the graph) trains
+    exactly like the eager step."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from cifar_lib.arms import ARMS
+    from cifar_lib.models import build
+    from cifar_lib.train import Recipe, Trainer
+
+    class Batches:
+        batch, world = 64, 1
+
+        def __init__(self) -> None:
+            g = torch.Generator(device="cuda").manual_seed(0)
+            self.data = [(torch.randn(64, 3, 32, 32, device="cuda", generator=g).contiguous(
+                memory_format=torch.channels_last), torch.randint(0, 10, (64,), device="cuda", generator=g))
+                for _ in range(5)]
+
+        def __len__(self) -> int:
+            return len(self.data)
+
+        def __iter__(self):
+            return iter(self.data)
+
+    losses = []
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        model = build("resnet20").cuda().to(memory_format=torch.channels_last)
+        a = ARMS[arm](2.0, 5, 1, 0)
+        loader = Batches()
+        a.setup(model, loader.data[0][0][:2])
+        trainer = Trainer(model, Recipe(epochs=1, batch=64), torch.device("cuda"), bf16=False, graphs=graphs,
+                          cache=a.cache)
+        trainer.rebuild(loader.data[0][0])
+        _, stats = trainer.train_epoch(loader, 0, 5, a)
+        losses.append((stats["loss"], [p.detach().clone() for p in model.parameters()]))
+    assert losses[0][0] == pytest.approx(losses[1][0], rel=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(losses[0][1], losses[1][1], strict=True))

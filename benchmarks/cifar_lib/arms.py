@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from sparsify import FilterNormConfig, GMPConfig, SlimmingConfig, Sparsifier, STRConfig
 from sparsify.graph.cost import module_macs
@@ -42,6 +43,11 @@ class Arm:
 
     def setup(self, model: nn.Module, example: torch.Tensor) -> None:
         """Before the optimizer is made (policies may add parameters)."""
+
+    def cache(self) -> Any:
+        """The context the training forward runs in (the Sparsifier's batched cache when there is one)."""
+        sp = getattr(self, "sp", None)
+        return sp.cached() if sp is not None and not sp.pruned else parametrize.cached()
 
     def after_backward(self) -> None:
         """Between backward and the optimizer step."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,16 +35,32 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
 
+class CachedForward(nn.Module):
+    """The model's forward inside a parametrization cache (``enter()``: ``Sparsifier.cached`` or
+    ``parametrize.cached``), entered *inside* the forward so that a CUDA graph captures the batched
+    transform and every graph replay recomputes it."""
+
+    def __init__(self, model: nn.Module, enter: Callable[[], Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.enter = enter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.enter():
+            return self.model(x)
+
+
 class Trainer:
     """Owns the model's optimizer and its training forward: CUDA-graphed on one GPU, wrapped in
     DistributedDataParallel when ``ddp`` (then eager); ``rebuild()`` after pruning."""
 
     def __init__(self, model: nn.Module, recipe: Recipe, device: torch.device, bf16: bool, graphs: bool,
-                 ddp: bool = False) -> None:
+                 ddp: bool = False, cache: Callable[[], Any] = parametrize.cached) -> None:
         self.model, self.recipe, self.device = model, recipe, device
+        self.step_module = CachedForward(model, cache)
         self.bf16, self.graphs, self.ddp = bf16, graphs and device.type == "cuda" and not ddp, ddp
         self.graphed = False
-        self.net: nn.Module = model  # what the training step calls
+        self.net: nn.Module = self.step_module  # what the training step calls
 
     def rebuild(self, example: torch.Tensor) -> None:
         """(Re)create the optimizer and capture the forward/backward for the model's current shapes."""
@@ -54,22 +71,22 @@ class Trainer:
                                          weight_decay=r.weight_decay, **fused)
         if self.ddp:  # a new wrapper: the old reducer holds the parameters from before pruning
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            self.net = torch.nn.parallel.DistributedDataParallel(self.step_module, device_ids=ids)
         if self.graphs:
             self.model.train()
             for p in self.model.parameters():  # graphed backward + AccumulateGrad into a missing .grad
                 if p.requires_grad:            # gives wrong gradients from the 3rd step on (torch 2.11)
                     p.grad = torch.zeros_like(p)
-            with self._autocast(), parametrize.cached():
-                torch.cuda.make_graphed_callables(self.model, (example,), num_warmup_iters=3)
+            with self._autocast():
+                torch.cuda.make_graphed_callables(self.step_module, (example,), num_warmup_iters=3)
             self.graphed = True
 
     def ungraph(self) -> None:
         """Back to the eager forward (before pruning or tracing: the graph holds the old tensors)."""
         if self.graphed:
-            self.model.__dict__.pop("forward", None)
+            self.step_module.__dict__.pop("forward", None)
             self.graphed = False
-        self.net = self.model
+        self.net = self.step_module
 
     def _autocast(self) -> Any:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False)
@@ -84,7 +101,7 @@ class Trainer:
         for x, y in loader:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, warmup, r.lr)
-            with self._autocast(), parametrize.cached():  # each parametrized tensor once per forward
+            with self._autocast():  # step_module: each parametrized tensor once per forward (batched)
                 logits = self.net(x)
             loss = F.cross_entropy(logits.float(), y)
             self.optimizer.zero_grad(set_to_none=False)

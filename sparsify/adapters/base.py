@@ -97,6 +97,24 @@ class Adapter(abc.ABC):
             param.data = value.to(param.dtype)
         return baked
 
+    def parametrized_values(self, vector: ImportanceVector, effective: torch.Tensor
+                            ) -> list[tuple[nn.Module, str, torch.Tensor]] | None:
+        """What each of ``install``'s parametrizations returns, given the vector's effective value
+        computed elsewhere (batched); None if this adapter cannot say (then they compute as usual)."""
+        return None
+
+    def batched_parametrized_values(self, vectors: list[ImportanceVector], effective: torch.Tensor,
+                                    sizes: list[int]) -> list[tuple[nn.Module, str, torch.Tensor]] | None:
+        """``parametrized_values`` for many vectors at once from their concatenated effective values
+        (one kernel per derived tensor instead of one per vector); by default, vector by vector."""
+        out = []
+        for v, eff in zip(vectors, effective.split(sizes), strict=True):
+            values = self.parametrized_values(v, eff)
+            if values is None:
+                return None
+            out.extend(values)
+        return out
+
     @abc.abstractmethod
     def parametrized(self, vector: ImportanceVector) -> list[tuple[nn.Module, str]]:
         """The (module, tensor name) pairs ``install`` parametrizes, in baking order."""

@@ -84,6 +84,25 @@ class BNGammaAdapter(Adapter):
         if self.config.reparametrize_bias and bn.bias is not None:
             parametrize.register_parametrization(bn, "bias", _GammaTimesBetaHat(bn), unsafe=True)
 
+    def parametrized_values(self, vector: ImportanceVector, effective: torch.Tensor
+                            ) -> list[tuple[nn.Module, str, torch.Tensor]] | None:
+        bn = vector.handle
+        out = [(bn, "weight", effective)]
+        if parametrize.is_parametrized(bn, "bias"):
+            out.append((bn, "bias", effective * original(bn, "bias")))
+        return out
+
+    def batched_parametrized_values(self, vectors: list[ImportanceVector], effective: torch.Tensor,
+                                    sizes: list[int]) -> list[tuple[nn.Module, str, torch.Tensor]] | None:
+        bns = [v.handle for v in vectors]
+        if not all(parametrize.is_parametrized(bn, "bias") for bn in bns):
+            return super().batched_parametrized_values(vectors, effective, sizes)
+        bias = effective * torch.cat([original(bn, "bias") for bn in bns])  # γ_eff·β̂ for every BN at once
+        out = []
+        for bn, w, b in zip(bns, effective.split(sizes), bias.split(sizes), strict=True):
+            out += [(bn, "weight", w), (bn, "bias", b)]
+        return out
+
     def parametrized(self, vector: ImportanceVector) -> list[tuple[nn.Module, str]]:
         return [(vector.handle, "weight"), (vector.handle, "bias")]
 

@@ -93,7 +93,7 @@ class _SoftThresholdFn(torch.autograd.Function):
     def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         (kept_sign,) = ctx.saved_tensors
         signed = grad * kept_sign
-        return signed * kept_sign, (-signed.sum()).reshape(ctx.tau_shape)
+        return signed * kept_sign, (-signed).sum_to_size(ctx.tau_shape)
 
 
 class STRPolicy(Policy):
@@ -116,6 +116,30 @@ class STRPolicy(Policy):
                         t.s.register_hook(lambda g, s=t.s, decay=decay: g + decay * s.detach())
                     shared = t
                 v.adapter.install(v, t)
+
+    def batched_effective(self) -> tuple[torch.Tensor, list[int]] | None:
+        """Every vector's effective value from one chain of kernels (all raw vectors concatenated and
+        thresholded once): the same values as each vector's transform, for the price of one. Returns
+        the concatenation and the vectors' lengths; None if the vectors differ in device or dtype."""
+        vectors = [v for g in self.groups for v in g.vectors]
+        raws = [v.raw() for v in vectors]
+        if len({(r.device, r.dtype) for r in raws}) != 1:
+            return None
+        which, lengths = self._batch_index(vectors, raws[0].device)
+        s = torch.cat([t.s for t in self.transforms])
+        g = torch.sigmoid if self.config.threshold_fn == "sigmoid" else torch.exp
+        tau = g(s).to(raws[0].dtype)[which].repeat_interleave(lengths, output_size=sum(len(r) for r in raws))
+        return _SoftThresholdFn.apply(torch.cat(raws), tau), [len(r) for r in raws]
+
+    def _batch_index(self, vectors: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per vector its transform's index, and its length: made once per device (no host→device
+        copy inside a forward, which a CUDA graph capture forbids)."""
+        cache = self.__dict__.setdefault("_batch_index_cache", {})
+        if device not in cache:
+            index = {id(t): i for i, t in enumerate(self.transforms)}
+            cache[device] = (torch.tensor([index[id(v.transform)] for v in vectors], device=device),
+                             torch.tensor([len(v) for v in vectors], device=device))
+        return cache[device]
 
     def step(self, step: int) -> None:
         c = self.config
