@@ -101,3 +101,13 @@ def test_str_controller_does_not_empty_a_layer(cap: float) -> None:
         assert sp.policy.measured_sparsity() > 0.55  # … while the other layers carry the target
     else:
         assert worst == 1.0
+
+
+def test_unreachable_macs_target_with_round_to_blames_the_rounding() -> None:
+    from sparsify import GMPConfig
+
+    model = _cnn()
+    sp = Sparsifier(model, torch.randn(2, 3, 16, 16), "filter_norm",
+                    GMPConfig(sparsity=0.9, unit="macs", round_to=64, end_step=10))
+    with pytest.raises(ValueError, match="round_to=64"):
+        sp.policy.update(0.9)

@@ -49,5 +49,12 @@ def budget_keeps(policy: Policy, sparsity: float, allocate: Callable[[float], li
     """The policy's keep vectors for ``sparsity``: with ``unit="macs"`` and a cost model (any policy
     attached by a Sparsifier), ``sparsity`` is the exact fraction of the network's MACs removed."""
     if getattr(policy.config, "unit", None) == "macs" and policy.cost_model is not None:
-        return keeps_for_macs(policy.groups, policy.cost_model, sparsity, allocate)[0]
+        try:
+            return keeps_for_macs(policy.groups, policy.cost_model, sparsity, allocate)[0]
+        except ValueError as exc:
+            round_to = getattr(policy.config, "round_to", None)
+            if round_to and round_to > 1:
+                raise ValueError(f"{exc}; with round_to={round_to} layers narrower than a multiple of it keep "
+                                 "their full width: lower round_to or the sparsity") from exc
+            raise
     return allocate(sparsity)
