@@ -97,6 +97,10 @@ class Adapter(abc.ABC):
             param.data = value.to(param.dtype)
         return baked
 
+    def factor(self, vector: ImportanceVector) -> torch.Tensor:
+        """Per structure, effective / raw: what ``StructureFactor`` parametrizations multiply by."""
+        return effective_over_raw(vector)
+
     def parametrized_values(self, vector: ImportanceVector, effective: torch.Tensor
                             ) -> list[tuple[nn.Module, str, torch.Tensor]] | None:
         """What each of ``install``'s parametrizations returns, given the vector's effective value
@@ -150,6 +154,24 @@ def effective_over_raw(vector: ImportanceVector) -> torch.Tensor:
         return torch.ones_like(raw)
     eff = vector.transform(raw)
     return torch.where(raw > 0, eff / raw.clamp_min(torch.finfo(raw.dtype).tiny), torch.zeros_like(raw))
+
+
+class StructureFactor(nn.Module):
+    """Parametrization t ↦ t · factor[index] along ``dim``: the vector's per-structure factor
+    (``vector.adapter.factor``, effective / raw) spread over the indices of one tensor dim."""
+
+    def __init__(self, vector: ImportanceVector, dim: int, index: torch.Tensor, ndim: int) -> None:
+        super().__init__()
+        object.__setattr__(self, "vector", vector)  # plain reference: not a submodule
+        self.transform = vector.transform  # shared by all of the vector's tensors
+        self.dim, self.ndim = dim, ndim
+        self.register_buffer("index", index, persistent=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        factor = self.vector.adapter.factor(self.vector)
+        shape = [1] * self.ndim
+        shape[self.dim] = -1
+        return t * factor[self.index].to(t.dtype).view(shape)
 
 
 def original(module: nn.Module, name: str) -> torch.Tensor:

@@ -19,7 +19,7 @@ from sparsify.adapters.base import (
     Adapter,
     AdapterConfig,
     ImportanceVector,
-    effective_over_raw,
+    StructureFactor,
     original,
     register_adapter,
 )
@@ -50,21 +50,6 @@ def _index(vector: ImportanceVector, member: Member, device: torch.device) -> to
     return cache[key]
 
 
-class _Factor(nn.Module):
-    def __init__(self, vector: ImportanceVector, dim: int, index: torch.Tensor, ndim: int) -> None:
-        super().__init__()
-        object.__setattr__(self, "vector", vector)  # plain reference: not a submodule
-        self.transform = vector.transform  # shared by all of the vector's tensors
-        self.dim, self.ndim = dim, ndim
-        self.register_buffer("index", index, persistent=False)
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        factor = self.vector.adapter.factor(self.vector)
-        shape = [1] * self.ndim
-        shape[self.dim] = -1
-        return t * factor[self.index].to(t.dtype).view(shape)
-
-
 class FilterNormAdapter(Adapter):
     """Covers every prunable group that has a producing weight."""
 
@@ -92,17 +77,14 @@ class FilterNormAdapter(Adapter):
             total = per_structure if total is None else total + per_structure.to(total.device)
         return total.pow(1.0 / self.config.p)
 
-    def factor(self, vector: ImportanceVector) -> torch.Tensor:
-        """effective / raw per structure (1 without a transform, 0 where the raw norm is 0)."""
-        return effective_over_raw(vector)
-
     def install(self, vector: ImportanceVector, transform: nn.Module) -> None:
         vector.transform = transform
         for m in vector.handle["scaled"]:
             module, attr = _tensor(vector.handle["model"], m)
             t = getattr(module, attr)
             index = torch.as_tensor(m.structure_of, device=t.device)
-            parametrize.register_parametrization(module, attr, _Factor(vector, m.dim, index, t.ndim), unsafe=True)
+            factor = StructureFactor(vector, m.dim, index, t.ndim)
+            parametrize.register_parametrization(module, attr, factor, unsafe=True)
 
     def parametrized(self, vector: ImportanceVector) -> list[tuple[nn.Module, str]]:
         return [_tensor(vector.handle["model"], m) for m in vector.handle["scaled"]]

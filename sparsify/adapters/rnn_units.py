@@ -30,7 +30,7 @@ from sparsify.adapters.base import (
     Adapter,
     AdapterConfig,
     ImportanceVector,
-    effective_over_raw,
+    StructureFactor,
     original,
     register_adapter,
 )
@@ -48,23 +48,6 @@ class RNNUnitsConfig(AdapterConfig):
     projections: bool = Field(
         True, description="also cover LSTM projection channels (proj_size > 0): importance = L2 norm of a "
                           "weight_hr row")
-
-
-class _Factor(nn.Module):
-    """t · factor[index] along ``dim``: the vector's effective/raw ratio spread over a tensor's rows."""
-
-    def __init__(self, vector: ImportanceVector, dim: int, index: torch.Tensor, ndim: int) -> None:
-        super().__init__()
-        object.__setattr__(self, "vector", vector)  # plain reference: not a submodule
-        self.transform = vector.transform  # shared by all of the vector's tensors
-        self.dim, self.ndim = dim, ndim
-        self.register_buffer("index", index, persistent=False)
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        factor = effective_over_raw(self.vector)
-        shape = [1] * self.ndim
-        shape[self.dim] = -1
-        return t * factor[self.index].to(t.dtype).view(shape)
 
 
 class RNNUnitsAdapter(Adapter):
@@ -142,7 +125,7 @@ class RNNUnitsAdapter(Adapter):
         vector.transform = transform
         for module, name, dim, index in vector.handle["scaled"]:
             t = getattr(module, name)
-            factor = _Factor(vector, dim, _index(vector, index, name, t.device), t.ndim)
+            factor = StructureFactor(vector, dim, _index(vector, index, name, t.device), t.ndim)
             parametrize.register_parametrization(module, name, factor, unsafe=True)
 
     def parametrized(self, vector: ImportanceVector) -> list[tuple[nn.Module, str]]:
