@@ -50,6 +50,18 @@ def _index(vector: ImportanceVector, member: Member, device: torch.device) -> to
     return cache[key]
 
 
+def structure_norms(vector: ImportanceVector, p: int) -> torch.Tensor:
+    """Per structure, the Lp norm of every index of ``vector.handle["norm"]``'s tensors that belongs to it."""
+    total = None
+    for m in vector.handle["norm"]:
+        t = original(*_tensor(vector.handle["model"], m))
+        per_index = t.movedim(m.dim, 0).reshape(t.shape[m.dim], -1).abs().pow(p).sum(1)
+        per_structure = torch.zeros(len(vector), dtype=per_index.dtype, device=per_index.device)
+        per_structure = per_structure.index_add(0, _index(vector, m, t.device), per_index)
+        total = per_structure if total is None else total + per_structure.to(total.device)
+    return total.pow(1.0 / p)
+
+
 class FilterNormAdapter(Adapter):
     """Covers every prunable group that has a producing weight."""
 
@@ -68,14 +80,7 @@ class FilterNormAdapter(Adapter):
         return out
 
     def raw(self, vector: ImportanceVector) -> torch.Tensor:
-        total = None
-        for m in vector.handle["norm"]:
-            t = original(*_tensor(vector.handle["model"], m))
-            per_index = t.movedim(m.dim, 0).reshape(t.shape[m.dim], -1).abs().pow(self.config.p).sum(1)
-            per_structure = torch.zeros(len(vector), dtype=per_index.dtype, device=per_index.device)
-            per_structure = per_structure.index_add(0, _index(vector, m, t.device), per_index)
-            total = per_structure if total is None else total + per_structure.to(total.device)
-        return total.pow(1.0 / self.config.p)
+        return structure_norms(vector, self.config.p)
 
     def install(self, vector: ImportanceVector, transform: nn.Module) -> None:
         vector.transform = transform

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from sparsify.adapters.base import AdapterConfig, ImportanceVector, original, register_adapter
-from sparsify.adapters.filter_norm import FilterNormAdapter, _index, _tensor
+from sparsify.adapters.base import AdapterConfig, ImportanceVector, register_adapter
+from sparsify.adapters.filter_norm import FilterNormAdapter, structure_norms
 from sparsify.errors import SparsifyError
 from sparsify.graph.channel_graph import ChannelGraph
 from sparsify.prune.attributes import register_attribute_sync
@@ -64,15 +64,8 @@ class HeadsAdapter(FilterNormAdapter):
         return out
 
     def raw(self, vector: ImportanceVector) -> torch.Tensor:
-        """Per head: sqrt of the sum of squares of every weight in ``handle["norm"]`` that belongs to it."""
-        total = None
-        for m in vector.handle["norm"]:
-            t = original(*_tensor(vector.handle["model"], m))
-            per_index = t.movedim(m.dim, 0).flatten(1).square().sum(1)
-            per_head = torch.zeros(len(vector), dtype=per_index.dtype, device=per_index.device)
-            per_head = per_head.index_add(0, _index(vector, m, t.device), per_index)
-            total = per_head if total is None else total + per_head.to(total.device)
-        return total.sqrt()
+        """Per head: the L2 norm of every weight in ``handle["norm"]`` that belongs to it."""
+        return structure_norms(vector, 2)
 
 
 register_adapter("heads", HeadsConfig, HeadsAdapter)

@@ -21,10 +21,12 @@ __all__ = [
     "keep_counts_for_cost",
     "keep_counts_global",
     "keep_counts_uniform",
+    "smallest_meeting",
 ]
 
 Normalize = Literal["none", "mean", "max"]
 K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
 
 _EPS = 1e-9  # guards floor/round against products such as 0.29 * 100 = 28.999999999999996
 _BISECT_STEPS = 60
@@ -233,16 +235,17 @@ def er_densities(
 # --------------------------------------------------------------------------------------------- cost targets
 
 
-def _smallest_meeting(
-    keep_at: Callable[[float], np.ndarray], removed_cost: Callable[[np.ndarray], float], target: float
-) -> np.ndarray:
-    """Keep counts at the smallest x in [0, 1] whose removed cost reaches target (removal grows with x)."""
-    if removed_cost(keep_at(0.0)) >= target:
-        return keep_at(0.0)
-    if removed_cost(keep_at(1.0)) < target:
-        return keep_at(1.0)  # the guards do not allow the target: remove what they allow
-    lo, hi = 0.0, 1.0
-    for _ in range(_BISECT_STEPS):
+def smallest_meeting(
+    keep_at: Callable[[float], T], removed_cost: Callable[[T], float], target: float,
+    lo: float = 0.0, hi: float = 1.0, steps: int = _BISECT_STEPS,
+) -> T:
+    """``keep_at(x)`` at the smallest x in [lo, hi] whose removed cost reaches target (removal grows
+    with x), by bisection; ``keep_at(hi)`` if even that falls short."""
+    if removed_cost(keep_at(lo)) >= target:
+        return keep_at(lo)
+    if removed_cost(keep_at(hi)) < target:
+        return keep_at(hi)  # the guards do not allow the target: remove what they allow
+    for _ in range(steps):
         mid = 0.5 * (lo + hi)
         if removed_cost(keep_at(mid)) >= target:
             hi = mid
@@ -296,7 +299,7 @@ def keep_counts_for_cost(
         return float(sum(p[n] for p, n in zip(prefix, w - keep, strict=True)))
 
     if method == "uniform":
-        return _smallest_meeting(lambda s: keep_counts_uniform(w, s, min_keep), removed_cost, target)
+        return smallest_meeting(lambda s: keep_counts_uniform(w, s, min_keep), removed_cost, target)
     if method == "erk":
         if erk_shapes is None or set(erk_shapes) != set(range(len(imps))):
             raise ValueError("method='erk' needs erk_shapes with one shape per vector index 0..n-1")
@@ -307,5 +310,5 @@ def keep_counts_for_cost(
             keep = _round_half_up(w * np.array([dens[i] for i in range(len(imps))]))
             return np.minimum(np.maximum(keep, min_keep), w)
 
-        return _smallest_meeting(keep_at, removed_cost, target)
+        return smallest_meeting(keep_at, removed_cost, target)
     raise ValueError(f"method must be 'uniform', 'global' or 'erk', got {method!r}")

@@ -76,9 +76,7 @@ def allocate_keep(groups: Sequence[GroupView], sparsity: float, unit: str, budge
                 for g, k, m in zip(groups, _allocate(groups, magnitudes, s, unit, budget), magnitudes, strict=True)]
 
     target = removed(keeps) * (1 - 1e-12)
-    best = rounded(sparsity)
-    if removed(best) >= target:
-        return best
+    return budgets.smallest_meeting(rounded, removed, target, sparsity, 1.0, _ROUND_BISECT_STEPS)
     lo, hi = sparsity, 1.0
     best = rounded(hi)
     if removed(best) < target:
