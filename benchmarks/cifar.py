@@ -107,6 +107,7 @@ def run(args: argparse.Namespace) -> dict:
         "images_per_s": statistics.median(e["images_per_s"] for e in log), "epochs": log, "info": arm.info,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "CPU",
         "torch": torch.__version__, "command": " ".join(sys.argv), "processes": world,
+        "cuda_graphs": trainer.graphs, "graph_capture_error": trainer.capture_error,
     })
     if world > 1:
         torch.distributed.destroy_process_group()

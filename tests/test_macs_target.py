@@ -51,7 +51,7 @@ def test_str_controller_reaches_a_macs_target(target: float) -> None:
     model = _cnn()
     x, y = torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,))
     cfg = STRConfig(s_init=-6.0, threshold_fn="exp", target=target, target_start_step=5, target_end_step=50,
-                    control_every=1, control_gain=0.5)
+                    control_every=1)
     sp = Sparsifier(model, x[:2], "bn_gamma", cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     for _ in range(80):
@@ -88,7 +88,7 @@ def test_str_controller_does_not_empty_a_layer(cap: float) -> None:
     with torch.no_grad():
         model[4].weight.mul_(0.02)
     cfg = STRConfig(s_init=-6.0, threshold_fn="exp", target=0.6, target_start_step=2, target_end_step=30,
-                    control_every=1, control_gain=0.3, max_vector_sparsity=cap)
+                    control_every=1, max_vector_sparsity=cap)
     sp = Sparsifier(model, torch.randn(2, 3, 16, 16), "bn_gamma", cfg)
     weak = next(v for v in sp.vectors if v.handle is model[4])
     worst = 0.0

@@ -60,6 +60,7 @@ class Trainer:
         self.step_module = CachedForward(model, cache)
         self.bf16, self.graphs, self.ddp = bf16, graphs and device.type == "cuda" and not ddp, ddp
         self.graphed = False
+        self.capture_error = ""
         self.net: nn.Module = self.step_module  # what the training step calls
 
     def rebuild(self, example: torch.Tensor) -> None:
@@ -77,8 +78,15 @@ class Trainer:
             for p in self.model.parameters():  # graphed backward + AccumulateGrad into a missing .grad
                 if p.requires_grad:            # gives wrong gradients from the 3rd step on (torch 2.11)
                     p.grad = torch.zeros_like(p)
-            with self._autocast():
-                torch.cuda.make_graphed_callables(self.step_module, (example,), num_warmup_iters=3)
+            try:
+                with self._autocast():
+                    torch.cuda.make_graphed_callables(self.step_module, (example,), num_warmup_iters=3)
+            except RuntimeError as exc:  # recorded in the run's JSON; the arm goes on eagerly (slower)
+                self.capture_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                print(f"CUDA graph capture failed, training eagerly: {self.capture_error}", flush=True)
+                self.graphs = False
+                self.ungraph()
+                return
             self.graphed = True
 
     def ungraph(self) -> None:

@@ -122,7 +122,7 @@ def make_policy(policy: str, sparse_steps: int, s_init: float, threshold_decay: 
     if policy == "str" and str_target:
         return STRConfig(s_init=s_init, threshold_fn="exp", target=str_target, target_unit="macs",
                          target_start_step=max(1, sparse_steps // 10), target_end_step=max(2, int(0.7 * sparse_steps)),
-                         control_every=max(1, sparse_steps // 60), control_gain=0.5)
+                         control_every=max(1, sparse_steps // 60))
     if policy == "str":
         return STRConfig(s_init=s_init, threshold_decay=threshold_decay)
     every = max(1, sparse_steps // 10)

@@ -93,15 +93,39 @@ class MacsModel:
 
     def after(self, keep: dict[int, np.ndarray]) -> float:
         """MACs per example with the structures ``keep`` marks False removed."""
-        total = 0.0
-        for tensor, macs in self.macs.items():
-            factor = 1.0
-            for gid, structure_of in self._dims.get(tensor, ()):
-                k = keep.get(gid)
-                if k is not None:
-                    factor *= float(np.count_nonzero(k[structure_of])) / max(len(structure_of), 1)
-            total += macs * factor
-        return total
+        gids = tuple(keep)
+        index, starts, lengths, tensor_of, macs = self._layout(gids, tuple(len(keep[g]) for g in gids))
+        factors = np.ones(len(macs))
+        if len(starts):
+            kept = np.concatenate([keep[g] for g in gids])[index]
+            np.multiply.at(factors, tensor_of, np.add.reduceat(kept, starts, dtype=np.int64) / lengths)
+        return float(macs @ factors)
+
+    def _layout(self, gids: tuple[int, ...], widths: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+        """For the groups in ``keep`` (in that order): every sliced dim's structures as indices into the
+        groups' keep vectors laid end to end, the dims' starts and lengths there, each dim's tensor, and
+        the tensors' MACs (zero for a tensor with a dim that has no structures). Made once per set of groups."""
+        cache = self.__dict__.setdefault("_layouts", {})
+        if (gids, widths) not in cache:
+            offset = dict(zip(gids, np.cumsum((0, *widths)), strict=False))
+            tensors = list(self.macs)
+            macs = np.asarray([float(self.macs[t]) for t in tensors])
+            index, lengths, tensor_of = [], [], []
+            for t, tensor in enumerate(tensors):
+                for gid, structure_of in self._dims.get(tensor, ()):
+                    if gid not in offset:
+                        continue
+                    if not len(structure_of):
+                        macs[t] = 0.0
+                        continue
+                    index.append(np.asarray(structure_of) + offset[gid])
+                    lengths.append(len(structure_of))
+                    tensor_of.append(t)
+            lengths_array = np.asarray(lengths, dtype=np.int64)
+            cache[(gids, widths)] = (
+                np.concatenate(index) if index else np.zeros(0, dtype=np.int64),
+                np.cumsum(lengths_array) - lengths_array, lengths_array, np.asarray(tensor_of, dtype=np.int64), macs)
+        return cache[(gids, widths)]
 
     def reduction(self, keep: dict[int, np.ndarray]) -> float:
         """Dense MACs / MACs after removal (2.0 means half the MACs)."""

@@ -64,18 +64,30 @@ class Policy(abc.ABC):
 
     def keep_vectors(self) -> dict[int, np.ndarray]:
         """Per group id, the structures some vector still keeps (effective value non-zero)."""
-        vectors = [v for g in self.groups for v in g.vectors]
         with torch.no_grad():  # one device→host copy for all vectors (a sync per vector stalls a GPU)
-            nonzero = [(v.effective().detach() != 0).flatten() for v in vectors]
-            flat = torch.cat([t.to(nonzero[0].device) for t in nonzero]).cpu().numpy()
-        out, pos = {}, 0
-        for g in self.groups:
-            alive = np.zeros(g.width, dtype=bool)
-            for v in g.vectors:
-                np.logical_or.at(alive, v.entries, flat[pos:pos + len(v)])
-                pos += len(v)
-            out[g.vectors[0].group.id] = alive
-        return out
+            return self.keep_from_nonzero((self.effective_flat() != 0).cpu().numpy())
+
+    def effective_flat(self) -> torch.Tensor:
+        """Every vector's effective value, concatenated in group order (policies may batch this)."""
+        values = [v.effective().detach().flatten() for g in self.groups for v in g.vectors]
+        return torch.cat([t.to(values[0].device) for t in values])
+
+    def keep_from_nonzero(self, nonzero: np.ndarray) -> dict[int, np.ndarray]:
+        """Per group id, the structures kept, from one flag per vector entry (in ``effective_flat`` order)."""
+        structure, bounds = self._flat_structures()
+        alive = np.zeros(bounds[-1], dtype=bool)
+        alive[structure[nonzero]] = True  # a structure lives if any vector entry covering it does
+        return {g.vectors[0].group.id: alive[a:b] for g, a, b in zip(self.groups, bounds[:-1], bounds[1:], strict=True)}
+
+    def _flat_structures(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per vector entry (``effective_flat`` order) its structure's index in all groups' structures laid
+        end to end, and the groups' bounds there (made once)."""
+        if "_flat_structures_cache" not in self.__dict__:
+            bounds = np.cumsum([0] + [g.width for g in self.groups])
+            structure = np.concatenate([np.asarray(v.entries) + start
+                                        for g, start in zip(self.groups, bounds, strict=False) for v in g.vectors])
+            self._flat_structures_cache = (structure, bounds)
+        return self._flat_structures_cache
 
     @abc.abstractmethod
     def attach(self, groups: Sequence[GroupView]) -> None:

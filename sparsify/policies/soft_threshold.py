@@ -6,13 +6,13 @@ optional ``threshold_decay``) raises the threshold over training; the loss pushe
 budgets are learned. ``s_init`` sets how long training stays effectively dense.
 
 STR alone sets sparsity only indirectly (``s_init``, weight decay). With ``target`` set, a budget
-controller makes it hit a cost target: every ``control_every`` steps it measures the fraction of
-MACs (or parameters, channels) the soft model has already zeroed and shifts every threshold
-parameter by ``control_gain · (desired − measured)``, where *desired* follows the cubic schedule
-from 0 at ``target_start_step`` to ``target`` at ``target_end_step`` and is held after it. The
-shift is the same for every layer (a common offset in logit space, i.e. a common factor on the
-thresholds), so the split across layers is still learned by the loss gradient on each ``s``; a
-vector that is already ``max_vector_sparsity`` zeros is not pushed further.
+controller makes it hit a cost target: every ``control_every`` steps it shifts every threshold
+parameter by one common δ, the smallest with which the soft model zeroes the *desired* fraction of
+MACs (or parameters, channels), where *desired* follows the cubic schedule from 0 at
+``target_start_step`` to ``target`` at ``target_end_step`` and is held after it; ``prune()`` brings
+it to ``target`` exactly. The controller sets the level, the loss gradient on each layer's ``s``
+learns the split (``sparsify/policies/str_target.py``); a vector is not pushed past
+``max_vector_sparsity`` zeros.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
 from sparsify.policies import budgets
 from sparsify.policies.base import GroupView, Policy, PolicyConfig, register_policy
+from sparsify.policies.str_target import track
 
 
 class STRConfig(PolicyConfig):
@@ -45,8 +47,8 @@ class STRConfig(PolicyConfig):
     target_unit: Literal["macs", "params", "channels"] = Field("macs", description="what `target` counts")
     target_start_step: int = Field(0, ge=0, description="step at which the controller's desired sparsity leaves 0")
     target_end_step: int = Field(1000, ge=1, description="step at which the desired sparsity reaches `target`")
-    control_every: int = Field(10, ge=1, description="steps between controller updates (each reads the zeros)")
-    control_gain: float = Field(0.5, gt=0, description="shift of every s per unit of sparsity error")
+    control_every: int = Field(
+        50, ge=1, description="steps between controller updates (each one copies the vectors to the host once)")
     max_vector_sparsity: float = Field(
         0.9, gt=0, le=1, description="the controller never raises the threshold of a vector that already has this "
                                      "fraction of zeros (a common shift would otherwise empty whole layers)")
@@ -141,29 +143,30 @@ class STRPolicy(Policy):
                              torch.tensor([len(v) for v in vectors], device=device))
         return cache[device]
 
+    def effective_flat(self) -> torch.Tensor:
+        batched = self.batched_effective()
+        return batched[0].detach() if batched is not None else super().effective_flat()
+
     def step(self, step: int) -> None:
         c = self.config
         if c.target is None or step % c.control_every:
             return
         desired = budgets.cubic_sparsity(step, c.target, c.target_start_step, c.target_end_step)
-        if desired <= 0:
-            return
-        self.last_measured = self.measured_sparsity()
-        shift = c.control_gain * (desired - self.last_measured)
-        with torch.no_grad():
-            capped = set()
-            if shift > 0 and c.max_vector_sparsity < 1:
-                vectors = [v for g in self.groups for v in g.vectors]
-                zeros = torch.stack([(v.effective().detach() == 0).float().mean().to(vectors[0].raw().device)
-                                     for v in vectors]).cpu().tolist()  # one device→host copy
-                capped = {id(v.transform) for v, z in zip(vectors, zeros, strict=True) if z >= c.max_vector_sparsity}
-            for t in self.transforms:
-                if id(t) not in capped:
-                    t.s.add_(shift)
+        if desired > 0:
+            self.last_measured = track(self, desired)
+
+    def finalize(self) -> None:
+        """With a target, the soft model is brought to it exactly before pruning (whatever the step)."""
+        if self.config.target is not None:
+            self.last_measured = track(self, self.config.target)
 
     def measured_sparsity(self) -> float:
         """Fraction of ``target_unit`` the soft model has zeroed (exact MACs with a cost model)."""
-        keep = self.keep_vectors()
+        with torch.no_grad():
+            return self.sparsity_of(self.keep_vectors())
+
+    def sparsity_of(self, keep: dict[int, np.ndarray]) -> float:
+        """Fraction of ``target_unit`` removed when the structures ``keep`` marks False go."""
         unit = self.config.target_unit
         if unit == "macs" and self.cost_model is not None:
             return 1.0 - self.cost_model.after(keep) / max(self.cost_model.total, 1.0)

@@ -1,0 +1,92 @@
+"""STR's budget controller: one common shift of every threshold parameter, found by bisection.
+
+``track(policy, desired)`` shifts every ``s`` by the smallest common δ with which the soft model zeroes
+at least ``desired`` of the policy's ``target_unit`` (exact MACs with a cost model), then returns the
+fraction measured on the model. δ may be negative (thresholds come down when the soft model is ahead
+of the schedule). A common shift in ``s`` is a common factor on exp thresholds and a common offset in
+logit space for sigmoid ones, so the controller sets the level while each layer's loss gradient on its
+own ``s`` keeps learning the split. No vector's threshold is raised past ``max_vector_sparsity`` zeros
+by the controller (a threshold the loss already put higher is left where it is): a common shift would
+otherwise empty weak layers. The search runs on host copies (one device→host copy per call).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from sparsify.policies.soft_threshold import STRPolicy
+
+_SPAN = 30.0  # the bisection searches δ in [−_SPAN, _SPAN] (exp: a factor e^±30 on every threshold)
+_ITERATIONS = 30
+
+
+def threshold(fn: str, s: torch.Tensor) -> torch.Tensor:
+    return torch.exp(s) if fn == "exp" else torch.sigmoid(s)
+
+
+def threshold_parameter(fn: str, tau: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``threshold``."""
+    return torch.log(tau) if fn == "exp" else torch.logit(tau.clamp(max=1 - 1e-12))
+
+
+def cap_thresholds(magnitudes: list[torch.Tensor], max_sparsity: float) -> torch.Tensor:
+    """Per vector, a threshold that zeroes at most ``floor(max_sparsity · n)`` of its entries
+    (midway between the largest one allowed to go and the next); ``inf`` when ``max_sparsity`` is 1."""
+    caps = []
+    for m in magnitudes:
+        allowed = int(np.floor(max_sparsity * len(m) + 1e-9))
+        if allowed >= len(m):
+            caps.append(float("inf"))
+            continue
+        ordered = torch.sort(m.double()).values
+        first_kept = ordered[allowed]
+        below = ordered[ordered < first_kept]
+        caps.append(max(0.5 * (float(below[-1]) + float(first_kept)) if len(below) else 0.5 * float(first_kept),
+                        1e-30))
+    return torch.tensor(caps, dtype=torch.float64)
+
+
+def track(policy: STRPolicy, desired: float) -> float:
+    """Bring the soft model to at least ``desired`` sparsity with one common threshold shift (see the
+    module docstring); returns the sparsity measured on the model afterwards."""
+    fn = policy.config.threshold_fn
+    vectors = [v for g in policy.groups for v in g.vectors]
+    index = {id(t): i for i, t in enumerate(policy.transforms)}
+    with torch.no_grad():
+        raw = [v.raw().detach().flatten() for v in vectors]
+        device, dtype = raw[0].device, raw[0].dtype
+        s_dtype = policy.transforms[0].s.dtype
+        host = torch.cat([torch.cat([r.to(device, torch.float64).abs() for r in raw]),
+                          torch.cat([t.s.detach().to(device, torch.float64) for t in policy.transforms])]).cpu()
+    lengths = [len(r) for r in raw]
+    magnitude, s = host[:sum(lengths)].to(dtype), host[sum(lengths):]
+    owner = torch.tensor([index[id(v.transform)] for v in vectors])
+    entry_owner = owner.repeat_interleave(torch.tensor(lengths))
+    per_vector_cap = cap_thresholds(list(torch.split(magnitude, lengths)), policy.config.max_vector_sparsity)
+    cap = torch.full((len(policy.transforms),), float("inf"), dtype=torch.float64)
+    cap = cap.scatter_reduce(0, owner, per_vector_cap, reduce="amin")
+    bound = torch.maximum(threshold(fn, s), cap)  # the controller never pushes past the cap, nor pulls below it
+
+    def parameters_at(delta: float) -> torch.Tensor:
+        return threshold_parameter(fn, torch.minimum(threshold(fn, s + delta), bound)).to(s_dtype)
+
+    def sparsity_at(delta: float) -> float:
+        tau = threshold(fn, parameters_at(delta)).to(dtype)  # as the device computes it: g(s) in s's dtype
+        return policy.sparsity_of(policy.keep_from_nonzero((magnitude > tau[entry_owner]).numpy()))
+
+    lo, hi = -_SPAN, _SPAN
+    if sparsity_at(lo) >= desired:
+        hi = lo
+    elif sparsity_at(hi) >= desired:
+        for _ in range(_ITERATIONS):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (lo, mid) if sparsity_at(mid) >= desired else (mid, hi)
+    new_s = parameters_at(hi)
+    with torch.no_grad():
+        for t, value in zip(policy.transforms, new_s.to(device).split(1), strict=True):
+            t.s.copy_(value.to(t.s.device))
+    return policy.measured_sparsity()
