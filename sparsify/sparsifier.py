@@ -21,9 +21,9 @@ from sparsify.graph.channel_graph import ChannelGraph, build_channel_graph
 from sparsify.graph.cost import MacsModel, count_params, module_macs, structure_costs
 from sparsify.graph.trace import trace
 from sparsify.policies import PolicyConfig, make_policy
-from sparsify.policies.base import GroupView
+from sparsify.policies.base import GroupView, connected
 from sparsify.prune.rounding import round_plan
-from sparsify.prune.surgery import PruneReport, protect_members, prune_channels
+from sparsify.prune.surgery import PruneReport, prune_channels
 
 
 @dataclass
@@ -165,15 +165,7 @@ class Sparsifier:
 
     def zero_structures(self) -> dict[int, np.ndarray]:
         """Per covered group id, the structures that every covering vector has zeroed."""
-        out = {}
-        with torch.no_grad():
-            for g in self.groups:
-                alive = np.zeros(g.width, dtype=bool)
-                for v in g.vectors:
-                    nonzero = (v.effective().detach() != 0).cpu().numpy()
-                    np.logical_or.at(alive, v.entries, nonzero)
-                out[g.vectors[0].group.id] = np.flatnonzero(~alive)
-        return out
+        return {gid: np.flatnonzero(~k) for gid, k in self.policy.keep_vectors().items()}
 
     def report(self) -> SparsityReport:
         """Per group: width, zeroed structures, and the params/MACs they account for."""
@@ -195,20 +187,8 @@ class Sparsifier:
         """
         self._check_live()
         self.policy.finalize()
-        plan = self.zero_structures()
-        kept = []
-        for g in self.groups:
-            gid = g.vectors[0].group.id
-            if len(plan[gid]) == g.width:  # keep the strongest structure so the network stays connected
-                best = int(np.argmax(g.magnitude()))
-                plan[gid] = plan[gid][plan[gid] != best]
-                kept.append(g.name)
-        for g in self.groups:  # nor may a single layer of a group be emptied (a concat of two branches)
-            gid = g.vectors[0].group.id
-            if gid in plan:
-                plan[gid], changed = protect_members(g.vectors[0].group, plan[gid], g.magnitude())
-                if changed:
-                    kept.append(g.name)
+        keep, kept = connected(self.groups, self.policy.keep_vectors(), GroupView.magnitude)
+        plan = {gid: np.flatnonzero(~k) for gid, k in keep.items()}
         round_to = self.config.round_to or getattr(self.config.policy, "round_to", None)
         if round_to:  # keep back the strongest removed structures: widths become multiples of round_to
             plan = round_plan(self.graph, plan, round_to, {g.vectors[0].group.id: g.magnitude() for g in self.groups})

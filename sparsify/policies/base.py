@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -15,6 +15,7 @@ from torch import nn
 from sparsify.adapters.base import ImportanceVector
 from sparsify.errors import SparsifyError
 from sparsify.graph.cost import MacsModel
+from sparsify.prune.surgery import protect_members
 from sparsify.registry import Registry
 
 
@@ -104,6 +105,31 @@ class Policy(abc.ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
+
+
+def connected(groups: Sequence[GroupView], keep: dict[int, np.ndarray],
+              magnitude: Callable[[GroupView], np.ndarray]) -> tuple[dict[int, np.ndarray], list[str]]:
+    """``keep`` as ``Sparsifier.prune()`` applies it: a group that would lose every structure keeps its
+    strongest (by ``magnitude``), and so does every member layer it would empty (one branch of a
+    concat), so that the network stays connected. Returns the keep vectors and the groups changed."""
+    out, changed = dict(keep), []
+    for g in groups:
+        gid = g.vectors[0].group.id
+        k = keep.get(gid)
+        if k is None:
+            continue
+        if not k.any():
+            k = k.copy()
+            k[int(np.argmax(magnitude(g)))] = True
+            changed.append(g.name)
+        removed = np.flatnonzero(~k)
+        if protect_members(g.vectors[0].group, removed)[1]:  # cheap test first: magnitudes only when needed
+            removed, _ = protect_members(g.vectors[0].group, removed, magnitude(g))
+            k = np.ones(g.width, dtype=bool)
+            k[removed] = False
+            changed.append(g.name)
+        out[gid] = k
+    return out, changed
 
 
 class Mask(nn.Module):

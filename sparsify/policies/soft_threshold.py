@@ -17,7 +17,7 @@ learns the split (``sparsify/policies/str_target.py``); a vector is not pushed p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from sparsify.policies import budgets
-from sparsify.policies.base import GroupView, Policy, PolicyConfig, register_policy
+from sparsify.policies.base import GroupView, Policy, PolicyConfig, connected, register_policy
 from sparsify.policies.str_target import track
 
 
@@ -161,12 +161,15 @@ class STRPolicy(Policy):
             self.last_measured = track(self, self.config.target)
 
     def measured_sparsity(self) -> float:
-        """Fraction of ``target_unit`` the soft model has zeroed (exact MACs with a cost model)."""
+        """Fraction of ``target_unit`` that ``prune()`` would remove now (exact MACs with a cost model)."""
         with torch.no_grad():
             return self.sparsity_of(self.keep_vectors())
 
-    def sparsity_of(self, keep: dict[int, np.ndarray]) -> float:
-        """Fraction of ``target_unit`` removed when the structures ``keep`` marks False go."""
+    def sparsity_of(self, keep: dict[int, np.ndarray],
+                    magnitude: Callable[[GroupView], np.ndarray] = GroupView.magnitude) -> float:
+        """Fraction of ``target_unit`` removed when the structures ``keep`` marks False go (after
+        ``prune()``'s rule that keeps the network connected, which needs the groups' ``magnitude``)."""
+        keep, _ = connected(self.groups, keep, magnitude)
         unit = self.config.target_unit
         if unit == "macs" and self.cost_model is not None:
             return 1.0 - self.cost_model.after(keep) / max(self.cost_model.total, 1.0)

@@ -70,13 +70,18 @@ def track(policy: STRPolicy, desired: float) -> float:
     cap = torch.full((len(policy.transforms),), float("inf"), dtype=torch.float64)
     cap = cap.scatter_reduce(0, owner, per_vector_cap, reduce="amin")
     bound = torch.maximum(threshold(fn, s), cap)  # the controller never pushes past the cap, nor pulls below it
+    structure, bounds = policy._flat_structures()
+    strongest = np.zeros(bounds[-1])
+    np.maximum.at(strongest, structure, magnitude.double().numpy())
+    group_magnitude = {id(g): strongest[a:b] for g, a, b in zip(policy.groups, bounds[:-1], bounds[1:], strict=True)}
 
     def parameters_at(delta: float) -> torch.Tensor:
         return threshold_parameter(fn, torch.minimum(threshold(fn, s + delta), bound)).to(s_dtype)
 
     def sparsity_at(delta: float) -> float:
         tau = threshold(fn, parameters_at(delta)).to(dtype)  # as the device computes it: g(s) in s's dtype
-        return policy.sparsity_of(policy.keep_from_nonzero((magnitude > tau[entry_owner]).numpy()))
+        keep = policy.keep_from_nonzero((magnitude > tau[entry_owner]).numpy())
+        return policy.sparsity_of(keep, lambda g: group_magnitude[id(g)])
 
     lo, hi = -_SPAN, _SPAN
     if sparsity_at(lo) >= desired:
