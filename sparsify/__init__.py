@@ -15,6 +15,7 @@ from sparsify.adapters import HeadsConfig as HeadsConfig
 from sparsify.adapters import RNNUnitsConfig as RNNUnitsConfig
 from sparsify.adapters import list_adapters as list_adapters
 from sparsify.adapters import register_adapter as register_adapter
+from sparsify.batchnorm import recalibrate_batchnorm as recalibrate_batchnorm
 from sparsify.config import SparsifierConfig as SparsifierConfig
 from sparsify.deploy import deploy as deploy
 from sparsify.errors import InexactPruneError as InexactPruneError
