@@ -107,29 +107,61 @@ class Policy(abc.ABC):
         return None
 
 
-def connected(groups: Sequence[GroupView], keep: dict[int, np.ndarray],
-              magnitude: Callable[[GroupView], np.ndarray]) -> tuple[dict[int, np.ndarray], list[str]]:
-    """``keep`` as ``Sparsifier.prune()`` applies it: a group that would lose every structure keeps its
-    strongest (by ``magnitude``), and so does every member layer it would empty (one branch of a
-    concat), so that the network stays connected. Returns the keep vectors and the groups changed."""
-    out, changed = dict(keep), []
-    for g in groups:
-        gid = g.vectors[0].group.id
-        k = keep.get(gid)
-        if k is None:
-            continue
-        if not k.any():
-            k = k.copy()
+class Connectivity:
+    """``Sparsifier.prune()``'s rule that keeps the network connected: a group that would lose every
+    structure keeps its strongest (by ``magnitude``), and so does every member layer it would empty
+    (one branch of a concat). Vectorised over all groups (it runs inside the STR controller's search)."""
+
+    def __init__(self, groups: Sequence[GroupView]) -> None:
+        self.groups = list(groups)
+        self.ids = [g.vectors[0].group.id for g in self.groups]
+        self.widths = np.asarray([g.width for g in self.groups], dtype=np.int64)
+        self.starts = np.cumsum(self.widths) - self.widths
+        index, lengths, owner = [], [], []
+        for i, g in enumerate(self.groups):
+            for m in g.vectors[0].group.members:
+                mine = np.unique(m.structure_of)
+                if len(mine):
+                    index.append(mine + self.starts[i])
+                    lengths.append(len(mine))
+                    owner.append(i)
+        self.member_index = np.concatenate(index) if index else np.zeros(0, dtype=np.int64)
+        self.member_lengths = np.asarray(lengths, dtype=np.int64)
+        self.member_starts = np.cumsum(self.member_lengths) - self.member_lengths
+        self.member_owner = np.asarray(owner, dtype=np.int64)
+
+    def apply(self, keep: dict[int, np.ndarray], magnitude: Callable[[GroupView], np.ndarray]
+              ) -> tuple[dict[int, np.ndarray], list[str]]:
+        """The keep vectors after the rule, and the names of the groups it changed."""
+        out, changed = dict(keep), []
+        flat = np.concatenate([keep.get(gid, np.ones(w, dtype=bool)) for gid, w in zip(self.ids, self.widths,
+                                                                                       strict=True)])
+        nonempty = np.logical_or.reduceat(flat, self.starts) if len(flat) else np.zeros(0, dtype=bool)
+        for i in np.flatnonzero(~nonempty & (self.widths > 0)):
+            g = self.groups[i]
+            k = flat[self.starts[i]:self.starts[i] + self.widths[i]]  # a view: the fix shows in `flat`
             k[int(np.argmax(magnitude(g)))] = True
             changed.append(g.name)
-        removed = np.flatnonzero(~k)
-        if protect_members(g.vectors[0].group, removed)[1]:  # cheap test first: magnitudes only when needed
-            removed, _ = protect_members(g.vectors[0].group, removed, magnitude(g))
-            k = np.ones(g.width, dtype=bool)
-            k[removed] = False
-            changed.append(g.name)
-        out[gid] = k
-    return out, changed
+        if len(self.member_starts):
+            counts = np.add.reduceat(flat[self.member_index], self.member_starts, dtype=np.int64)
+            for i in np.unique(self.member_owner[counts == 0]):  # rare: look closer only there
+                g = self.groups[i]
+                k = flat[self.starts[i]:self.starts[i] + self.widths[i]]
+                removed, _ = protect_members(g.vectors[0].group, np.flatnonzero(~k), magnitude(g))
+                k[:] = True
+                k[removed] = False
+                changed.append(g.name)
+        for i, gid in enumerate(self.ids):
+            if gid in keep:
+                out[gid] = flat[self.starts[i]:self.starts[i] + self.widths[i]].copy()
+        return out, changed
+
+
+def connected(groups: Sequence[GroupView], keep: dict[int, np.ndarray],
+              magnitude: Callable[[GroupView], np.ndarray]) -> tuple[dict[int, np.ndarray], list[str]]:
+    """``keep`` as ``Sparsifier.prune()`` applies it (see ``Connectivity``); returns the keep vectors and
+    the groups changed."""
+    return Connectivity(groups).apply(keep, magnitude)
 
 
 class Mask(nn.Module):

@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from sparsify.policies import budgets
-from sparsify.policies.base import GroupView, Policy, PolicyConfig, connected, register_policy
+from sparsify.policies.base import Connectivity, GroupView, Policy, PolicyConfig, register_policy
 from sparsify.policies.str_target import track
 
 
@@ -169,7 +169,9 @@ class STRPolicy(Policy):
                     magnitude: Callable[[GroupView], np.ndarray] = GroupView.magnitude) -> float:
         """Fraction of ``target_unit`` removed when the structures ``keep`` marks False go (after
         ``prune()``'s rule that keeps the network connected, which needs the groups' ``magnitude``)."""
-        keep, _ = connected(self.groups, keep, magnitude)
+        if "_connectivity" not in self.__dict__:
+            self._connectivity = Connectivity(self.groups)
+        keep, _ = self._connectivity.apply(keep, magnitude)
         unit = self.config.target_unit
         if unit == "macs" and self.cost_model is not None:
             return 1.0 - self.cost_model.after(keep) / max(self.cost_model.total, 1.0)
