@@ -77,18 +77,6 @@ def allocate_keep(groups: Sequence[GroupView], sparsity: float, unit: str, budge
 
     target = removed(keeps) * (1 - 1e-12)
     return budgets.smallest_meeting(rounded, removed, target, sparsity, 1.0, _ROUND_BISECT_STEPS)
-    lo, hi = sparsity, 1.0
-    best = rounded(hi)
-    if removed(best) < target:
-        return best  # the rounding does not allow the target: remove what it allows
-    for _ in range(_ROUND_BISECT_STEPS):
-        mid = 0.5 * (lo + hi)
-        candidate = rounded(mid)
-        if removed(candidate) >= target:
-            hi, best = mid, candidate
-        else:
-            lo = mid
-    return best
 
 
 def _allocate(groups: Sequence[GroupView], magnitudes: list[np.ndarray], sparsity: float, unit: str,

@@ -3,7 +3,8 @@
 Budgets in ``unit="macs"`` rank structures by their first-order cost (what removing one structure
 alone saves). Removing both the inputs and the outputs of a layer saves more than the sum, so the
 network ends up cheaper than the nominal sparsity says. ``keeps_for_macs`` finds the sparsity whose
-keep vectors give exactly (to one structure) the requested MACs, measured with :class:`MacsModel`.
+keep vectors give the requested MACs, measured with :class:`MacsModel`, then steps one structure at a
+time to it (exact to one structure; with ``round_to``, to one allocation step).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from sparsify.graph.cost import MacsModel
-from sparsify.policies import budgets
 from sparsify.policies.base import GroupView, Policy
 
 _STEPS = 40
@@ -21,9 +21,11 @@ _MAX_SPARSITY = 0.999
 
 
 def keeps_for_macs(groups: Sequence[GroupView], cost_model: MacsModel, fraction_removed: float,
-                   allocate: Callable[[float], list[np.ndarray]]) -> list[np.ndarray]:
-    """Keep vectors from ``allocate(s)`` with the smallest s whose exact MACs removed reach
-    ``fraction_removed``. ``allocate`` must be monotone in s."""
+                   allocate: Callable[[float], list[np.ndarray]], refine: bool = True) -> list[np.ndarray]:
+    """Keep vectors that remove ``fraction_removed`` of the exact MACs: bisection on the sparsity s of
+    ``allocate(s)`` (monotone in s), then, with ``refine``, one structure at a time between the last
+    allocation short of the target and the first that reaches it (a budget such as ERK moves many
+    same-shaped layers at once, so its steps can overshoot the target by several percent)."""
     if not 0 < fraction_removed < 1:
         raise ValueError(f"fraction_removed must be in (0, 1), got {fraction_removed}")
     ids = [g.vectors[0].group.id for g in groups]
@@ -31,11 +33,51 @@ def keeps_for_macs(groups: Sequence[GroupView], cost_model: MacsModel, fraction_
     def removed(keeps: list[np.ndarray]) -> float:
         return 1.0 - cost_model.after(dict(zip(ids, keeps, strict=True))) / cost_model.total
 
-    keeps = budgets.smallest_meeting(allocate, removed, fraction_removed, 0.0, _MAX_SPARSITY, _STEPS)
-    if removed(keeps) < fraction_removed:
-        raise ValueError(f"even sparsity {_MAX_SPARSITY} of the budget removes only {removed(keeps):.1%} of the "
+    lo, hi = 0.0, _MAX_SPARSITY
+    short, enough = allocate(lo), allocate(hi)
+    if removed(enough) < fraction_removed:
+        raise ValueError(f"even sparsity {_MAX_SPARSITY} of the budget removes only {removed(enough):.1%} of the "
                          f"MACs, short of {fraction_removed:.1%}: the prunable groups do not carry enough MACs")
-    return keeps
+    if removed(short) >= fraction_removed:
+        return short
+    for _ in range(_STEPS):
+        mid = 0.5 * (lo + hi)
+        keeps = allocate(mid)
+        if removed(keeps) >= fraction_removed:
+            hi, enough = mid, keeps
+        else:
+            lo, short = mid, keeps
+    return _one_at_a_time(groups, short, enough, removed, fraction_removed) if refine else enough
+
+
+def _one_at_a_time(groups: Sequence[GroupView], short: list[np.ndarray], enough: list[np.ndarray],
+                   removed: Callable[[list[np.ndarray]], float], target: float) -> list[np.ndarray]:
+    """From ``short``, remove the structures that ``enough`` removes and ``short`` keeps, weakest first and
+    spread over the groups (each group's weakest, then each group's second weakest, …), until the
+    target is met (bisection on how many)."""
+    if any((k & ~s).any() for s, k in zip(short, enough, strict=True)):
+        return enough  # not nested: no order between the two
+    order = []
+    for gi, (g, s, k) in enumerate(zip(groups, short, enough, strict=True)):
+        candidates = np.flatnonzero(s & ~k)
+        if len(candidates):
+            magnitude = g.magnitude()
+            relative = magnitude[candidates] / max(float(magnitude.max()), 1e-30)
+            order += [(rank, float(r), gi, int(c)) for rank, (r, c) in
+                      enumerate(sorted(zip(relative, candidates, strict=True)))]
+    order.sort()
+
+    def without(n: int) -> list[np.ndarray]:
+        keeps = [s.copy() for s in short]
+        for _, _, gi, c in order[:n]:
+            keeps[gi][c] = False
+        return keeps
+
+    lo, hi = 0, len(order)  # removed(without(hi)) == removed(enough) ≥ target
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if removed(without(mid)) >= target else (mid, hi)
+    return without(hi)
 
 
 def budget_keeps(policy: Policy, sparsity: float, allocate: Callable[[float], list[np.ndarray]]
@@ -44,7 +86,9 @@ def budget_keeps(policy: Policy, sparsity: float, allocate: Callable[[float], li
     attached by a Sparsifier), ``sparsity`` is the exact fraction of the network's MACs removed."""
     if getattr(policy.config, "unit", None) == "macs" and policy.cost_model is not None:
         try:
-            return keeps_for_macs(policy.groups, policy.cost_model, sparsity, allocate)
+            round_to = getattr(policy.config, "round_to", None)
+            return keeps_for_macs(policy.groups, policy.cost_model, sparsity, allocate,
+                                  refine=not round_to or round_to == 1)  # single structures would break multiples
         except ValueError as exc:
             round_to = getattr(policy.config, "round_to", None)
             if round_to and round_to > 1:
