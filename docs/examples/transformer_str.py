@@ -168,8 +168,8 @@ def main(adapter: str = "filter_norm", policy: str = "str", dense_steps: int = 3
     thresholds = {id(p) for p in sp.parameters()}
     opt = torch.optim.AdamW([{"params": [p for p in model.parameters() if id(p) not in thresholds]},
                              {"params": sp.parameters(), "weight_decay": 0.0,
-                              # Adam moves s by ~lr a step whatever the gradient: keep it well below the
-                              # controller's pace (control_gain · error / control_every) or it wins
+                              # Adam moves s by ~lr a step whatever the gradient: keep it small, or the
+                              # thresholds drift far between two controller updates
                               "lr": threshold_lr if not (policy == "str" and str_target) else threshold_lr / 10}],
                             lr=lr, weight_decay=sparse_weight_decay)
     train(model, opt, train_data, sparse_steps, batch, seq, generator, sp)
