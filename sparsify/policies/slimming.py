@@ -52,7 +52,9 @@ class SlimmingPolicy(Policy):
 
     def finalize(self) -> None:
         c = self.config
-        keeps = budget_keeps(self, c.sparsity, lambda s: allocate_keep(self.groups, s, c.unit, c.budget))
+        mags = [g.magnitude() for g in self.groups]  # once, not once per bisection step
+        keeps = budget_keeps(self, c.sparsity, lambda s: allocate_keep(self.groups, s, c.unit, c.budget,
+                                                                       magnitudes=mags))
         with torch.no_grad():
             for g, keep in zip(self.groups, keeps, strict=True):
                 set_group_masks(g, keep)
