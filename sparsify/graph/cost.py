@@ -13,12 +13,15 @@ from sparsify.graph.trace import TensorInfo, TracedModel
 
 
 def module_macs(traced: TracedModel) -> dict[str, int]:
-    """MACs per example (batch dim 0 divided out) of every conv/linear call in the trace, keyed by
+    """MACs per example (batch dim 0 divided out) of every conv/linear/RNN call in the trace, keyed by
     the qualified name of the weight it multiplies."""
     macs: dict[str, int] = {}
     gm = traced.graph_module
     for node in gm.graph.nodes:
         out = traced.values.get(node.name)
+        if node.op == "call_module" and isinstance(m := gm.get_submodule(str(node.target)), nn.RNNBase):
+            _rnn_macs(macs, str(node.target), m, out)
+            continue
         if not isinstance(out, TensorInfo) or not out.shape:
             continue
         per_example = math.prod(out.shape[1:]) if len(out.shape) > 1 else out.shape[0]
@@ -41,6 +44,24 @@ def module_macs(traced: TracedModel) -> dict[str, int]:
                     key = str(weight.target)
                     macs[key] = macs.get(key, 0) + per_example * math.prod(w.shape[1:])
     return macs
+
+
+def _rnn_macs(macs: dict[str, int], name: str, module: nn.RNNBase, out: object) -> None:
+    """nn.RNN / nn.LSTM / nn.GRU: every time step multiplies each ``weight_ih``, ``weight_hh`` and
+    ``weight_hr`` (layer, direction) by one vector, i.e. ``numel`` MACs per sequence and step.
+
+    The output (T, N, F), (N, T, F) with ``batch_first`` or (T, F) unbatched holds one row per step
+    and sequence; like the other entries, its dim 0 is divided out (a Linear applied to the same
+    time-first tensor counts N rows too), so the RNN's share of the network's MACs is right either way.
+    """
+    output = out[0] if isinstance(out, (tuple, list)) and out else out
+    if not isinstance(output, TensorInfo) or output.ndim not in (2, 3):
+        return  # a PackedSequence: its rule blocks the module, and its length varies per sequence
+    rows = math.prod(output.shape[1:-1])  # N (time first), T (batch first) or 1 (unbatched) per dim-0 row
+    for weight in module._flat_weights_names:
+        if weight.startswith("weight_"):
+            key = f"{name}.{weight}"
+            macs[key] = macs.get(key, 0) + rows * getattr(module, weight).numel()
 
 
 def count_params(model: nn.Module) -> int:
