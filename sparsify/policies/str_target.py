@@ -33,21 +33,31 @@ def threshold_parameter(fn: str, tau: torch.Tensor) -> torch.Tensor:
     return torch.log(tau) if fn == "exp" else torch.logit(tau.clamp(max=1 - 1e-12))
 
 
-def cap_thresholds(magnitudes: list[torch.Tensor], max_sparsity: float) -> torch.Tensor:
-    """Per vector, a threshold that zeroes at most ``floor(max_sparsity · n)`` of its entries
-    (midway between the largest one allowed to go and the next); ``inf`` when ``max_sparsity`` is 1."""
-    caps = []
-    for m in magnitudes:
-        allowed = int(np.floor(max_sparsity * len(m) + 1e-9))
-        if allowed >= len(m):
-            caps.append(float("inf"))
-            continue
-        ordered = torch.sort(m.double()).values
-        first_kept = ordered[allowed]
-        below = ordered[ordered < first_kept]
-        caps.append(max(0.5 * (float(below[-1]) + float(first_kept)) if len(below) else 0.5 * float(first_kept),
-                        1e-30))
-    return torch.tensor(caps, dtype=torch.float64)
+def cap_thresholds(magnitudes: torch.Tensor, lengths: list[int], max_sparsity: float) -> torch.Tensor:
+    """Per vector (``magnitudes`` is the vectors' |values| laid end to end, ``lengths`` their sizes), a
+    threshold that zeroes at most ``floor(max_sparsity · n)`` of its entries: midway between the largest
+    value allowed to go and the first kept one; ``inf`` when that allows every entry."""
+    n = torch.tensor(lengths)
+    allowed = torch.floor(max_sparsity * n.double() + 1e-9).long()
+    caps = torch.full((len(lengths),), float("inf"), dtype=torch.float64)
+    limited = allowed < n
+    if not limited.any():
+        return caps
+    owner = torch.arange(len(lengths)).repeat_interleave(n)
+    values = magnitudes.double()
+    by_value = torch.argsort(values, stable=True)
+    order = by_value[torch.argsort(owner[by_value], stable=True)]  # by vector, then by value
+    ordered, owner_sorted = values[order], owner[order]
+    starts = torch.cumsum(n, 0) - n
+    first_kept = torch.full((len(lengths),), float("inf"), dtype=torch.float64)
+    first_kept[limited] = ordered[(starts + allowed)[limited]]
+    below_count = torch.bincount(owner_sorted, weights=(ordered < first_kept[owner_sorted]).double(),
+                                 minlength=len(lengths)).long()  # entries under the first kept one
+    last_below = ordered[(starts + below_count - 1).clamp(0, len(ordered) - 1)]
+    below = torch.where(below_count > 0, last_below, torch.zeros_like(last_below))[limited]
+    first_kept = first_kept[limited]
+    caps[limited] = torch.clamp(0.5 * (below + first_kept), min=1e-30)
+    return caps
 
 
 def track(policy: STRPolicy, desired: float) -> float:
@@ -66,7 +76,7 @@ def track(policy: STRPolicy, desired: float) -> float:
     magnitude, s = host[:sum(lengths)].to(dtype), host[sum(lengths):]
     owner = torch.tensor([index[id(v.transform)] for v in vectors])
     entry_owner = owner.repeat_interleave(torch.tensor(lengths))
-    per_vector_cap = cap_thresholds(list(torch.split(magnitude, lengths)), policy.config.max_vector_sparsity)
+    per_vector_cap = cap_thresholds(magnitude, lengths, policy.config.max_vector_sparsity)
     cap = torch.full((len(policy.transforms),), float("inf"), dtype=torch.float64)
     cap = cap.scatter_reduce(0, owner, per_vector_cap, reduce="amin")
     bound = torch.maximum(threshold(fn, s), cap)  # the controller never pushes past the cap, nor pulls below it
