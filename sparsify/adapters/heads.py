@@ -9,6 +9,8 @@ only those output columns (``source="o"``: what the head writes into the residua
 A policy's transform acts as a per-head factor effective/raw on the tensors that produce the head
 (q, k, v rows and their biases), as in ``filter_norm``: a zero removes the head exactly (its output
 is then zero, so the output projection's columns see nothing), and ``prune()`` removes it physically.
+With ``head_dim=True`` it also covers head_dim slot groups (``kind="head_dim"``: slot j of every head,
+see ``sparsify/graph/rules/head_dim.py``), with the same norm and transform.
 
 ``nn.MultiheadAttention`` is a leaf that ties its inner width to ``embed_dim`` (so its heads cannot
 shrink); :func:`explicit_multihead_attention_` swaps it for an equivalent explicit module first.
@@ -39,6 +41,8 @@ class HeadsConfig(AdapterConfig):
     source: Literal["qkvo", "o"] = Field(
         "qkvo", description="weights of the norm: the head's q/k/v rows and output-projection columns "
                             "('qkvo'), or only the output-projection columns ('o')")
+    head_dim: bool = Field(False, description="also cover head_dim slot groups (kind 'head_dim': slot j of "
+                                              "every head of a layer, where the head count is a constant)")
 
 
 class HeadsAdapter(FilterNormAdapter):
@@ -49,16 +53,20 @@ class HeadsAdapter(FilterNormAdapter):
     def vectors(self, cg: ChannelGraph) -> list[ImportanceVector]:
         out = []
         for group in cg.prunable_groups():
-            if group.kind not in HEAD_KINDS:
-                self.skipped[group.name] = f"its structures are {group.kind}s, not attention heads"
+            if group.kind not in HEAD_KINDS + (("head_dim",) if self.config.head_dim else ()):
+                self.skipped[group.name] = ("its structures are head_dim slots: set head_dim=True to cover them"
+                                            if group.kind == "head_dim" else
+                                            f"its structures are {group.kind}s, not attention heads")
                 continue
-            producers = [m for m in group.members if m.role in ("out", "value")]
+            # head_dim slots: the q/k/v weights only, not tables read with them (rotary cos/sin buffers)
+            making = ("out",) if group.kind == "head_dim" else ("out", "value")
+            producers = [m for m in group.members if m.role in making]
             columns = [m for m in group.members if m.role == "in"]
             norm = columns if self.config.source == "o" else producers + columns
             if not producers or not norm:
                 self.skipped[group.name] = "no weight produces (or reads) these heads"
                 continue
-            scaled = [m for m in group.members if m.role in ("out", "value", "scale", "bias")]
+            scaled = [m for m in group.members if m.role in (*making, "scale", "bias")]
             handle = {"model": cg.model, "norm": norm, "scaled": scaled}
             out.append(ImportanceVector(group.name, group, torch.arange(group.width).numpy(), self, handle=handle))
         return out

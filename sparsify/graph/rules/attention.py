@@ -8,7 +8,8 @@ merge back (``transpose + reshape(b, s, -1)``) gives the output projection's inp
 heads — one group per attention layer results: its structures are the heads (``kind="head"``) or
 the KV groups (``kind="kv_group"``, a KV head with its query heads); its members are the q/k/v rows
 (blocks of head_dim), their biases and the output projection's columns. head_dim stays a barrier:
-every head must keep the same size. Softmax over keys keeps the sequence dims out of it.
+every head must keep the same size (a module with a constant head count gets head_dim slots instead,
+see ``head_dim.py``). Softmax over keys keeps the sequence dims out of it.
 
 This module registers the SDPA rule (``F.scaled_dot_product_attention`` and its ATen overload), a
 matmul rule that labels the heads of eager attention (matmul → softmax → matmul), ``aten.addmm``
@@ -108,7 +109,9 @@ def scaled_dot_product_attention(ctx: OpContext) -> None:
     ctx.sink(ctx.space(q, -1), f"{ctx.describe()} contracts queries with keys over this dim")
     ctx.same(ctx.space(v, -1), ctx.out(-1))
     if ctx.node.kwargs.get("scale") is None and len(ctx.node.args) < 7:
-        ctx.mark_inexact(ctx.space(q, -1), f"{ctx.describe()} scales by 1/sqrt(head_dim)")
+        ctx.mark_inexact(ctx.space(q, -1), f"{ctx.describe()} scales by 1/sqrt(head_dim) of the current width "
+                                           "(its default scale); pass scale=head_dim ** -0.5 (the original "
+                                           "head_dim) to prune head_dim slots exactly")
     _couple_mask(ctx, ctx.arg(3, "attn_mask"), nd, q, k)
 
 

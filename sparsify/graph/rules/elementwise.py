@@ -69,7 +69,11 @@ register_op_rule(
 
 
 def shape_query(ctx: OpContext) -> None:
-    """Reads only metadata (shape, dim, dtype): no channel coupling."""
+    """Reads only metadata (shape, dim, dtype): no channel coupling; a size computed with (not just
+    passed to views) marks its dim inexact."""
+    from sparsify.graph.rules.head_dim import mark_width_reads
+
+    mark_width_reads(ctx)
 
 
 register_op_rule(

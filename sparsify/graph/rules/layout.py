@@ -5,7 +5,8 @@ the chain: the same ops are applied to a tensor of element indices, and each out
 classified against the input dims as the same channels (possibly permuted, as in channel
 shuffle), a product of input dims (flatten), a repetition (``repeat_kv``'s expand + reshape), or new.
 A channel dim split into heads (``view(b, s, -1, head_dim)``) couples each head's channels to one
-position of the head dim; the head_dim factor is a barrier (every head must keep the same size).
+position of the head dim; the head_dim factor is a barrier (every head must keep the same size). With
+a constant head count (``view(b, s, heads, -1)``) the roles swap: head_dim slots (``rules/head_dim.py``).
 
 A size written in the model's code (``x.reshape(n, 768, -1)``) makes its dim a barrier, since
 pruning would not update the constant. ``torch.export`` writes every size as a constant; modules
@@ -350,9 +351,9 @@ def _head_split(ctx: OpContext, exit_node: fx.Node, root: fx.Node, idx: torch.Te
         [-1 if j == free[0] else 1 for j in range(split_idx.ndim)]).expand(split_idx.shape)
     head_of = np.empty(width, dtype=np.int64)
     head_of[g.reshape(-1).numpy()] = position.reshape(-1).numpy()
-    if np.any(np.diff(head_of) < 0):
-        return set(), (f"{where} splits it with a hard-coded head count (the free factor is the head_dim, "
-                       "which must stay uniform over heads); write view(b, s, -1, head_dim) to prune whole heads")
+    # the free factor is the head_dim when the head count is hard-coded (view(b, s, heads, -1)): the
+    # structures are then head_dim slots, slot j of every head removed together (uniform head_dim)
+    slots = bool(np.any(np.diff(head_of) < 0))
     heads = int(head_of.max()) + 1
     h = torch.as_tensor(head_of)[_coords(in_shape, idx)[i]]  # head of every exit element
     head_dims = [j for j in range(idx.ndim) if _varies(h, j)]
@@ -370,18 +371,30 @@ def _head_split(ctx: OpContext, exit_node: fx.Node, root: fx.Node, idx: torch.Te
     index[jh] = slice(None)
     a = h[tuple(index)].numpy()  # head at each position of the head dim
     counts = np.bincount(a, minlength=heads)
-    if counts.min() == 0 or counts.max() != counts.min():
+    if slots and counts.min() == 0 and counts.max() == 1:  # a block of head_dim slots (rotary halves)
+        from sparsify.graph.rules.head_dim import couple_slice
+
+        why = couple_slice(ctx, exit_node, ctx.space(root, i), head_of, np.unique(head_of, return_index=True)[1],
+                           a, heads)
+        if why:
+            return set(), f"dim {jh} {why}"
+    elif counts.min() == 0 or counts.max() != counts.min():
         return set(), f"dim {jh} selects or repeats heads unevenly ({counts.tolist()} times each)"
     fixed = [j for j in range(idx.ndim) if j != jh and _varies(g_exit[i], j)]
     if any(_varies(g_exit[k], j) for j in fixed for k in range(len(in_shape)) if k != i and in_shape[k] > 1):
         return set(), f"a head_dim dim of {where} is mixed with another dim"
     space = ctx.space(root, i)
-    first = np.searchsorted(head_of, np.arange(heads))  # first channel of each head
+    first = np.unique(head_of, return_index=True)[1]  # first channel of each head (head_dim slot)
     ctx.pairs(space, space, first[head_of], np.arange(width))
     ctx.pairs(space, ctx.out(jh), first[a], np.arange(len(a)))
     for j in fixed:
-        ctx.block(ctx.out(j), f"{ctx.describe()}: dim {j} indexes within attention heads (head_dim of "
-                              f"{where}), which must keep the same size in every head")
+        ctx.block(ctx.out(j), f"{ctx.describe()}: dim {j} indexes the heads of {where}, whose count is a constant "
+                              "in the model's code (its head_dim slots are prunable; write view(b, s, -1, "
+                              "head_dim) to prune whole heads instead)" if slots else
+                  f"{ctx.describe()}: dim {j} indexes within attention heads (head_dim of "
+                  f"{where}), which must keep the same size in every head")
+    if slots:
+        ctx.label(ctx.out(jh), "head_dim")
     return {jh, *fixed}, ""
 
 
