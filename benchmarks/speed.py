@@ -7,7 +7,10 @@ For each model and MACs-reduction target (dense MACs / pruned MACs):
   ``unit="macs"`` and the ``--budget`` allocation, updated to its final sparsity once, then
   ``Sparsifier.prune()``), deployed. With ``unit="macs"`` the GMP sparsity is the exact fraction of
   MACs removed (the policy bisects its budget on ``Sparsifier.macs_model``). ``ours+round`` adds
-  ``round_to`` to the GMP budget.
+  ``round_to`` to the GMP budget. ``ours+latency``: the same MACs target with ``budget="latency"``
+  (``sparsify.policies.latency_budget``: ``round_to`` channels at a time, where a
+  ``sparsify.latency.LatencyModel`` timed on ``--device`` at the benchmark's batch and dtype says they
+  save the most time per MAC); its timed layer configurations are shared between the model's targets.
 * ``tp``: Torch-Pruning's ``MetaPruner`` with ``GroupMagnitudeImportance`` (same p) and a uniform
   ``pruning_ratio``: its iterative steps find the step that reaches the same MACs target, then a
   bisection on the ratio refines it; ``tp+round`` passes TP's ``round_to``.
@@ -54,6 +57,7 @@ from sparsify import FilterNormConfig, GMPConfig, Sparsifier  # noqa: E402
 from sparsify.deploy import deploy  # noqa: E402
 from sparsify.graph.cost import module_macs  # noqa: E402
 from sparsify.graph.trace import trace  # noqa: E402
+from sparsify.latency import LatencyModel  # noqa: E402
 from sparsify.speed import autocast_context, measure_latency, width_latency_table  # noqa: E402
 
 DEFAULT_RATIOS = {"resnet50": [2.0, 4.0], "mobilenet_v2": [2.0, 4.0], "resnet18": [2.0], "vit_b_16": [1.5]}
@@ -136,6 +140,30 @@ def prune_ours(dense: nn.Module, x: torch.Tensor, ratio: float, round_to: int | 
     return model, {"gmp_sparsity": round(fraction, 5)}
 
 
+def prune_latency(dense: nn.Module, x: torch.Tensor, ratio: float, round_to: int, batch: int,
+                  args: argparse.Namespace, cache: dict) -> tuple[nn.Module, dict[str, Any]]:
+    """GMP with ``budget="latency"`` at the same exact MACs target: a LatencyModel of the layers timed on
+    ``args.device`` (batch, dtype, channels_last as the benchmark), ``round_to`` channels a chunk."""
+    fraction = WeightMacs(dense, x).layer_fraction(ratio)
+    model = copy.deepcopy(dense)
+    sp = Sparsifier(model, x, FilterNormConfig(p=args.p),
+                    GMPConfig(sparsity=fraction, unit="macs", budget="latency", start_step=0, end_step=1,
+                              update_every=1, round_to=round_to))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.dtype]
+    start = time.perf_counter()
+    sp.policy.latency_model = lat = LatencyModel(
+        sp.graph, batch=batch, device=args.device, dtype=dtype, step=round_to, grid_points=args.latency_points,
+        iters=min(10, args.iters), warmup=min(3, args.warmup), cache=cache)
+    timing_s = time.perf_counter() - start
+    sp.step()
+    keep = sp.policy.keep_vectors()
+    estimate = lat.reduction(keep)
+    sp.prune()
+    return model, {"gmp_sparsity": round(fraction, 5), "latency_configs_timed": lat.measured,
+                   "latency_cache": len(cache), "latency_timing_s": round(timing_s, 2),
+                   "estimated_layer_speedup": round(estimate, 3)}
+
+
 def prune_tp(name: str, dense: nn.Module, x: torch.Tensor, ratio: float, round_to: int | None, p: int,
              steps: int, refine: int) -> tuple[nn.Module, dict[str, Any]]:
     """TP's iterative pruning (``steps`` steps up to ratio 0.95) until the MACs target is met, then
@@ -213,7 +241,8 @@ def bench_model(name: str, args: argparse.Namespace, round_to: int, rows: list[R
                     sum(p.numel() for p in dense.parameters()) / 1e6,
                     info={"widths_not_multiple_of_8": unaligned(dense)}))
     console.log(f"{name}: dense {dense_ms:.2f} ms, {dense_macs / 1e9:.3f} GMACs")
-    arms: list[tuple[str, int | None]] = [("ours", None), ("ours+round", round_to)]
+    arms: list[tuple[str, int | None]] = [("ours", None), ("ours+round", round_to), ("ours+latency", round_to)]
+    latency_cache: dict = {}  # layer configurations timed for this model, shared between its targets
     if not args.no_tp:
         arms += [("tp", None), ("tp+round", round_to)]
     for ratio in args.ratios or DEFAULT_RATIOS.get(name, [2.0]):
@@ -221,7 +250,9 @@ def bench_model(name: str, args: argparse.Namespace, round_to: int, rows: list[R
             row = Row(name, ratio, arm, rt)
             try:
                 start = time.perf_counter()
-                if arm.startswith("ours"):
+                if arm == "ours+latency":
+                    model, row.info = prune_latency(dense, x, ratio, rt, batch, args, latency_cache)
+                elif arm.startswith("ours"):
                     model, row.info = prune_ours(dense, x, ratio, rt, args.p, args.budget)
                 else:
                     model, row.info = prune_tp(name, dense, x, ratio, rt, args.p, args.tp_steps, args.refine)
@@ -285,6 +316,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "CPU: 8)")
     ap.add_argument("--budget", choices=["uniform", "global", "erk"], default="uniform", help="GMP budget (ours)")
     ap.add_argument("--p", type=int, choices=[1, 2], default=2, help="Lp norm of the magnitude importance")
+    ap.add_argument("--latency-points", type=int, default=4,
+                    help="ours+latency: widths timed per prunable axis of each layer (LatencyModel grid_points; "
+                         "ResNet-50: 322 configurations at 4, 514 at 5)")
     ap.add_argument("--no-tp", action="store_true", help="skip the Torch-Pruning arms")
     ap.add_argument("--tp-steps", type=int, default=20, help="TP iterative steps (ratio 0 → 0.95) to find the target")
     ap.add_argument("--refine", type=int, default=5, help="TP bisection steps after the iterative search")

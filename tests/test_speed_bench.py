@@ -33,7 +33,7 @@ def test_speed_benchmark_smoke(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["torch"] == torch.__version__ and result["device"]
     rows = {r["arm"]: r for r in result["rows"]}
-    assert set(rows) == {"dense", "ours", "ours+round", "tp", "tp+round"}
+    assert set(rows) == {"dense", "ours", "ours+round", "ours+latency", "tp", "tp+round"}
     for arm, r in rows.items():
         assert not r["error"], (arm, r["error"])
         assert r["ms"] > 0 and r["realised"] == pytest.approx(r["speedup"] / r["reduction"])
@@ -42,6 +42,8 @@ def test_speed_benchmark_smoke(tmp_path: Path) -> None:
     assert rows["ours+round"]["round_to"] == 8
     odd = {arm: r["info"]["widths_not_multiple_of_8"] for arm, r in rows.items()}
     assert odd["dense"] == 0 and odd["ours+round"] == 0 and odd["ours"] > 0, odd  # round_to=8 aligns every layer
+    assert odd["ours+latency"] == 0 and rows["ours+latency"]["reduction"] >= 1.95, rows["ours+latency"]
+    assert rows["ours+latency"]["info"]["latency_configs_timed"] > 0
 
 
 def test_suggest_round_to_prefers_multiples_that_pay_off() -> None:

@@ -14,8 +14,11 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
+from sparsify.errors import SparsifyError
+from sparsify.latency import LatencyModel
 from sparsify.policies import budgets
 from sparsify.policies.base import GroupView, Mask, Policy, PolicyConfig, register_policy, set_group_masks, top_k_keep
+from sparsify.policies.latency_budget import allocate_by_latency
 from sparsify.policies.macs_target import budget_keeps
 from sparsify.prune.rounding import round_keep
 
@@ -30,7 +33,13 @@ class GMPConfig(PolicyConfig):
     unit: Literal["channels", "params", "macs"] = Field(
         "channels", description="what `sparsity` counts; macs: the exact fraction of the network's MACs removed "
                                 "(second order, solved by bisection on the budget)")
-    budget: Literal["uniform", "global", "erk"] = Field("uniform", description="how the target splits across groups")
+    budget: Literal["uniform", "global", "erk", "latency"] = Field(
+        "uniform", description="how the target splits across groups; latency: where removing channels saves the most "
+                               "estimated time (sparsify.policies.latency_budget; needs unit='macs' and "
+                               "sp.policy.latency_model)")
+    latency_importance_weight: float = Field(
+        1.0, ge=0, description="budget='latency': how much a chunk's magnitude counts against the time it saves "
+                               "(0: pure latency)")
     start_step: int = Field(0, ge=0, description="first step that updates masks")
     end_step: int = Field(1000, ge=1, description="step at which the final sparsity is reached")
     update_every: int = Field(100, ge=1, description="steps between mask updates (Δt)")
@@ -46,6 +55,9 @@ class GMPConfig(PolicyConfig):
             raise ValueError(f"end_step ({self.end_step}) must be after start_step ({self.start_step})")
         if self.initial_sparsity > self.sparsity:
             raise ValueError("initial_sparsity must not exceed sparsity")
+        if self.budget == "latency" and self.unit != "macs":
+            raise ValueError(f"budget='latency' needs unit='macs' (sparsity is the exact fraction of MACs removed), "
+                             f"got unit={self.unit!r}")
         return self
 
 
@@ -97,6 +109,8 @@ def _allocate(groups: Sequence[GroupView], magnitudes: list[np.ndarray], sparsit
 class GMPPolicy(Policy):
     config: GMPConfig
 
+    latency_model: LatencyModel | None = None  # budget="latency": set by the user on the Sparsifier's graph
+
     def attach(self, groups: Sequence[GroupView]) -> None:
         self.groups = list(groups)
         self.current = 0.0
@@ -125,11 +139,23 @@ class GMPPolicy(Policy):
         c = self.config
         exact = c.unit == "macs" and self.cost_model is not None  # budget_keeps bisects on the exact MACs
         mags = [g.magnitude() for g in self.groups]  # once, not once per bisection step
-        keeps = budget_keeps(self, sparsity, lambda s: allocate_keep(self.groups, s, c.unit, c.budget, c.round_to,
-                                                                     meet_target=not exact, magnitudes=mags))
+        if c.budget == "latency":
+            keeps = self._latency_keeps(sparsity, mags)
+        else:
+            keeps = budget_keeps(self, sparsity, lambda s: allocate_keep(self.groups, s, c.unit, c.budget, c.round_to,
+                                                                         meet_target=not exact, magnitudes=mags))
         with torch.no_grad():
             for g, keep in zip(self.groups, keeps, strict=True):
                 set_group_masks(g, keep)
+
+    def _latency_keeps(self, sparsity: float, mags: list[np.ndarray]) -> list[np.ndarray]:
+        if self.latency_model is None or self.cost_model is None:
+            raise SparsifyError("GMPConfig(budget='latency') needs a latency model: after creating the Sparsifier, "
+                                "set sp.policy.latency_model = sparsify.latency.LatencyModel(sp.graph, batch=..., "
+                                "device=..., step=...) before the first update")
+        return allocate_by_latency(self.groups, mags, self.latency_model, self.cost_model, sparsity,
+                                   self.config.round_to or 1,
+                                   importance_weight=self.config.latency_importance_weight)
 
     def finalize(self) -> None:
         if self.current < self.config.sparsity:

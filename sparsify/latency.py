@@ -1,0 +1,302 @@
+"""Estimated latency of a network after removing structures, from timings of its layers alone.
+
+``LatencyModel`` is to latency what :class:`sparsify.graph.cost.MacsModel` is to MACs: given a plan
+``keep`` (group id → boolean keep vector), ``after(keep)`` estimates the network's latency in ms
+without touching the model. Every conv (plain, grouped, depthwise) and linear layer of the trace gets
+a latency function of its kept input and output widths, measured by timing a fresh layer of the same
+type, kernel, stride, padding, dilation and groups on the layer's real input size (``batch`` examples,
+autocast ``dtype``, channels_last convs, on ``device``) on a grid of widths: multiples of ``step``
+from ``step`` to the full width (``grid_points`` of them, evenly spread, per prunable dim; every
+multiple with ``grid_points=None``), linearly (bilinearly) interpolated in between and clamped at the
+ends. A depthwise conv has one axis (in = out = groups); a grouped conv too (whole conv groups go).
+Identical configurations are timed once (``cache``, shareable between models): ResNet-50 has few
+distinct layer shapes. Other ops (norms, activations, additions, pooling) are not modelled.
+
+    lat = LatencyModel(sp.graph, batch=256, device="cuda", dtype=torch.bfloat16, step=8)
+    lat.total, lat.after(keep), lat.measured   # dense estimate, estimate of a plan, configurations timed
+
+``latency_fn(layer_spec, in_w, out_w) -> ms`` replaces the timing (deterministic tests, or an
+analytic model); it is called at the grid points only, once per distinct configuration.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from sparsify.graph.channel_graph import ChannelGraph
+from sparsify.graph.cost import module_macs
+from sparsify.graph.trace import TensorInfo
+from sparsify.speed import autocast_context, measure_latency
+
+__all__ = ["LatencyModel", "LayerSpec", "time_layer"]
+
+LatencyFn = Callable[["LayerSpec", int, int], float]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One conv/linear call of the trace: its weight, hyper-parameters, full widths and input shape."""
+
+    name: str  # qualified name of the weight
+    op: str  # "conv" or "linear"
+    in_channels: int
+    out_channels: int
+    input_shape: tuple[int, ...]  # one example, no batch dim: (C, *spatial) for convs, (*tokens, C) for linear
+    kernel_size: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: Any = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    bias: bool = True
+    padding_mode: str = "zeros"
+    macs: float = 0.0  # per example, dense (sparsify.graph.cost.module_macs)
+
+    @property
+    def depthwise(self) -> bool:
+        return self.op == "conv" and self.groups > 1 and self.groups == self.in_channels == self.out_channels
+
+    def groups_at(self, out_w: int) -> int:
+        """The conv's ``groups`` once its output is ``out_w`` channels (whole conv groups are removed)."""
+        if self.op != "conv" or self.groups == 1:
+            return 1
+        return max(out_w // (self.out_channels // self.groups), 1)
+
+    def in_at(self, in_w: int, out_w: int) -> int:
+        """Input width for kept widths: a grouped conv's input follows its output."""
+        if self.op == "conv" and self.groups > 1:
+            return self.groups_at(out_w) * (self.in_channels // self.groups)
+        return in_w
+
+    def macs_at(self, in_w: int, out_w: int) -> float:
+        """Per example MACs at these widths."""
+        if self.op == "conv" and self.groups > 1:
+            return self.macs * out_w / self.out_channels
+        return self.macs * (in_w / self.in_channels) * (out_w / self.out_channels)
+
+    def signature(self, in_w: int, out_w: int) -> tuple:
+        """What a timing depends on: identical signatures share one measurement."""
+        return (self.op, self.input_shape[1:] if self.op == "conv" else self.input_shape[:-1], self.kernel_size,
+                self.stride, self.padding, self.dilation, self.groups_at(out_w), self.bias, self.padding_mode,
+                self.in_at(in_w, out_w), out_w)
+
+
+def time_layer(spec: LayerSpec, in_w: int, out_w: int, *, batch: int, device: torch.device | str = "cpu",
+               dtype: torch.dtype | None = None, channels_last: bool = True, iters: int = 10, warmup: int = 3) -> float:
+    """Median ms of a fresh layer like ``spec`` with ``in_w`` inputs and ``out_w`` outputs, alone."""
+    device = torch.device(device)
+    in_w = spec.in_at(in_w, out_w)
+    if spec.op == "linear":
+        layer: nn.Module = nn.Linear(in_w, out_w, bias=spec.bias)
+        x = torch.randn(batch, *spec.input_shape[:-1], in_w, device=device)
+    else:
+        nd = len(spec.kernel_size)
+        cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[nd]
+        layer = cls(in_w, out_w, spec.kernel_size, spec.stride, spec.padding, spec.dilation,
+                    spec.groups_at(out_w), bias=spec.bias, padding_mode=spec.padding_mode)
+        x = torch.randn(batch, in_w, *spec.input_shape[1:], device=device)
+        fmt = {2: torch.channels_last, 3: torch.channels_last_3d}.get(nd) if channels_last else None
+        if fmt is not None:
+            layer, x = layer.to(memory_format=fmt), x.contiguous(memory_format=fmt)
+    layer = layer.to(device).eval()
+    if dtype is not None:  # inside a network under autocast, activations arrive already cast
+        x = x.to(dtype)
+
+    def run() -> None:
+        with torch.no_grad(), autocast_context(device, dtype):
+            layer(x)
+
+    return float(statistics.median(measure_latency(run, iters=iters, warmup=warmup, device=device)))
+
+
+def _grid(full: int, unit: int, points: int | None) -> np.ndarray:
+    """Widths to time along one axis: multiples of ``unit`` up to ``full``, and ``full`` (``points`` of them)."""
+    widths = sorted({*range(unit, full + 1, unit), full})
+    if points is not None and len(widths) > points:
+        widths = [widths[i] for i in sorted({round(j) for j in np.linspace(0, len(widths) - 1, points)})]
+    return np.asarray(widths, dtype=np.int64)
+
+
+class LatencyModel:
+    """Estimated ms of the network's conv/linear layers once chosen structures are removed.
+
+    Args:
+        cg: the channel graph (``Sparsifier.graph``).
+        batch: examples per timed call (default: the traced batch).
+        device, dtype, channels_last: where and how layers are timed (``dtype``: autocast; default
+            bfloat16 on CUDA, none elsewhere).
+        step: grid unit in channels (the widths the budget produces: multiples of ``step``).
+        grid_points: widths timed per prunable axis (None: every multiple of ``step``).
+        iters, warmup: timing repetitions (median of ``iters``).
+        latency_fn: ``fn(spec, in_w, out_w) -> ms`` instead of timing.
+        cache: configurations already timed → ms (share it between models; keys include batch, device,
+            dtype, channels_last and ``latency_fn``).
+    """
+
+    def __init__(self, cg: ChannelGraph, *, batch: int | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, channels_last: bool = True, step: int = 8,
+                 grid_points: int | None = 5, iters: int = 10, warmup: int = 3, latency_fn: LatencyFn | None = None,
+                 cache: dict[tuple, float] | None = None) -> None:
+        if int(step) != step or step < 1:
+            raise ValueError(f"step must be a positive integer (e.g. 8), got {step!r}")
+        if grid_points is not None and grid_points < 2:
+            raise ValueError(f"grid_points must be ≥ 2 (or None for every multiple of step), got {grid_points!r}")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = torch.bfloat16 if dtype is None and self.device.type == "cuda" else dtype
+        self.step, self.grid_points = int(step), grid_points
+        self.cache: dict[tuple, float] = {} if cache is None else cache
+        self.skipped: dict[str, str] = {}
+        self.layers = self._collect(cg)
+        self.batch = int(batch if batch is not None else self._traced_batch(cg))
+        self._setting = (self.batch, str(self.device), str(self.dtype), channels_last, latency_fn)
+        measure = latency_fn or (lambda spec, i, o: time_layer(
+            spec, i, o, batch=self.batch, device=self.device, dtype=self.dtype, channels_last=channels_last,
+            iters=iters, warmup=warmup))
+        # per layer and sliced weight dim (0 = out, 1 = in): (group id, structure_of)
+        prunable = {g.id for g in cg.prunable_groups()}
+        self._dims: list[dict[int, tuple[int, np.ndarray]]] = []
+        for spec in self.layers:
+            dims: dict[int, tuple[int, np.ndarray]] = {}
+            for g in cg.groups:
+                for m in g.members:
+                    if m.tensor == spec.name and m.role in ("out", "in") and m.dim in (0, 1) and m.dim not in dims:
+                        dims[m.dim] = (g.id, np.asarray(m.structure_of))
+            self._dims.append(dims)
+        self.layers_of: dict[int, list[int]] = {}  # group id → layers whose widths it changes
+        for i, dims in enumerate(self._dims):
+            for gid, _ in dims.values():
+                self.layers_of.setdefault(gid, []).append(i)
+        self.measured = 0  # configurations timed (or asked of latency_fn) by this model
+        self._tables = [self._table(spec, dims, prunable, measure) for spec, dims in zip(self.layers, self._dims,
+                                                                                          strict=True)]
+        self._memo: dict[tuple[int, int, int], float] = {}
+        self.total = float(sum(self.layer_ms(i, s.in_channels, s.out_channels) for i, s in enumerate(self.layers)))
+
+    # ----- building
+    @staticmethod
+    def _traced_batch(cg: ChannelGraph) -> int:
+        for x in cg.traced.inputs:
+            if isinstance(x, torch.Tensor) and x.ndim:
+                return int(x.shape[0])
+        return 1
+
+    def _collect(self, cg: ChannelGraph) -> list[LayerSpec]:
+        traced, gm = cg.traced, cg.traced.graph_module
+        macs = module_macs(traced)
+        layers = []
+        for node in gm.graph.nodes:
+            x = traced.values.get(node.args[0].name) if node.args and isinstance(node.args[0], fx.Node) else None
+            if node.op == "call_module":
+                m = gm.get_submodule(str(node.target))
+                key = f"{node.target}.weight"
+                if isinstance(m, nn.modules.conv._ConvNd):
+                    if m.transposed or not isinstance(x, TensorInfo):
+                        self.skipped[key] = "transposed convolution: not modelled" if m.transposed else "no input shape"
+                        continue
+                    layers.append(LayerSpec(key, "conv", m.in_channels, m.out_channels, tuple(x.shape[1:]),
+                                            tuple(m.kernel_size), tuple(m.stride), m.padding, tuple(m.dilation),
+                                            m.groups, m.bias is not None, m.padding_mode, float(macs.get(key, 0))))
+                elif isinstance(m, nn.Linear):
+                    if not isinstance(x, TensorInfo):
+                        self.skipped[key] = "no input shape"
+                        continue
+                    layers.append(LayerSpec(key, "linear", m.in_features, m.out_features, tuple(x.shape[1:]),
+                                            bias=m.bias is not None, macs=float(macs.get(key, 0))))
+            elif node.op == "call_function" and isinstance(x, TensorInfo):
+                spec = self._functional(node, x, traced.values, macs)
+                if spec is not None:
+                    layers.append(spec)
+        return layers
+
+    def _functional(self, node: fx.Node, x: TensorInfo, values: Mapping[str, Any], macs: Mapping[str, int]
+                    ) -> LayerSpec | None:
+        """F.linear / F.convNd (and their ATen overloads) whose weight is a parameter."""
+        name = getattr(node.target, "__name__", "").split(".")[0]
+        if name not in ("linear", "conv1d", "conv2d", "conv3d") or len(node.args) < 2:
+            return None
+        weight = node.args[1]
+        if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+            return None
+        w = values.get(weight.name)
+        if not isinstance(w, TensorInfo):
+            return None
+        key = str(weight.target)
+
+        def arg(i: int, kw: str, default: Any) -> Any:
+            return node.args[i] if len(node.args) > i else node.kwargs.get(kw, default)
+
+        has_bias = arg(2, "bias", None) is not None
+        if name == "linear":
+            return LayerSpec(key, "linear", w.shape[1], w.shape[0], tuple(x.shape[1:]), bias=has_bias,
+                             macs=float(macs.get(key, 0)))
+        nd = len(w.shape) - 2
+
+        def tup(v: Any) -> tuple[int, ...]:
+            return tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * nd
+
+        groups = int(arg(6, "groups", 1))
+        padding = arg(4, "padding", 0)
+        return LayerSpec(key, "conv", w.shape[1] * groups, w.shape[0], tuple(x.shape[1:]), tuple(w.shape[2:]),
+                         tup(arg(3, "stride", 1)), padding if isinstance(padding, str) else tup(padding),
+                         tup(arg(5, "dilation", 1)), groups, has_bias, macs=float(macs.get(key, 0)))
+
+    def _table(self, spec: LayerSpec, dims: dict[int, tuple[int, np.ndarray]], prunable: set[int],
+               measure: LatencyFn) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """(out widths, in widths or None when the input follows the output or never shrinks, ms grid)."""
+        grouped = spec.op == "conv" and spec.groups > 1
+        unit_out = math.lcm(self.step, spec.out_channels // spec.groups) if grouped else self.step
+        out_grid = (_grid(spec.out_channels, min(unit_out, spec.out_channels), self.grid_points)
+                    if 0 in dims and dims[0][0] in prunable else np.asarray([spec.out_channels]))
+        in_varies = not grouped and 1 in dims and dims[1][0] in prunable
+        in_grid = _grid(spec.in_channels, min(self.step, spec.in_channels), self.grid_points) if in_varies else None
+        ins = in_grid if in_grid is not None else np.asarray([spec.in_channels])
+        ms = np.zeros((len(out_grid), len(ins)))
+        for a, o in enumerate(out_grid):
+            for b, i in enumerate(ins):
+                key = (*self._setting, *spec.signature(int(i), int(o)))
+                if key not in self.cache:
+                    self.cache[key] = float(measure(spec, spec.in_at(int(i), int(o)), int(o)))
+                    self.measured += 1
+                ms[a, b] = self.cache[key]
+        return out_grid, in_grid, ms
+
+    # ----- queries
+    def layer_ms(self, i: int, in_w: int, out_w: int) -> float:
+        """Estimated ms of layer ``i`` with ``in_w`` input and ``out_w`` output channels."""
+        memo = (i, int(in_w), int(out_w))
+        if memo not in self._memo:
+            out_grid, in_grid, ms = self._tables[i]
+            rows = ms[:, 0] if in_grid is None else np.asarray([np.interp(in_w, in_grid, r) for r in ms])
+            self._memo[memo] = float(np.interp(out_w, out_grid, rows))
+        return self._memo[memo]
+
+    def widths(self, i: int, kept: Mapping[int, np.ndarray]) -> tuple[int, int]:
+        """(in, out) channels of layer ``i`` under ``kept`` (group id → keep vector; others full)."""
+        spec, dims = self.layers[i], self._dims[i]
+        w = [spec.out_channels, spec.in_channels]
+        for d, (gid, structure_of) in dims.items():
+            if gid in kept and len(structure_of):
+                w[d] = int(np.asarray(kept[gid])[structure_of].sum())
+        return spec.in_at(w[1], w[0]), w[0]
+
+    def after(self, keep: Mapping[int, np.ndarray]) -> float:
+        """Estimated ms with the structures ``keep`` marks False removed (groups not given keep all)."""
+        return float(sum(self.layer_ms(i, *self.widths(i, keep)) for i in range(len(self.layers))))
+
+    def reduction(self, keep: Mapping[int, np.ndarray]) -> float:
+        """Estimated dense ms / ms after removal."""
+        return self.total / max(self.after(keep), 1e-12)
+
+    def describe(self) -> dict[str, Any]:
+        """Settings and counts, for reports."""
+        return {"layers": len(self.layers), "configurations_timed": self.measured, "cache_size": len(self.cache),
+                "batch": self.batch, "device": str(self.device), "dtype": str(self.dtype), "step": self.step,
+                "grid_points": self.grid_points, "total_ms": self.total, "skipped": dict(self.skipped)}
