@@ -41,6 +41,17 @@ def test_arm_runs_and_hits_its_macs_target(cifar, arm: str) -> None:
     assert saved["top1"] == record["top1"]
 
 
+@pytest.mark.parametrize("arm", ["str_bn", "torch_pruning"])
+def test_vgg19_runs(cifar, arm: str) -> None:
+    """The second model of the benchmark (a plain chain: no residuals) runs in the same harness."""
+    bench, data, out = cifar
+    args = argparse.Namespace(arm=arm, ratio=2.0, model="vgg19", epochs=2, prune_epoch=1, batch=32, lr=0.05,
+                              seed=0, data=str(data), cache=str(out / "cache"), limit=64, device="cpu",
+                              eval_every=1, no_graphs=True, fp32=True, sync_bn=False, out=str(out / "vgg"))
+    record = bench.run(args)
+    assert record["model"] == "vgg19" and record["macs_after"] < record["macs_before"]
+
+
 def test_report_prints_table_and_plot(cifar, capsys) -> None:
     bench, _, out = cifar
     if not list(out.glob("*.json")):

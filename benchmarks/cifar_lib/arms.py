@@ -141,7 +141,7 @@ class TorchPruning(Arm):
         self.model = model
         self.pruner = tp.pruner.GroupNormPruner(
             model, example[:2], importance=tp.importance.GroupMagnitudeImportance(p=2), reg=5e-4,
-            global_pruning=True, pruning_ratio=1.0, iterative_steps=400, ignored_layers=[model.fc],
+            global_pruning=True, pruning_ratio=1.0, iterative_steps=400, ignored_layers=[_classifier(model)],
             in_channel_groups={}, out_channel_groups={}, num_heads={})
         # TP's nodes keep the autograd graph of its tracing forward alive, and with it the parameters'
         # gradient accumulators, created on the legacy stream: CUDA-graph capture of the training step
@@ -163,6 +163,11 @@ class TorchPruning(Arm):
             steps += 1
         self.info["tp_steps"] = steps
         self.info["pruned"] = True
+
+
+def _classifier(model: nn.Module) -> nn.Linear:
+    """The last Linear layer (the classifier, which keeps its outputs)."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
 
 
 ARMS: dict[str, type[Arm]] = {a.name: a for a in (Arm, STRBN, GMPERK, Slimming, L1OneShot, TorchPruning)}
