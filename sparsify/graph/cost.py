@@ -112,6 +112,11 @@ class MacsModel:
                     seen.add((m.tensor, m.dim))
                     self._dims.setdefault(m.tensor, []).append((g.id, m.structure_of))
 
+    @property
+    def sliced_dims(self) -> dict[str, list[tuple[int, np.ndarray]]]:
+        """Per MAC-carrying tensor, each of its sliced dims as (group id, structure of every index)."""
+        return self._dims
+
     def after(self, keep: dict[int, np.ndarray]) -> float:
         """MACs per example with the structures ``keep`` marks False removed."""
         gids = tuple(keep)

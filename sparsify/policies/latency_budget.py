@@ -96,7 +96,7 @@ class _Greedy:
         self.keep = {gid: np.ones(w, dtype=bool) for gid, w in zip(self.ids, self.widths, strict=True)}
         self.kept = list(self.widths)  # structures kept per group
         # MAC-carrying tensors each group slices: tensor → [(group id, structure_of)] (as MacsModel counts them)
-        dims = macs._dims
+        dims = macs.sliced_dims
         self.tensors_of: dict[int, list[str]] = {gid: [] for gid in self.ids}
         for t, ds in dims.items():
             for gid, _ in ds:
