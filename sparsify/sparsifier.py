@@ -21,7 +21,7 @@ from sparsify.graph.channel_graph import ChannelGraph, build_channel_graph
 from sparsify.graph.cost import MacsModel, count_params, module_macs, structure_costs
 from sparsify.graph.trace import trace
 from sparsify.policies import PolicyConfig, make_policy
-from sparsify.policies.base import GroupView, connected
+from sparsify.policies.base import Connectivity, GroupView
 from sparsify.prune.rounding import round_plan
 from sparsify.prune.surgery import PruneReport, prune_channels
 
@@ -187,7 +187,7 @@ class Sparsifier:
         """
         self._check_live()
         self.policy.finalize()
-        keep, kept = connected(self.groups, self.policy.keep_vectors(), GroupView.magnitude)
+        keep, kept = Connectivity(self.groups).apply(self.policy.keep_vectors(), GroupView.magnitude)
         plan = {gid: np.flatnonzero(~k) for gid, k in keep.items()}
         round_to = self.config.round_to or getattr(self.config.policy, "round_to", None)
         if round_to:  # keep back the strongest removed structures: widths become multiples of round_to

@@ -75,12 +75,12 @@ class Policy(abc.ABC):
 
     def keep_from_nonzero(self, nonzero: np.ndarray) -> dict[int, np.ndarray]:
         """Per group id, the structures kept, from one flag per vector entry (in ``effective_flat`` order)."""
-        structure, bounds = self._flat_structures()
+        structure, bounds = self.flat_structures()
         alive = np.zeros(bounds[-1], dtype=bool)
         alive[structure[nonzero]] = True  # a structure lives if any vector entry covering it does
         return {g.vectors[0].group.id: alive[a:b] for g, a, b in zip(self.groups, bounds[:-1], bounds[1:], strict=True)}
 
-    def _flat_structures(self) -> tuple[np.ndarray, np.ndarray]:
+    def flat_structures(self) -> tuple[np.ndarray, np.ndarray]:
         """Per vector entry (``effective_flat`` order) its structure's index in all groups' structures laid
         end to end, and the groups' bounds there (made once)."""
         if "_flat_structures_cache" not in self.__dict__:
@@ -155,13 +155,6 @@ class Connectivity:
             if gid in keep:
                 out[gid] = flat[self.starts[i]:self.starts[i] + self.widths[i]].copy()
         return out, changed
-
-
-def connected(groups: Sequence[GroupView], keep: dict[int, np.ndarray],
-              magnitude: Callable[[GroupView], np.ndarray]) -> tuple[dict[int, np.ndarray], list[str]]:
-    """``keep`` as ``Sparsifier.prune()`` applies it (see ``Connectivity``); returns the keep vectors and
-    the groups changed."""
-    return Connectivity(groups).apply(keep, magnitude)
 
 
 class Mask(nn.Module):

@@ -143,7 +143,8 @@ class GMPPolicy(Policy):
             keeps = self._latency_keeps(sparsity, mags)
         else:
             keeps = budget_keeps(self, sparsity, lambda s: allocate_keep(self.groups, s, c.unit, c.budget, c.round_to,
-                                                                         meet_target=not exact, magnitudes=mags))
+                                                                         meet_target=not exact, magnitudes=mags),
+                                 magnitudes=mags)
         with torch.no_grad():
             for g, keep in zip(self.groups, keeps, strict=True):
                 set_group_masks(g, keep)

@@ -21,7 +21,8 @@ _MAX_SPARSITY = 0.999
 
 
 def keeps_for_macs(groups: Sequence[GroupView], cost_model: MacsModel, fraction_removed: float,
-                   allocate: Callable[[float], list[np.ndarray]], refine: bool = True) -> list[np.ndarray]:
+                   allocate: Callable[[float], list[np.ndarray]], refine: bool = True,
+                   magnitudes: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
     """Keep vectors that remove ``fraction_removed`` of the exact MACs: bisection on the sparsity s of
     ``allocate(s)`` (monotone in s), then, with ``refine``, one structure at a time between the last
     allocation short of the target and the first that reaches it (a budget such as ERK moves many
@@ -47,10 +48,13 @@ def keeps_for_macs(groups: Sequence[GroupView], cost_model: MacsModel, fraction_
             hi, enough = mid, keeps
         else:
             lo, short = mid, keeps
-    return _one_at_a_time(groups, short, enough, removed, fraction_removed) if refine else enough
+    if not refine:
+        return enough
+    magnitudes = [g.magnitude() for g in groups] if magnitudes is None else magnitudes
+    return _one_at_a_time(short, enough, magnitudes, removed, fraction_removed)
 
 
-def _one_at_a_time(groups: Sequence[GroupView], short: list[np.ndarray], enough: list[np.ndarray],
+def _one_at_a_time(short: list[np.ndarray], enough: list[np.ndarray], magnitudes: Sequence[np.ndarray],
                    removed: Callable[[list[np.ndarray]], float], target: float) -> list[np.ndarray]:
     """From ``short``, remove the structures that ``enough`` removes and ``short`` keeps, weakest first and
     spread over the groups (each group's weakest, then each group's second weakest, …), until the
@@ -58,10 +62,9 @@ def _one_at_a_time(groups: Sequence[GroupView], short: list[np.ndarray], enough:
     if any((k & ~s).any() for s, k in zip(short, enough, strict=True)):
         return enough  # not nested: no order between the two
     order = []
-    for gi, (g, s, k) in enumerate(zip(groups, short, enough, strict=True)):
+    for gi, (magnitude, s, k) in enumerate(zip(magnitudes, short, enough, strict=True)):
         candidates = np.flatnonzero(s & ~k)
         if len(candidates):
-            magnitude = g.magnitude()
             relative = magnitude[candidates] / max(float(magnitude.max()), 1e-30)
             order += [(rank, float(r), gi, int(c)) for rank, (r, c) in
                       enumerate(sorted(zip(relative, candidates, strict=True)))]
@@ -80,18 +83,17 @@ def _one_at_a_time(groups: Sequence[GroupView], short: list[np.ndarray], enough:
     return without(hi)
 
 
-def budget_keeps(policy: Policy, sparsity: float, allocate: Callable[[float], list[np.ndarray]]
-                 ) -> list[np.ndarray]:
+def budget_keeps(policy: Policy, sparsity: float, allocate: Callable[[float], list[np.ndarray]],
+                 magnitudes: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
     """The policy's keep vectors for ``sparsity``: with ``unit="macs"`` and a cost model (any policy
     attached by a Sparsifier), ``sparsity`` is the exact fraction of the network's MACs removed."""
     if getattr(policy.config, "unit", None) == "macs" and policy.cost_model is not None:
-        try:
-            round_to = getattr(policy.config, "round_to", None)
-            return keeps_for_macs(policy.groups, policy.cost_model, sparsity, allocate,
-                                  refine=not round_to or round_to == 1)  # single structures would break multiples
+        round_to = getattr(policy.config, "round_to", None) or 1
+        try:  # with round_to > 1, single structures would break the multiples: no one-at-a-time step
+            return keeps_for_macs(policy.groups, policy.cost_model, sparsity, allocate, refine=round_to == 1,
+                                  magnitudes=magnitudes)
         except ValueError as exc:
-            round_to = getattr(policy.config, "round_to", None)
-            if round_to and round_to > 1:
+            if round_to > 1:
                 raise ValueError(f"{exc}; with round_to={round_to} layers narrower than a multiple of it keep "
                                  "their full width: lower round_to or the sparsity") from exc
             raise

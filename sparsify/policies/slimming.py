@@ -54,7 +54,7 @@ class SlimmingPolicy(Policy):
         c = self.config
         mags = [g.magnitude() for g in self.groups]  # once, not once per bisection step
         keeps = budget_keeps(self, c.sparsity, lambda s: allocate_keep(self.groups, s, c.unit, c.budget,
-                                                                       magnitudes=mags))
+                                                                       magnitudes=mags), magnitudes=mags)
         with torch.no_grad():
             for g, keep in zip(self.groups, keeps, strict=True):
                 set_group_masks(g, keep)

@@ -153,12 +153,12 @@ class STRPolicy(Policy):
             return
         desired = budgets.cubic_sparsity(step, c.target, c.target_start_step, c.target_end_step)
         if desired > 0:
-            self.last_measured = track(self, desired)
+            track(self, desired)
 
     def finalize(self) -> None:
         """With a target, the soft model is brought to it exactly before pruning (whatever the step)."""
         if self.config.target is not None:
-            self.last_measured = track(self, self.config.target)
+            track(self, self.config.target)
 
     def measured_sparsity(self) -> float:
         """Fraction of ``target_unit`` that ``prune()`` would remove now (exact MACs with a cost model)."""

@@ -60,9 +60,9 @@ def cap_thresholds(magnitudes: torch.Tensor, lengths: list[int], max_sparsity: f
     return caps
 
 
-def track(policy: STRPolicy, desired: float) -> float:
+def track(policy: STRPolicy, desired: float) -> None:
     """Bring the soft model to at least ``desired`` sparsity with one common threshold shift (see the
-    module docstring); returns the sparsity measured on the model afterwards."""
+    module docstring)."""
     fn = policy.config.threshold_fn
     vectors = [v for g in policy.groups for v in g.vectors]
     index = {id(t): i for i, t in enumerate(policy.transforms)}
@@ -80,7 +80,7 @@ def track(policy: STRPolicy, desired: float) -> float:
     cap = torch.full((len(policy.transforms),), float("inf"), dtype=torch.float64)
     cap = cap.scatter_reduce(0, owner, per_vector_cap, reduce="amin")
     bound = torch.maximum(threshold(fn, s), cap)  # the controller never pushes past the cap, nor pulls below it
-    structure, bounds = policy._flat_structures()
+    structure, bounds = policy.flat_structures()
     strongest = np.zeros(bounds[-1])
     np.maximum.at(strongest, structure, magnitude.double().numpy())
     group_magnitude = {id(g): strongest[a:b] for g, a, b in zip(policy.groups, bounds[:-1], bounds[1:], strict=True)}
@@ -104,4 +104,3 @@ def track(policy: STRPolicy, desired: float) -> float:
     with torch.no_grad():
         for t, value in zip(policy.transforms, new_s.to(device).split(1), strict=True):
             t.s.copy_(value.to(t.s.device))
-    return policy.measured_sparsity()
