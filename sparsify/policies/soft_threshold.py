@@ -12,7 +12,9 @@ MACs (or parameters, channels), where *desired* follows the cubic schedule from 
 ``target_start_step`` to ``target`` at ``target_end_step`` and is held after it; ``prune()`` brings
 it to ``target`` exactly. The controller sets the level, the loss gradient on each layer's ``s``
 learns the split (``sparsify/policies/str_target.py``); a vector is not pushed past
-``max_vector_sparsity`` zeros.
+``max_vector_sparsity`` zeros. An update reads the vectors at its step and changes the thresholds
+``control_lag`` steps later (the same shift, applied to the thresholds as they are then): on a GPU the
+host's search runs while the queued steps execute, so training does not wait for it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch import nn
 
 from sparsify.policies import budgets
 from sparsify.policies.base import Connectivity, GroupView, Policy, PolicyConfig, register_policy
-from sparsify.policies.str_target import track
+from sparsify.policies.str_target import Snapshot, apply_planned, snapshot, track
 
 
 class STRConfig(PolicyConfig):
@@ -49,6 +51,10 @@ class STRConfig(PolicyConfig):
     target_end_step: int = Field(1000, ge=1, description="step at which the desired sparsity reaches `target`")
     control_every: int = Field(
         50, ge=1, description="steps between controller updates (each one copies the vectors to the host once)")
+    control_lag: int = Field(
+        8, ge=0, description="steps from an update's reading of the vectors to its change of the thresholds (at "
+                             "most control_every - 1): on a GPU the host searches while the queued steps run, so "
+                             "training never waits for it; 0: read and change at the same step (the host waits)")
     max_vector_sparsity: float = Field(
         0.9, gt=0, le=1, description="the controller never raises the threshold of a vector that already has this "
                                      "fraction of zeros (a common shift would otherwise empty whole layers)")
@@ -149,14 +155,27 @@ class STRPolicy(Policy):
 
     def step(self, step: int) -> None:
         c = self.config
-        if c.target is None or step % c.control_every:
+        if c.target is None:
+            return
+        pending: Snapshot | None = self.__dict__.get("_pending")
+        if pending is not None and step >= pending.apply_at:
+            self._pending = None
+            apply_planned(self, pending)
+        if step % c.control_every:
             return
         desired = budgets.cubic_sparsity(step, c.target, c.target_start_step, c.target_end_step)
-        if desired > 0:
+        if desired <= 0:
+            return
+        lag = min(c.control_lag, c.control_every - 1)
+        if lag == 0:
             track(self, desired)
+        else:
+            self._pending = snapshot(self, desired, apply_at=step + lag)
 
     def finalize(self) -> None:
-        """With a target, the soft model is brought to it exactly before pruning (whatever the step)."""
+        """With a target, the soft model is brought to it exactly before pruning (whatever the step; an
+        update still pending is dropped)."""
+        self._pending = None
         if self.config.target is not None:
             track(self, self.config.target)
 
@@ -188,7 +207,13 @@ class STRPolicy(Policy):
         return {v.name: float(v.transform.threshold.detach()) for g in self.groups for v in g.vectors}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"s": [t.s.detach().clone() for t in self.transforms]}
+        state: dict[str, Any] = {"s": [t.s.detach().clone() for t in self.transforms]}
+        pending: Snapshot | None = self.__dict__.get("_pending")
+        if pending is not None:  # a resumed run applies the same update at the same step
+            pending.wait()
+            state["pending"] = {"host": pending.host.clone(), "lengths": list(pending.lengths),
+                                "desired": pending.desired, "apply_at": pending.apply_at}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["s"]) != len(self.transforms):
@@ -196,6 +221,8 @@ class STRPolicy(Policy):
         with torch.no_grad():
             for t, s in zip(self.transforms, state["s"], strict=True):
                 t.s.copy_(s)
+        pending = state.get("pending")
+        self._pending = Snapshot(**pending) if pending is not None else None
 
 
 register_policy("str", STRConfig, STRPolicy)

@@ -12,6 +12,7 @@ otherwise empty weak layers. The search runs on host copies (one device→host c
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -60,20 +61,48 @@ def cap_thresholds(magnitudes: torch.Tensor, lengths: list[int], max_sparsity: f
     return caps
 
 
-def track(policy: STRPolicy, desired: float) -> None:
-    """Bring the soft model to at least ``desired`` sparsity with one common threshold shift (see the
-    module docstring)."""
+@dataclass
+class Snapshot:
+    """What a controller update reads: every vector's |value| and every ``s``, copied to the host at one
+    step (into pinned memory, without waiting, on CUDA) and searched at ``apply_at``."""
+
+    host: torch.Tensor  # magnitudes laid end to end, then the s values (float64)
+    lengths: list[int]
+    desired: float
+    apply_at: int
+    ready: torch.cuda.Event | None = None
+
+    def wait(self) -> None:
+        if self.ready is not None:
+            self.ready.synchronize()
+
+
+def snapshot(policy: STRPolicy, desired: float, apply_at: int = 0) -> Snapshot:
+    """Start copying the vectors and thresholds to the host; on CUDA the copy runs behind the queued work."""
+    with torch.no_grad():
+        raw = [v.raw().detach().flatten() for g in policy.groups for v in g.vectors]
+        device = raw[0].device
+        flat = torch.cat([torch.cat([r.to(device, torch.float64).abs() for r in raw]),
+                          torch.cat([t.s.detach().to(device, torch.float64) for t in policy.transforms])])
+        if device.type != "cuda":
+            return Snapshot(flat.cpu(), [len(r) for r in raw], desired, apply_at)
+        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        host.copy_(flat, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(device))
+    return Snapshot(host, [len(r) for r in raw], desired, apply_at, ready)
+
+
+def plan_shift(policy: STRPolicy, snap: Snapshot) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """The common shift δ found on the snapshot, the per-transform bound on the new thresholds
+    (float64, host) and the new ``s`` values it gives from the snapshot's ``s`` (in ``s``'s dtype)."""
+    snap.wait()
     fn = policy.config.threshold_fn
     vectors = [v for g in policy.groups for v in g.vectors]
+    dtype, s_dtype = vectors[0].raw().dtype, policy.transforms[0].s.dtype
+    lengths = snap.lengths
+    magnitude, s = snap.host[:sum(lengths)].to(dtype), snap.host[sum(lengths):]
     index = {id(t): i for i, t in enumerate(policy.transforms)}
-    with torch.no_grad():
-        raw = [v.raw().detach().flatten() for v in vectors]
-        device, dtype = raw[0].device, raw[0].dtype
-        s_dtype = policy.transforms[0].s.dtype
-        host = torch.cat([torch.cat([r.to(device, torch.float64).abs() for r in raw]),
-                          torch.cat([t.s.detach().to(device, torch.float64) for t in policy.transforms])]).cpu()
-    lengths = [len(r) for r in raw]
-    magnitude, s = host[:sum(lengths)].to(dtype), host[sum(lengths):]
     owner = torch.tensor([index[id(v.transform)] for v in vectors])
     entry_owner = owner.repeat_interleave(torch.tensor(lengths))
     per_vector_cap = cap_thresholds(magnitude, lengths, policy.config.max_vector_sparsity)
@@ -94,13 +123,38 @@ def track(policy: STRPolicy, desired: float) -> None:
         return policy.sparsity_of(keep, lambda g: group_magnitude[id(g)])
 
     lo, hi = -_SPAN, _SPAN
-    if sparsity_at(lo) >= desired:
+    if sparsity_at(lo) >= snap.desired:
         hi = lo
-    elif sparsity_at(hi) >= desired:
+    elif sparsity_at(hi) >= snap.desired:
         for _ in range(_ITERATIONS):
             mid = 0.5 * (lo + hi)
-            lo, hi = (lo, mid) if sparsity_at(mid) >= desired else (mid, hi)
-    new_s = parameters_at(hi)
+            lo, hi = (lo, mid) if sparsity_at(mid) >= snap.desired else (mid, hi)
+    return hi, cap, parameters_at(hi)
+
+
+def _write(policy: STRPolicy, values: torch.Tensor) -> None:
     with torch.no_grad():
-        for t, value in zip(policy.transforms, new_s.to(device).split(1), strict=True):
-            t.s.copy_(value.to(t.s.device))
+        for t, value in zip(policy.transforms, values.split(1), strict=True):
+            t.s.copy_(value)
+
+
+def track(policy: STRPolicy, desired: float) -> None:
+    """Bring the soft model to at least ``desired`` sparsity with one common threshold shift, now (one
+    device→host copy and wait; see the module docstring)."""
+    *_, new_s = plan_shift(policy, snapshot(policy, desired))
+    device = policy.transforms[0].s.device
+    _write(policy, new_s.to(device))
+
+
+def apply_planned(policy: STRPolicy, snap: Snapshot) -> None:
+    """A deferred update: the shift planned on ``snap`` applied to the thresholds as they are *now* (the
+    loss has moved them since the snapshot), computed on their device, so the host never waits for it:
+    each new threshold is g(s + δ), kept under the bound max(g(s), cap)."""
+    delta, cap, _ = plan_shift(policy, snap)
+    fn = policy.config.threshold_fn
+    with torch.no_grad():
+        s = torch.cat([t.s.detach() for t in policy.transforms])
+        cap = cap.pin_memory().to(s.device, non_blocking=True) if s.device.type == "cuda" else cap.to(s.device)
+        s64 = s.double()
+        tau = torch.minimum(threshold(fn, s64 + delta), torch.maximum(threshold(fn, s64), cap))
+        _write(policy, threshold_parameter(fn, tau).to(s.dtype))
