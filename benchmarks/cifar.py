@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> dict:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device).to(memory_format=torch.channels_last)
     example = next(iter(test))[0][:2]
-    arm = ARMS[args.arm](args.ratio, len(train), recipe.prune_epoch, args.seed)
+    arm = ARMS[args.arm](args.ratio, len(train), recipe.prune_epoch, args.seed, args.ramp_end)
     macs_before, params_before = macs_of(model, example), sum(p.numel() for p in model.parameters())
     arm.setup(model, example)
     bf16 = device.type == "cuda" and not args.fp32
@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> dict:
     trainer.ungraph()
     record.update({
         "arm": arm.name, "ratio": args.ratio if arm.name != "dense" else 1.0, "model": args.model, "seed": args.seed,
-        "recipe": vars(recipe), "macs_before": macs_before, "macs_after": macs_of(model, example),
+        "recipe": vars(recipe), "ramp_end": args.ramp_end, "macs_before": macs_before,
+        "macs_after": macs_of(model, example),
         "params_before": params_before, "params_after": sum(p.numel() for p in model.parameters()),
         "top1": log[-1]["top1"], "train_seconds": sum(e["seconds"] for e in log),
         "images_per_s": statistics.median(e["images_per_s"] for e in log), "epochs": log, "info": arm.info,
@@ -122,7 +123,9 @@ def run(args: argparse.Namespace) -> dict:
         return record
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"{args.model}_{arm.name}_{record['ratio']:g}x_seed{args.seed}{f'_ddp{world}' if world > 1 else ''}.json"
+    ramp = f"_ramp{args.ramp_end:g}" if args.ramp_end != 0.6 and arm.name != "dense" else ""
+    ddp = f"_ddp{world}" if world > 1 else ""
+    name = f"{args.model}_{arm.name}_{record['ratio']:g}x_seed{args.seed}{ramp}{ddp}.json"
     (out / name).write_text(json.dumps(record, indent=1, default=str))
     print(f"{arm.name} {record['ratio']:g}x: top1 {record['top1']:.4f}, MACs {macs_before / record['macs_after']:.2f}x "
           f"fewer, {record['train_seconds']:.0f} s, {record['images_per_s']:,.0f} images/s → {out / name}")
@@ -188,6 +191,7 @@ def parallel(args: argparse.Namespace, specs: list[str]) -> None:
 def _passthrough(args: argparse.Namespace) -> list[str]:
     out = ["--model", args.model, "--epochs", str(args.epochs), "--prune-epoch", str(args.prune_epoch),
            "--batch", str(args.batch), "--lr", str(args.lr), "--seed", str(args.seed), "--data", str(args.data),
+           "--ramp-end", str(args.ramp_end),
            "--out", str(args.out), "--eval-every", str(args.eval_every)]
     for flag in ("cache", "limit", "device"):
         if getattr(args, flag) is not None:
@@ -203,6 +207,8 @@ def main() -> None:
     p.add_argument("--model", default="resnet56")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--prune-epoch", type=int, default=30)
+    p.add_argument("--ramp-end", type=float, default=0.6,
+                   help="gradual arms reach the target at this fraction of the epochs before pruning")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)

@@ -140,15 +140,20 @@ def prune_ours(dense: nn.Module, x: torch.Tensor, ratio: float, round_to: int | 
     return model, {"gmp_sparsity": round(fraction, 5)}
 
 
+def latency_arm(weight: float) -> str:
+    """The arm's name: ``ours+latency`` at the default importance weight 1, else with the weight."""
+    return "ours+latency" if weight == 1.0 else f"ours+latency(w={weight:g})"
+
+
 def prune_latency(dense: nn.Module, x: torch.Tensor, ratio: float, round_to: int, batch: int,
-                  args: argparse.Namespace, cache: dict) -> tuple[nn.Module, dict[str, Any]]:
+                  args: argparse.Namespace, cache: dict, weight: float = 1.0) -> tuple[nn.Module, dict[str, Any]]:
     """GMP with ``budget="latency"`` at the same exact MACs target: a LatencyModel of the layers timed on
     ``args.device`` (batch, dtype, channels_last as the benchmark), ``round_to`` channels a chunk."""
     fraction = WeightMacs(dense, x).layer_fraction(ratio)
     model = copy.deepcopy(dense)
     sp = Sparsifier(model, x, FilterNormConfig(p=args.p),
                     GMPConfig(sparsity=fraction, unit="macs", budget="latency", start_step=0, end_step=1,
-                              update_every=1, round_to=round_to))
+                              update_every=1, round_to=round_to, latency_importance_weight=weight))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.dtype]
     start = time.perf_counter()
     sp.policy.latency_model = lat = LatencyModel(
@@ -241,7 +246,8 @@ def bench_model(name: str, args: argparse.Namespace, round_to: int, rows: list[R
                     sum(p.numel() for p in dense.parameters()) / 1e6,
                     info={"widths_not_multiple_of_8": unaligned(dense)}))
     console.log(f"{name}: dense {dense_ms:.2f} ms, {dense_macs / 1e9:.3f} GMACs")
-    arms: list[tuple[str, int | None]] = [("ours", None), ("ours+round", round_to), ("ours+latency", round_to)]
+    arms: list[tuple[str, int | None]] = [("ours", None), ("ours+round", round_to)]
+    arms += [(latency_arm(w), round_to) for w in args.latency_weights]
     latency_cache: dict = {}  # layer configurations timed for this model, shared between its targets
     if not args.no_tp:
         arms += [("tp", None), ("tp+round", round_to)]
@@ -250,8 +256,9 @@ def bench_model(name: str, args: argparse.Namespace, round_to: int, rows: list[R
             row = Row(name, ratio, arm, rt)
             try:
                 start = time.perf_counter()
-                if arm == "ours+latency":
-                    model, row.info = prune_latency(dense, x, ratio, rt, batch, args, latency_cache)
+                if arm.startswith("ours+latency"):
+                    weight = next(w for w in args.latency_weights if latency_arm(w) == arm)
+                    model, row.info = prune_latency(dense, x, ratio, rt, batch, args, latency_cache, weight)
                 elif arm.startswith("ours"):
                     model, row.info = prune_ours(dense, x, ratio, rt, args.p, args.budget)
                 else:
@@ -319,6 +326,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--latency-points", type=int, default=4,
                     help="ours+latency: widths timed per prunable axis of each layer (LatencyModel grid_points; "
                          "ResNet-50: 322 configurations at 4, 514 at 5)")
+    ap.add_argument("--latency-weights", nargs="+", type=float, default=[1.0],
+                    help="ours+latency arms, one per latency_importance_weight (0: pure latency; 1: default)")
     ap.add_argument("--no-tp", action="store_true", help="skip the Torch-Pruning arms")
     ap.add_argument("--tp-steps", type=int, default=20, help="TP iterative steps (ratio 0 → 0.95) to find the target")
     ap.add_argument("--refine", type=int, default=5, help="TP bisection steps after the iterative search")

@@ -24,17 +24,18 @@ class Arm:
     name = "dense"
     graphs = True  # the forward/backward may be captured in a CUDA graph
 
-    def __init__(self, ratio: float, steps_per_epoch: int, prune_epoch: int, seed: int) -> None:
+    def __init__(self, ratio: float, steps_per_epoch: int, prune_epoch: int, seed: int, ramp_end: float = 0.6) -> None:
         self.ratio, self.steps_per_epoch, self.prune_epoch, self.seed = ratio, steps_per_epoch, prune_epoch, seed
+        self.ramp_end = ramp_end
         self.prune_step = steps_per_epoch * prune_epoch
         self.info: dict[str, Any] = {}
 
     @property
     def ramp(self) -> tuple[int, int]:
         """Steps over which the gradual arms bring sparsity from 0 to the target: from the end of
-        the first epoch to 60 % of the sparse phase."""
+        the first epoch to ``ramp_end`` (60 %) of the sparse phase."""
         start = min(self.steps_per_epoch, self.prune_step // 10)
-        return start, max(start + 1, int(0.6 * self.prune_step))
+        return start, max(start + 1, int(self.ramp_end * self.prune_step))
 
     @property
     def fraction(self) -> float:
