@@ -78,7 +78,18 @@ def run(args: argparse.Namespace) -> dict:
     trainer.rebuild(next(iter(train))[0])
     total_steps, step, log = recipe.epochs * len(train), 0, []
     record: dict = {}
-    for epoch in range(recipe.epochs):
+    ckpt = Path(args.out) / (run_name(args, arm.name, world) + ".ckpt.pt")
+    if world > 1 and args.stop_after_s is not None:
+        raise SystemExit("--stop-after-s is for one process (checkpoints of DDP runs are not supported)")
+    first = 0
+    if ckpt.exists():
+        first, step, log = resume(ckpt, model, trainer, arm, train, args)
+    started = time.perf_counter()
+    for epoch in range(first, recipe.epochs):
+        if (args.stop_after_s is not None and epoch < recipe.prune_epoch and epoch > first
+                and time.perf_counter() - started > args.stop_after_s):
+            save_checkpoint(ckpt, epoch, step, log, model, trainer, arm, train, args)
+            return {}
         if epoch == recipe.prune_epoch and arm.name != "dense":
             trainer.ungraph()
             if world > 1 and hasattr(arm, "sp"):
@@ -123,13 +134,49 @@ def run(args: argparse.Namespace) -> dict:
         return record
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ramp = f"_ramp{args.ramp_end:g}" if args.ramp_end != 0.6 and arm.name != "dense" else ""
-    ddp = f"_ddp{world}" if world > 1 else ""
-    name = f"{args.model}_{arm.name}_{record['ratio']:g}x_seed{args.seed}{ramp}{ddp}.json"
+    name = run_name(args, arm.name, world) + ".json"
     (out / name).write_text(json.dumps(record, indent=1, default=str))
+    ckpt.unlink(missing_ok=True)
     print(f"{arm.name} {record['ratio']:g}x: top1 {record['top1']:.4f}, MACs {macs_before / record['macs_after']:.2f}x "
           f"fewer, {record['train_seconds']:.0f} s, {record['images_per_s']:,.0f} images/s → {out / name}")
     return record
+
+
+def run_name(args: argparse.Namespace, arm: str, world: int) -> str:
+    ratio = args.ratio if arm != "dense" else 1.0
+    ramp = f"_ramp{args.ramp_end:g}" if args.ramp_end != 0.6 and arm != "dense" else ""
+    ddp = f"_ddp{world}" if world > 1 else ""
+    return f"{args.model}_{arm}_{ratio:g}x_seed{args.seed}{ramp}{ddp}"
+
+
+def save_checkpoint(path: Path, epoch: int, step: int, log: list, model: torch.nn.Module, trainer: Trainer,
+                    arm: object, train: DeviceLoader, args: argparse.Namespace) -> None:
+    """Before the prune epoch only (the architecture is still the one ``build`` makes): the next run of
+    the same command resumes from here."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"epoch": epoch, "step": step, "log": log, "model": model.state_dict(),
+                "optimizer": trainer.optimizer.state_dict(), "arm": arm.state_dict(),
+                "loader": train.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "args": {k: v for k, v in vars(args).items() if k != "stop_after_s"}}, path)
+    print(f"checkpoint after {epoch} epochs → {path}; run the same command again to resume", flush=True)
+
+
+def resume(path: Path, model: torch.nn.Module, trainer: Trainer, arm: object, train: DeviceLoader,
+           args: argparse.Namespace) -> tuple[int, int, list]:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved = state["args"]
+    mine = {k: v for k, v in vars(args).items() if k != "stop_after_s"}
+    if saved != mine:
+        diff = sorted(k for k in saved.keys() | mine.keys() if saved.get(k) != mine.get(k))
+        raise SystemExit(f"{path} was written with other settings ({', '.join(diff)}); delete it or rerun the "
+                         "command that wrote it")
+    model.load_state_dict(state["model"])  # in place: a captured CUDA graph keeps its tensors
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    arm.load_state_dict(state["arm"])
+    train.generator.set_state(state["loader"])
+    torch.set_rng_state(state["torch_rng"])
+    print(f"resumed after {state['epoch']} epochs from {path}", flush=True)
+    return state["epoch"], state["step"], state["log"]
 
 
 def report(out: Path) -> None:
@@ -193,14 +240,14 @@ def _passthrough(args: argparse.Namespace) -> list[str]:
            "--batch", str(args.batch), "--lr", str(args.lr), "--seed", str(args.seed), "--data", str(args.data),
            "--ramp-end", str(args.ramp_end),
            "--out", str(args.out), "--eval-every", str(args.eval_every)]
-    for flag in ("cache", "limit", "device"):
+    for flag in ("cache", "limit", "device", "stop_after_s"):
         if getattr(args, flag) is not None:
             out += [f"--{flag}", str(getattr(args, flag))]
     flags = [f for f, on in (("--no-graphs", args.no_graphs), ("--fp32", args.fp32), ("--sync-bn", args.sync_bn)) if on]
     return out + flags
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arm", choices=sorted(ARMS), default="dense")
     p.add_argument("--ratio", type=float, default=2.0, help="target: this many times fewer MACs")
@@ -209,6 +256,9 @@ def main() -> None:
     p.add_argument("--prune-epoch", type=int, default=30)
     p.add_argument("--ramp-end", type=float, default=0.6,
                    help="gradual arms reach the target at this fraction of the epochs before pruning")
+    p.add_argument("--stop-after-s", type=float, default=None,
+                   help="before the prune epoch, stop after this many seconds at an epoch's end with a checkpoint "
+                        "in --out; the same command resumes from it (for machines with a per-command time limit)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
@@ -223,7 +273,11 @@ def main() -> None:
     p.add_argument("--out", default="out/cifar")
     p.add_argument("--parallel", nargs="+", metavar="ARM[:RATIO]", help="run these arms at once, one process each")
     p.add_argument("--report", action="store_true", help="print the table and plot from the JSON files in --out")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.report:
         report(Path(args.out))
     elif args.parallel:

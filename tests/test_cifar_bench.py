@@ -24,13 +24,19 @@ def cifar(tmp_path_factory):
     return bench, data, tmp_path_factory.mktemp("cifar")
 
 
+def _args(bench, data: Path, out: Path, **changes: object) -> argparse.Namespace:
+    """The command line of a tiny CPU run (2 epochs of 128 images, prune after 1)."""
+    settings = {"arm": "dense", "ratio": 2.0, "model": "resnet20", "epochs": 2, "prune_epoch": 1, "batch": 64,
+                "lr": 0.05, "seed": 0, "data": data, "cache": out / "cache", "limit": 128, "device": "cpu",
+                "eval_every": 1, "out": out, **changes}
+    argv = [a for k, v in settings.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    return bench.parser().parse_args([*argv, "--no-graphs", "--fp32"])
+
+
 @pytest.mark.parametrize("arm", ["dense", "str_bn", "gmp_erk", "slimming", "l1", "torch_pruning"])
 def test_arm_runs_and_hits_its_macs_target(cifar, arm: str) -> None:
     bench, data, out = cifar
-    args = argparse.Namespace(arm=arm, ratio=2.0, model="resnet20", epochs=2, prune_epoch=1, batch=64, lr=0.05,
-                              seed=0, data=str(data), cache=str(out / "cache"), limit=128, device="cpu",
-                              eval_every=1, no_graphs=True, fp32=True, sync_bn=False, out=str(out))
-    record = bench.run(args)
+    record = bench.run(_args(bench, data, out, arm=arm))
     assert 0.0 <= record["top1"] <= 1.0 and len(record["epochs"]) == 2
     reduction = record["macs_before"] / record["macs_after"]
     if arm == "dense":
@@ -45,11 +51,29 @@ def test_arm_runs_and_hits_its_macs_target(cifar, arm: str) -> None:
 def test_vgg19_runs(cifar, arm: str) -> None:
     """The second model of the benchmark (a plain chain: no residuals) runs in the same harness."""
     bench, data, out = cifar
-    args = argparse.Namespace(arm=arm, ratio=2.0, model="vgg19", epochs=2, prune_epoch=1, batch=32, lr=0.05,
-                              seed=0, data=str(data), cache=str(out / "cache"), limit=64, device="cpu",
-                              eval_every=1, no_graphs=True, fp32=True, sync_bn=False, out=str(out / "vgg"))
-    record = bench.run(args)
+    record = bench.run(_args(bench, data, out / "vgg", arm=arm, model="vgg19", batch=32, limit=64))
     assert record["model"] == "vgg19" and record["macs_after"] < record["macs_before"]
+
+
+@pytest.mark.parametrize("arm", ["str_bn", "torch_pruning"])
+def test_a_run_stopped_before_the_prune_epoch_resumes_to_the_same_result(cifar, arm: str) -> None:
+    """--stop-after-s: a checkpoint at an epoch's end before pruning; the same command then finishes the run
+    exactly as one uninterrupted run does (same losses, same accuracy, same pruned size)."""
+    bench, data, out = cifar
+    out = out / f"resume_{arm}"
+    common = {"arm": arm, "epochs": 3, "prune_epoch": 2, "limit": 96, "batch": 32}
+    whole = bench.run(_args(bench, data, out / "whole", **common))
+    split = _args(bench, data, out / "split", **common, stop_after_s=0)
+    assert bench.run(split) == {}  # stopped after the first epoch
+    assert list((out / "split").glob("*.ckpt.pt"))
+    resumed = bench.run(split)
+    assert [e["loss"] for e in resumed["epochs"]] == [e["loss"] for e in whole["epochs"]]
+    assert resumed["top1"] == whole["top1"] and resumed["macs_after"] == whole["macs_after"]
+    assert not list((out / "split").glob("*.ckpt.pt"))
+    other = _args(bench, data, out / "split", **{**common, "seed": 1}, stop_after_s=0)
+    assert bench.run(other) == {}
+    with pytest.raises(SystemExit, match="other settings"):
+        bench.run(_args(bench, data, out / "split", **{**common, "seed": 1, "lr": 0.01}))
 
 
 def test_report_prints_table_and_plot(cifar, capsys) -> None:

@@ -125,3 +125,36 @@ def test_latency_model_times_layers_on_cuda() -> None:
     half = {gid: np.arange(len(k)) < max(8, len(k) // 2) for gid, k in full.items()}
     assert lm.after(full) == pytest.approx(lm.total, rel=1e-6)
     assert 0 < lm.after(half) < lm.total
+
+
+def test_deferred_str_update_never_waits_for_the_gpu(tv) -> None:
+    """control_lag: the reading step copies to pinned memory without a sync (sync debug mode would raise),
+    and the update applied lag steps later equals the immediate one (thresholds unmoved meanwhile)."""
+    def make(lag: int) -> Sparsifier:
+        torch.manual_seed(0)
+        model = tv.models.resnet18(num_classes=10).cuda()
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.weight.uniform_(0.05, 1.0)
+        cfg = STRConfig(s_init=-6.0, threshold_fn="exp", target=0.5, target_start_step=0, target_end_step=10,
+                        control_every=10, control_lag=lag)
+        return Sparsifier(model, torch.randn(2, 3, 32, 32, device="cuda"), "bn_gamma", cfg)
+
+    now, later = make(0), make(3)
+    for _ in range(9):
+        now.step()
+        later.step()
+    now.step()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        later.step()  # step 10: reads, must not synchronize
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for _ in range(3):
+        later.step()
+    s_now = torch.cat([t.s.detach() for t in now.policy.transforms])
+    s_later = torch.cat([t.s.detach() for t in later.policy.transforms])
+    assert s_later.is_cuda and torch.allclose(s_later, s_now, rtol=1e-6, atol=0)
+    assert later.policy.measured_sparsity() == pytest.approx(now.policy.measured_sparsity(), abs=1e-12)
+    assert now.policy.measured_sparsity() >= 0.5

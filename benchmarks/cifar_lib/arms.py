@@ -59,6 +59,15 @@ class Arm:
     def prune(self, model: nn.Module, example: torch.Tensor) -> None:
         """Remove structures at the prune epoch (the model is in eval mode, eager)."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint before the prune epoch needs beyond the model and the optimizer."""
+        sp = getattr(self, "sp", None)
+        return {"sparsifier": sp.state_dict()} if sp is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "sparsifier" in state:
+            self.sp.load_state_dict(state["sparsifier"])
+
 
 class STRBN(Arm):
     """Ours: STR on BN γ with learned per-layer thresholds; the budget controller (one common threshold
