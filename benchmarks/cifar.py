@@ -70,6 +70,8 @@ def run(args: argparse.Namespace) -> dict:
     model = model.to(device).to(memory_format=torch.channels_last)
     example = next(iter(test))[0][:2]
     arm = ARMS[args.arm](args.ratio, len(train), recipe.prune_epoch, args.seed, args.ramp_end)
+    if args.arm == "torch_pruning":
+        arm.reg_every = arm.info["tp_reg_every"] = args.tp_reg_every
     macs_before, params_before = macs_of(model, example), sum(p.numel() for p in model.parameters())
     arm.setup(model, example)
     bf16 = device.type == "cuda" and not args.fp32
@@ -146,7 +148,8 @@ def run_name(args: argparse.Namespace, arm: str, world: int) -> str:
     ratio = args.ratio if arm != "dense" else 1.0
     ramp = f"_ramp{args.ramp_end:g}" if args.ramp_end != 0.6 and arm != "dense" else ""
     ddp = f"_ddp{world}" if world > 1 else ""
-    return f"{args.model}_{arm}_{ratio:g}x_seed{args.seed}{ramp}{ddp}"
+    reg = f"_reg{args.tp_reg_every}" if arm == "torch_pruning" and args.tp_reg_every != 1 else ""
+    return f"{args.model}_{arm}_{ratio:g}x_seed{args.seed}{ramp}{reg}{ddp}"
 
 
 def save_checkpoint(path: Path, epoch: int, step: int, log: list, model: torch.nn.Module, trainer: Trainer,
@@ -238,11 +241,11 @@ def parallel(args: argparse.Namespace, specs: list[str]) -> None:
 def _passthrough(args: argparse.Namespace) -> list[str]:
     out = ["--model", args.model, "--epochs", str(args.epochs), "--prune-epoch", str(args.prune_epoch),
            "--batch", str(args.batch), "--lr", str(args.lr), "--seed", str(args.seed), "--data", str(args.data),
-           "--ramp-end", str(args.ramp_end),
+           "--ramp-end", str(args.ramp_end), "--tp-reg-every", str(args.tp_reg_every),
            "--out", str(args.out), "--eval-every", str(args.eval_every)]
     for flag in ("cache", "limit", "device", "stop_after_s"):
         if getattr(args, flag) is not None:
-            out += [f"--{flag}", str(getattr(args, flag))]
+            out += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     flags = [f for f, on in (("--no-graphs", args.no_graphs), ("--fp32", args.fp32), ("--sync-bn", args.sync_bn)) if on]
     return out + flags
 
@@ -259,6 +262,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after-s", type=float, default=None,
                    help="before the prune epoch, stop after this many seconds at an epoch's end with a checkpoint "
                         "in --out; the same command resumes from it (for machines with a per-command time limit)")
+    p.add_argument("--tp-reg-every", type=int, default=1,
+                   help="torch_pruning: apply its group regularisation every N steps, N times as strong (its "
+                        "regularize() is host-bound: ~0.3 s a step on the H100 machine)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
