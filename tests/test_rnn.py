@@ -256,7 +256,7 @@ def test_layer_norm_after_rnn_is_inexact() -> None:
 
 @pytest.mark.parametrize(("model", "inputs", "reason"), [
     (StateFromInput, lambda: (_x(*TxN), _x(1, 3, 6)), "initial state comes from the model input 'h0'"),
-    (ZerosState, lambda: _x(*TxN), "initial state 'zeros' is made by an op without a rule"),
+    (ZerosState, lambda: _x(*TxN), "initial state 'zeros' is made by zeros"),
 ])
 def test_initial_state_from_outside_blocks_units(model, inputs, reason: str) -> None:
     model, inputs = randomize_(model()).double(), inputs()

@@ -4,7 +4,8 @@ One vector per layer and direction of every ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`
 hidden units (``ChannelGroup.kind == "rnn_unit"``). Entry j is unit j; its raw value is
 ‖(rows j, H+j, 2H+j, 3H+j of weight_ih and of weight_hh)‖₂, the unit's incoming weights (biases are
 left out: they do not say how much the unit listens to its inputs). LSTM projections (``proj_size``)
-get one vector per layer and direction too, the norm of the ``weight_hr`` rows.
+get one vector per layer and direction too, the norm of the ``weight_hr`` rows. An ``nn.LSTMCell`` /
+``nn.GRUCell`` / ``nn.RNNCell`` (all its calls in a loop are one group) gets one vector, named after it.
 
 The policy's transform acts as a factor effective/raw per unit on the unit's weight rows *and*
 biases of that layer and direction, so an effective zero zeroes all of them and the unit's output
@@ -36,6 +37,7 @@ from sparsify.adapters.base import (
 )
 from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup, Member
 from sparsify.graph.rules.rnn import GATES
+from sparsify.graph.rules.rnn_cells import cell_gates
 
 #: (module, tensor name, dim, index): index i of that dim belongs to entry ``index[i]`` of a vector.
 Slot = tuple[nn.Module, str, int, np.ndarray]
@@ -67,7 +69,7 @@ class RNNUnitsAdapter(Adapter):
                 continue
             found = self._group_vectors(cg, group)
             if not found:
-                self.skipped[group.name] = "no nn.RNN/LSTM/GRU weight produces these channels"
+                self.skipped[group.name] = "no nn.RNN/LSTM/GRU (or cell) weight produces these channels"
             out.extend(found)
         if not out and not self.skipped:
             self.skipped["(model)"] = "no nn.RNN/LSTM/GRU hidden units in the channel graph"
@@ -78,12 +80,12 @@ class RNNUnitsAdapter(Adapter):
         for m in group.members:
             module = cg.model.get_submodule(m.module)
             attr = m.tensor.rpartition(".")[2]
-            if not isinstance(module, nn.RNNBase):
+            if not isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
                 others.append(m)
             elif m.role != "out":
                 continue
-            elif attr.startswith("weight_ih_") and group.kind == "rnn_unit":
-                out.append(self._layer_vector(group, module, m, attr.removeprefix("weight_ih_")))
+            elif attr.startswith("weight_ih") and group.kind == "rnn_unit":
+                out.append(self._layer_vector(group, module, m, attr.removeprefix("weight_ih")))
             elif attr.startswith("weight_hr_") and group.kind == "rnn_proj":
                 layer = attr.removeprefix("weight_hr_")
                 slots = [(module, attr, 0, np.arange(module.proj_size))]
@@ -97,18 +99,21 @@ class RNNUnitsAdapter(Adapter):
                 "norm": [_slot(cg, m) for m in producers], "scaled": [_slot(cg, m) for m in scaled]}))
         return out
 
-    def _layer_vector(self, group: ChannelGroup, module: nn.RNNBase, ih: Member, layer: str) -> ImportanceVector:
-        hidden, gates = module.hidden_size, GATES[module.mode]
+    def _layer_vector(self, group: ChannelGroup, module: nn.RNNBase | nn.RNNCellBase, ih: Member, layer: str
+                      ) -> ImportanceVector:
+        """``layer`` is the weights' suffix: ``_l0``, ``_l1_reverse``, … (nn.LSTM), ``""`` (a cell)."""
+        hidden = module.hidden_size
+        gates = GATES[module.mode] if isinstance(module, nn.RNNBase) else cell_gates(module)
         entries = ih.structure_of[:hidden]
         local = np.arange(gates * hidden) % hidden  # row r of a gate-blocked tensor is unit r mod H
         if not np.array_equal(entries[local], ih.structure_of):
             raise AssertionError(f"{ih.tensor}: gate rows are not coupled as j, H+j, 2H+j, ...")
-        names = [f"weight_ih_{layer}", f"weight_hh_{layer}"]
+        names = [f"weight_ih{layer}", f"weight_hh{layer}"]
         norm = [(module, n, 0, local) for n in names]
-        scaled = norm + [(module, n, 0, local) for n in (f"bias_ih_{layer}", f"bias_hh_{layer}")
+        scaled = norm + [(module, n, 0, local) for n in (f"bias_ih{layer}", f"bias_hh{layer}")
                          if getattr(module, n, None) is not None]
-        module_name = ih.tensor.rpartition(".")[0]
-        return ImportanceVector(f"{module_name}.{layer}", group, entries, self, handle={"norm": norm, "scaled": scaled})
+        name = ".".join(filter(None, (ih.tensor.rpartition(".")[0], layer.removeprefix("_"))))
+        return ImportanceVector(name, group, entries, self, handle={"norm": norm, "scaled": scaled})
 
     def raw(self, vector: ImportanceVector) -> torch.Tensor:
         total = None

@@ -5,15 +5,20 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 import torch.fx as fx
 from torch import nn
 
 from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup
 from sparsify.graph.trace import TensorInfo, TracedModel
 
+_aten = torch.ops.aten
+_CELL_OPS = (_aten.lstm_cell.default, _aten.gru_cell.default, _aten.rnn_tanh_cell.default, _aten.rnn_relu_cell.default)
+_RNN_OPS = (_aten.lstm.input, _aten.gru.input, _aten.rnn_tanh.input, _aten.rnn_relu.input)
+
 
 def module_macs(traced: TracedModel) -> dict[str, int]:
-    """MACs per example (batch dim 0 divided out) of every conv/linear/RNN call in the trace, keyed by
+    """MACs per example (batch dim 0 divided out) of every conv/linear/RNN(-cell) call in the trace, keyed by
     the qualified name of the weight it multiplies."""
     macs: dict[str, int] = {}
     gm = traced.graph_module
@@ -21,6 +26,14 @@ def module_macs(traced: TracedModel) -> dict[str, int]:
         out = traced.values.get(node.name)
         if node.op == "call_module" and isinstance(m := gm.get_submodule(str(node.target)), nn.RNNBase):
             _rnn_macs(macs, str(node.target), m, out)
+            continue
+        if _cell_macs(macs, traced, node):
+            continue
+        if node.op == "call_function" and node.target in _RNN_OPS and isinstance(node.args[2], (list, tuple)):
+            first = node.args[2][0]  # torch.export's nn.LSTM/GRU/RNN: its flat weights name the module
+            name = str(first.target).rpartition(".")[0] if isinstance(first, fx.Node) else ""
+            if isinstance(m := traced.model.get_submodule(name) if name else None, nn.RNNBase):
+                _rnn_macs(macs, name, m, out)
             continue
         if not isinstance(out, TensorInfo) or not out.shape:
             continue
@@ -53,15 +66,40 @@ def _rnn_macs(macs: dict[str, int], name: str, module: nn.RNNBase, out: object) 
     The output (T, N, F), (N, T, F) with ``batch_first`` or (T, F) unbatched holds one row per step
     and sequence; like the other entries, its dim 0 is divided out (a Linear applied to the same
     time-first tensor counts N rows too), so the RNN's share of the network's MACs is right either way.
+    A PackedSequence runs only the valid steps: their number divided by the batch size.
     """
     output = out[0] if isinstance(out, (tuple, list)) and out else out
-    if not isinstance(output, TensorInfo) or output.ndim not in (2, 3):
-        return  # a PackedSequence: its rule blocks the module, and its length varies per sequence
-    rows = math.prod(output.shape[1:-1])  # N (time first), T (batch first) or 1 (unbatched) per dim-0 row
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], TensorInfo):  # a PackedSequence
+        h_n = out[1][0] if isinstance(out[1], (tuple, list)) else out[1]
+        batch = h_n.shape[1] if isinstance(h_n, TensorInfo) and h_n.ndim == 3 else 1
+        rows = round(output[0].shape[0] / batch)  # valid steps per sequence, on average
+    elif not isinstance(output, TensorInfo) or output.ndim not in (2, 3):
+        return
+    else:
+        rows = math.prod(output.shape[1:-1])  # N (time first), T (batch first) or 1 (unbatched) per dim-0 row
     for weight in module._flat_weights_names:
         if weight.startswith("weight_"):
             key = f"{name}.{weight}"
             macs[key] = macs.get(key, 0) + rows * getattr(module, weight).numel()
+
+
+def _cell_macs(macs: dict[str, int], traced: TracedModel, node: fx.Node) -> bool:
+    """nn.LSTMCell / GRUCell / RNNCell (fx) or their ATen ops (torch.export): one step, i.e. ``numel`` MACs of
+    ``weight_ih`` and ``weight_hh`` per example and call (a loop over T steps has T calls). True if a cell."""
+    if node.op == "call_module" and isinstance(m := traced.graph_module.get_submodule(str(node.target)),
+                                               nn.RNNCellBase):
+        weights = {f"{node.target}.{n}": getattr(m, n).numel() for n in ("weight_ih", "weight_hh")}
+    elif node.op == "call_function" and node.target in _CELL_OPS:
+        weights = {}
+        for w in node.args[2:4]:
+            info = traced.values.get(w.name) if isinstance(w, fx.Node) and w.op == "get_attr" else None
+            if isinstance(info, TensorInfo):
+                weights[str(w.target)] = math.prod(info.shape)
+    else:
+        return False
+    for key, n in weights.items():
+        macs[key] = macs.get(key, 0) + n
+    return True
 
 
 def count_params(model: nn.Module) -> int:

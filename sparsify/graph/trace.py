@@ -8,6 +8,7 @@ one real forward pass in eval mode under ``no_grad``; the model's mode and state
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,10 @@ class TracedModel:
 class _Tracer(fx.Tracer):
     def __init__(self) -> None:
         super().__init__(autowrap_functions=tuple(_AUTOWRAP_FUNCTIONS))
+        for fn in _AUTOWRAP_FUNCTIONS:  # also calls written through their module (nn.utils.rnn.pack_padded_sequence)
+            module = sys.modules.get(getattr(fn, "__module__", None) or "")
+            if module is not None and module not in self._autowrap_search:
+                self._autowrap_search.append(module)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, tuple(_LEAF_MODULES)):
@@ -79,10 +84,14 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
+def _has_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) or (isinstance(value, (tuple, list)) and any(map(_has_tensor, value)))
+
+
 def _describe(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return TensorInfo(tuple(value.shape), value.dtype, value.device)
-    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+    if isinstance(value, (tuple, list)) and _has_tensor(value):  # nested: an LSTM's (PackedSequence, (h, c))
         return type(value)(_describe(v) for v in value) if type(value) in (tuple, list) else tuple(
             _describe(v) for v in value
         )
@@ -128,6 +137,9 @@ def trace(model: nn.Module, example_inputs: Any) -> TracedModel:
                          "sparsify prunes a model where it lives, on one device. Move it first: model.to(device).")
     try:
         graph = _Tracer().trace(model, concrete_args=None)
+        for node in graph.nodes:  # fx's code for a wrapped torch function (pack_padded_sequence) would register
+            if getattr(node.target, "__module__", "").startswith("torch."):  # a wrap() that breaks later traces
+                node.meta.pop("is_wrapped", None)
         gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     except Exception as fx_exc:  # fx raises many kinds of errors
         try:

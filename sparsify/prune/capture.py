@@ -24,7 +24,8 @@ class _Capture(fx.Interpreter):
             for k in key[len(n.name) + 1:].split(".") if key != n.name else ():  # (nested) tuple element
                 value = value[int(k)]
             index = index.to(value.device)
-            self.found[i] = value.index_select(dim, index).movedim(dim, 0).flatten(1)
+            picked = value.index_select(dim, index).movedim(dim, 0)
+            self.found[i] = picked.flatten(1) if picked.ndim > 1 else picked[:, None]  # 1-D: unbatched cells
         return out
 
 

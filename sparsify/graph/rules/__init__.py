@@ -7,6 +7,7 @@ from sparsify.graph.rules import (  # noqa: F401
     layers,
     layout,
     rnn,  # nn.RNN, nn.LSTM, nn.GRU hidden units
+    rnn_cells,  # nn.LSTMCell, nn.GRUCell, nn.RNNCell (and aten cell ops), torch.stack, zeros
     structural,
     torchvision_ops,
 )

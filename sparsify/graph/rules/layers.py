@@ -312,8 +312,8 @@ def attention_barrier(ctx: OpContext) -> None:
 
 
 register_op_rule("attention_barrier", attention_barrier,
-                 modules=(nn.MultiheadAttention, nn.RNNCell, nn.LSTMCell,  # RNN, LSTM, GRU: rules/rnn.py
-                          nn.GRUCell, nn.Bilinear, nn.EmbeddingBag, nn.TransformerEncoderLayer,
+                 modules=(nn.MultiheadAttention,  # RNNs: rules/rnn.py, RNN cells: rules/rnn_cells.py
+                          nn.Bilinear, nn.EmbeddingBag, nn.TransformerEncoderLayer,
                           nn.TransformerDecoderLayer))
 
 

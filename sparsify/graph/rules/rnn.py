@@ -13,7 +13,9 @@ g = tanh(0) = 0, so c_j stays 0 and h_j = o·tanh(c_j) = 0; a GRU's candidate n 
 h_j(t) = z·h_j(t−1) = 0; a plain RNN gives tanh(0) = relu(0) = 0 — provided unit j *starts* at 0.
 An initial state passed to the module is therefore coupled with the units: computed inside the
 model (by a layer, from an ``nn.Parameter``, another RNN's final state) it is zeroed with them; a
-model input, or a tensor made by an op without a rule (``torch.zeros(n, b, 64)``), blocks them.
+model input, or a tensor made by an op without a rule or by ``torch.zeros(n, b, 64)`` with constant
+sizes, blocks them (zeros made in a module declared with ``layout.register_synced_sizes`` follow
+pruning: ``rules/rnn_cells.py``).
 
 With ``proj_size`` P the hidden units are internal (``weight_hr_l{k}`` columns consume them, c_n
 indexes them) and the P projected channels form a second group: rows of ``weight_hr_l{k}``,
@@ -22,12 +24,15 @@ columns of ``weight_hh`` and of the next layer's ``weight_ih``, the output and h
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch.fx as fx
 from torch import nn
 
 from sparsify.graph.builder import OpContext, Space
 from sparsify.graph.rules.registry import register_op_rule
+from sparsify.graph.trace import TensorInfo
 
 #: Gate blocks per ``RNNBase.mode``: rows of weight_ih/weight_hh are ``gates × hidden_size``.
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
@@ -52,33 +57,45 @@ def _modulo(ctx: OpContext, wide: Space | None, narrow: Space | None, period: in
 
 def rnn(ctx: OpContext) -> None:
     """nn.RNN / nn.LSTM / nn.GRU: hidden unit j of all layers and directions is one structure."""
-    m: nn.RNNBase = ctx.module
-    x, hx = ctx.arg(0, "input"), ctx.arg(1, "hx")
-    xi, value = ctx.info(x), ctx.value(ctx.node)
-    what = ctx.describe()
+    lstm = isinstance(ctx.module, nn.LSTM)
+    declare(ctx, ctx.module, ctx.module_name, ctx.arg(0, "input"), ctx.arg(1, "hx"), (1, 0) if lstm else 1,
+            (1, 1) if lstm else None)
+
+
+def declare(ctx: OpContext, m: nn.RNNBase, module_name: str, x: Any, hx: Any, h_n: Any, c_n: Any) -> None:
+    """The couplings of one call of ``m`` (module ``module_name``): ``h_n`` / ``c_n`` are the output elements
+    of the final states ((1, 0) and (1, 1) for nn.LSTM's (output, (h_n, c_n)); 1 and 2 for ``aten.lstm``)."""
+    value, what = ctx.value(ctx.node), ctx.describe()
+    packed = is_packed(ctx.value(x))  # a PackedSequence (data, batch_sizes, ...): element 0 is its data
+    xe, oe = (0, (0, 0)) if packed else (None, 0)  # where the features are in the input and the output
+    xi = ctx.value(x)[0] if packed else ctx.info(x)
     if xi is None or not isinstance(value, (tuple, list)) or m.mode not in GATES:
-        ctx.block_all(f"{what}: only a plain (padded) tensor input is supported, not a PackedSequence")
+        ctx.block_all(f"{what}: only a tensor input or a PackedSequence (from pack_padded_sequence) is supported")
         return
     lstm = m.mode == "LSTM"
     gates, hidden, proj = GATES[m.mode], m.hidden_size, m.proj_size
     h_out = proj or hidden
     batched = xi.ndim == 3
-    h_n, c_n = ((1, 0), (1, 1)) if lstm else (1, None)
     states = [h_n, c_n] if lstm else [h_n]
 
-    # time and batch dims pass through; dim 0 of h_n / c_n stacks layers × directions
+    # time and batch dims pass through (packed: the rows of all steps); dim 0 of h_n / c_n stacks layers × directions
     t_dim, b_dim = ((1, 0) if m.batch_first else (0, 1)) if batched else (0, None)
-    ctx.same(ctx.space(x, t_dim), ctx.out(t_dim, element=0))
+    ctx.same(ctx.space(x, t_dim, xe), ctx.out(t_dim, element=oe))
     stacked = f"{what} stacks layers × directions in dim 0 of its states"
     for st in states:
         ctx.fresh(ctx.out(0, element=st), stacked)
+        if packed:
+            ctx.fresh(ctx.out(1, element=st), f"{what}: batch dim of a state of a packed sequence")
+    if packed:
+        for k in range(1, len(value[0])):  # batch_sizes, sorted and unsorted indices
+            ctx.fresh(ctx.out(0, element=(0, k)), f"{what}: index tensor of its PackedSequence output")
     if b_dim is not None:
         ctx.same(ctx.space(x, b_dim), ctx.out(b_dim, element=0))
         for st in states:
             ctx.same(ctx.space(x, b_dim), ctx.out(1, element=st))
 
     # feature spaces: units U (width H), recurrent channels R (h_n: H, or P with projections)
-    out = ctx.out(-1, element=0)
+    out = ctx.out(-1, element=oe)
     rec = ctx.out(-1, element=h_n)
     units = ctx.out(-1, element=c_n) if lstm else rec
     if units is None or rec is None:
@@ -93,9 +110,9 @@ def rnn(ctx: OpContext) -> None:
 
     def member(space: Space | None, tensor: str, dim: int, role: str) -> None:
         if getattr(m, tensor, None) is not None:
-            ctx.member(space, ctx.module_name, tensor, dim, role)
+            ctx.member(space, module_name, tensor, dim, role)
 
-    x_features = ctx.space(x, -1)
+    x_features = ctx.space(x, -1, xe)
     for layer in layer_names(m):
         rows = ctx.internal(f"gates_{layer}", gates * hidden)
         _modulo(ctx, rows, units, hidden)
@@ -109,6 +126,12 @@ def rnn(ctx: OpContext) -> None:
 
     if hx is not None:
         _initial_states(ctx, hx, [rec, units] if lstm else [rec], ctx.space(x, b_dim) if batched else None)
+
+
+def is_packed(value: object) -> bool:
+    """Whether a traced value is a PackedSequence (recorded as a tuple whose element 0 is 2-D data)."""
+    return isinstance(value, (tuple, list)) and len(value) == 4 and isinstance(value[0], TensorInfo) and (
+        value[0].ndim == 2) and isinstance(value[1], TensorInfo) and value[1].ndim == 1
 
 
 def _initial_states(ctx: OpContext, hx, targets: list[Space], batch: Space | None) -> None:
@@ -133,6 +156,11 @@ def _initial_states(ctx: OpContext, hx, targets: list[Space], batch: Space | Non
         elif ctx.facts.rule_of.get(node.name) == "none":
             ctx.block(target, f"{what}: its initial state '{node.name}' is made by an op without a rule "
                               f"(torch.zeros with sizes fixed in forward()?), which pruning cannot resize. {fix}")
+        elif ctx.facts.rule_of.get(node.name) == "zeros" and ctx.space(node, -1, element) in ctx.facts.blocked:
+            ctx.block(target, f"{what}: its initial state '{node.name}' is made by zeros() with sizes written as "
+                              f"constants, which pruning cannot resize. {fix} Or make the zeros with sizes read "
+                              "from the RNN (self.rnn.hidden_size) in a module declared with "
+                              "sparsify.graph.rules.layout.register_synced_sizes(YourModule).")
 
 
 register_op_rule("rnn", rnn, modules=(nn.RNN, nn.LSTM, nn.GRU))
