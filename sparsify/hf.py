@@ -8,7 +8,10 @@ standard fields (``intermediate_size``, ``hidden_size``, ``num_attention_heads``
 from layer to layer (or the config class cannot express them), every layer's widths are also stored in
 ``config.sparsify_layer_widths``; ``from_pretrained`` here builds the model from the config, resizes
 those layers and loads the weights strictly. Model families are keyed by ``config.model_type``
-(``register_family``); llama, mistral, qwen2, gpt2 and bert are built in.
+(``register_family``); llama, mistral, qwen2, gpt2 and bert are built in. Models whose attention was
+swapped by ``explicit_attention_`` (prunable head_dim slots, ``sparsify.hf_attention``; llama, gpt2,
+bert) also store every layer's attention in ``config.sparsify_head_dims``; ``from_pretrained`` swaps
+and resizes the attention of the model it builds before loading.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from sparsify.errors import SparsifyError
 from sparsify.io import LoadError
 
 RECORD = "sparsify_layer_widths"
+HEAD_DIMS = "sparsify_head_dims"  # per-layer attention of models with explicit_attention_ (head_dim slots)
 Widths = dict[str, int]
 
 
@@ -107,11 +111,70 @@ def _same(what: str, **values: int) -> int:
     return next(iter(values.values()))
 
 
+# ----- attention with prunable head_dim slots (sparsify.hf_attention) ----------------------------
+def _slots(attn: nn.Module) -> dict[str, Any] | None:
+    """A swapped attention's widths (heads, head_dim of q/k, v_head_dim, scale), else None."""
+    if type(attn).__module__ != "sparsify.hf_attention":
+        return None
+    from sparsify import hf_attention
+
+    return hf_attention.read(attn)
+
+
+def _resize_slots(attn: nn.Module, heads: int, kv_heads: int, head_dim: int, out: nn.Module | None = None) -> None:
+    """Resize a swapped attention's heads and q/k head_dim; its v_head_dim and scale stay."""
+    from sparsify import hf_attention
+
+    hf_attention.resize(attn, heads, kv_heads, head_dim, attn.v_head_dim, attn.scaling, out=out)
+
+
+def _attention(layer: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    """A transformer layer's attention module (and BERT's separate output projection)."""
+    for name in ("self_attn", "attn"):
+        if isinstance(getattr(layer, name, None), nn.Module):
+            return getattr(layer, name), None
+    return layer.attention.self, layer.attention.output.dense
+
+
+def head_dims(model: nn.Module) -> list[dict[str, Any]] | None:
+    """Every layer's swapped attention (heads, head_dim of q/k, v_head_dim, scale), or None if the model's
+    attention is not swapped (``explicit_attention_``)."""
+    found = [_slots(_attention(layer)[0]) for layer in _layers(model, _family(model.config))]
+    if all(f is None for f in found):
+        return None
+    if any(f is None for f in found):
+        raise SparsifyError("some layers' attention is swapped by explicit_attention_ and some not; call "
+                            "sparsify.hf.explicit_attention_(model) on the whole model")
+    return found  # type: ignore[return-value]
+
+
+def _swap_from_record(model: nn.Module, record: dict[int, dict[str, Any]]) -> None:
+    from sparsify import hf_attention
+
+    hf_attention.explicit_attention_(model)
+    for i, layer in enumerate(_layers(model, _family(model.config))):
+        attn, out = _attention(layer)
+        r = record[i]
+        hf_attention.resize(attn, r["num_attention_heads"], r["num_key_value_heads"], r["head_dim"], r["v_head_dim"],
+                            r["scaling"], rope_scaling=r.get("rope_scaling"), out=out)
+
+
+def explicit_attention_(model: nn.Module) -> nn.Module:
+    """Make the head_dim slots of every attention layer prunable (``sparsify.hf_attention``); in place."""
+    from sparsify.hf_attention import explicit_attention_ as swap
+
+    return swap(model)
+
+
 # ----- llama-style (llama, mistral, qwen2) ------------------------------------------------------
 def _llama_read(layer: nn.Module) -> Widths:
     mlp, attn = layer.mlp, layer.self_attn
     inter = _same("MLP widths", gate_proj=_rows(mlp.gate_proj), up_proj=_rows(mlp.up_proj),
                   down_proj_in=_cols(mlp.down_proj))
+    slots = _slots(attn)
+    if slots is not None:
+        return {"intermediate_size": inter, **{k: slots[k] for k in ("num_attention_heads", "num_key_value_heads",
+                                                                     "head_dim")}}
     d = int(attn.head_dim)
     q = _same("query widths", q_proj=_rows(attn.q_proj), o_proj_in=_cols(attn.o_proj))
     kv = _same("key/value widths", k_proj=_rows(attn.k_proj), v_proj=_rows(attn.v_proj))
@@ -125,15 +188,20 @@ def _llama_read(layer: nn.Module) -> Widths:
 
 def _llama_resize(layer: nn.Module, w: Widths, config: Any) -> None:
     mlp, attn = layer.mlp, layer.self_attn
-    if w["head_dim"] != attn.head_dim:
+    swapped = _slots(attn) is not None
+    if w["head_dim"] != attn.head_dim and not swapped:
         raise SparsifyError(f"head_dim {w['head_dim']} differs from the model's {attn.head_dim} (set by "
-                            "config.head_dim); sparsify never prunes within heads, so the record is corrupt")
+                            "config.head_dim); head_dim slots prune only after sparsify.hf.explicit_attention_ (whose "
+                            "record is config.sparsify_head_dims), so the record is corrupt")
     _linear(mlp.gate_proj, out=w["intermediate_size"])
     _linear(mlp.up_proj, out=w["intermediate_size"])
     _linear(mlp.down_proj, inp=w["intermediate_size"])
     mlp.intermediate_size = w["intermediate_size"]
     mlp.hidden_size = _cols(mlp.gate_proj)
     layer.hidden_size = _cols(mlp.gate_proj)
+    if swapped:
+        _resize_slots(attn, w["num_attention_heads"], w["num_key_value_heads"], w["head_dim"])
+        return
     q, kv = w["num_attention_heads"] * w["head_dim"], w["num_key_value_heads"] * w["head_dim"]
     _linear(attn.q_proj, out=q)
     _linear(attn.k_proj, out=kv)
@@ -157,6 +225,10 @@ _LLAMA = Family(
 def _gpt2_read(layer: nn.Module) -> Widths:
     mlp, attn = layer.mlp, layer.attn
     inter = _same("MLP widths", c_fc=int(mlp.c_fc.weight.shape[1]), c_proj_in=int(mlp.c_proj.weight.shape[0]))
+    slots = _slots(attn)
+    if slots is not None:
+        return {"intermediate_size": inter, "num_attention_heads": slots["num_attention_heads"],
+                "head_dim": slots["head_dim"]}
     qkv = int(attn.c_attn.weight.shape[1])
     if qkv % 3:
         raise SparsifyError(f"c_attn has {qkv} output channels, not q|k|v of equal widths")
@@ -169,6 +241,9 @@ def _gpt2_resize(layer: nn.Module, w: Widths, config: Any) -> None:
     mlp, attn = layer.mlp, layer.attn
     _conv1d(mlp.c_fc, out=w["intermediate_size"])
     _conv1d(mlp.c_proj, inp=w["intermediate_size"])
+    if _slots(attn) is not None:
+        _resize_slots(attn, w["num_attention_heads"], w["num_attention_heads"], w["head_dim"])
+        return
     inner = w["num_attention_heads"] * w["head_dim"]
     _conv1d(attn.c_attn, out=3 * inner)
     _conv1d(attn.c_proj, inp=inner)
@@ -186,6 +261,10 @@ _GPT2 = Family(fields={"intermediate_size": "n_inner", "num_attention_heads": "n
 def _bert_read(layer: nn.Module) -> Widths:
     sa = layer.attention.self
     inter = _same("MLP widths", intermediate=_rows(layer.intermediate.dense), output_in=_cols(layer.output.dense))
+    slots = _slots(sa)
+    if slots is not None:
+        return {"intermediate_size": inter, "num_attention_heads": slots["num_attention_heads"],
+                "head_dim": slots["head_dim"]}
     inner = _same("attention widths", query=_rows(sa.query), key=_rows(sa.key), value=_rows(sa.value),
                   output_in=_cols(layer.attention.output.dense))
     d = int(sa.attention_head_size)
@@ -196,6 +275,10 @@ def _bert_resize(layer: nn.Module, w: Widths, config: Any) -> None:
     sa = layer.attention.self
     _linear(layer.intermediate.dense, out=w["intermediate_size"])
     _linear(layer.output.dense, inp=w["intermediate_size"])
+    if _slots(sa) is not None:
+        _resize_slots(sa, w["num_attention_heads"], w["num_attention_heads"], w["head_dim"],
+                      out=layer.attention.output.dense)
+        return
     inner = w["num_attention_heads"] * w["head_dim"]
     for m in (sa.query, sa.key, sa.value):
         _linear(m, out=inner)
@@ -281,8 +364,9 @@ def sync_config(model: nn.Module) -> Any:
             fields[attr] = max(w[name] for w in widths)
     candidate = copy.deepcopy(config)
     _apply_fields(candidate, fields)
-    if hasattr(candidate, RECORD):
-        delattr(candidate, RECORD)
+    for key in (RECORD, HEAD_DIMS):
+        if hasattr(candidate, key):
+            delattr(candidate, key)
     try:
         skeleton = _skeleton(type(model), candidate)
     except Exception:  # head counts the config class rejects (e.g. hidden_size % num_attention_heads)
@@ -301,6 +385,7 @@ def sync_config(model: nn.Module) -> Any:
                 "class accepts (e.g. a multiple of num_attention_heads), or save with sparsify.save(), which "
                 "replays the pruning plan on the original architecture.") from exc
     built = layer_widths(skeleton)
+    slots = head_dims(model)
     # module attributes first: if a layer cannot take its widths, nothing has been changed yet
     for layer, w in zip(_layers(model, family), widths, strict=True):
         family.resize(layer, w, candidate)
@@ -309,6 +394,10 @@ def sync_config(model: nn.Module) -> Any:
         setattr(config, RECORD, {str(i): dict(w) for i, w in enumerate(widths)})
     elif hasattr(config, RECORD):
         delattr(config, RECORD)
+    if slots is not None:
+        setattr(config, HEAD_DIMS, {str(i): s for i, s in enumerate(slots)})
+    elif hasattr(config, HEAD_DIMS):
+        delattr(config, HEAD_DIMS)
     return config
 
 
@@ -366,6 +455,27 @@ def _record(config: Any) -> dict[int, Widths] | None:
     if bad:
         raise LoadError(f"config.{RECORD} entry for layer {bad[0]} is invalid ({record[bad[0]]}): layers are "
                         f"0..{n - 1}, each with exactly the widths {sorted(fields)}")
+    return record
+
+
+_SLOT_FIELDS = {"num_attention_heads": int, "num_key_value_heads": int, "head_dim": int, "v_head_dim": int,
+                "scaling": float}
+
+
+def _head_dim_record(config: Any) -> dict[int, dict[str, Any]] | None:
+    raw = getattr(config, HEAD_DIMS, None)
+    if raw is None:
+        return None
+    n = config.num_hidden_layers
+    try:
+        record = {int(k): {f: _SLOT_FIELDS.get(f, float)(v) for f, v in w.items()} for k, w in raw.items()}
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise LoadError(f"config.{HEAD_DIMS} must map layer index → {{width name: number}}, got {raw!r:.200}") from exc
+    bad = [i for i in range(n) if i not in record or not set(_SLOT_FIELDS) <= set(record[i])]
+    if bad or set(record) - set(range(n)):
+        i = bad[0] if bad else max(record)
+        raise LoadError(f"config.{HEAD_DIMS} entry for layer {i} is missing or invalid ({record.get(i)}): layers "
+                        f"are 0..{n - 1}, each with {sorted(_SLOT_FIELDS)}")
     return record
 
 
@@ -443,24 +553,35 @@ def from_pretrained(path: str | Path, model_class: type | None = None, **kwargs:
     config = AutoConfig.from_pretrained(path)
     cls = _model_class(config, model_class)
     record = _record(config)
+    slots = _head_dim_record(config)
     files = _checkpoint_files(path)
     skeleton = _skeleton(cls, config)
+    if slots is not None:
+        _swap_from_record(skeleton, slots)
     if record is not None:
         _resize_layers(skeleton, record)
-    _check_shapes(skeleton, _checkpoint_shapes(files), record, path)
-    if record is None:
+    _check_shapes(skeleton, _checkpoint_shapes(files), record if slots is None else (record or slots), path)
+    if record is None and slots is None:
         return cls.from_pretrained(path, **kwargs)
     with _quiet_transformers():
         model = cls.from_pretrained(path, ignore_mismatched_sizes=True, **kwargs)
-    _resize_layers(model, record)
-    prefixes = _layer_prefixes(model, record)
+    if slots is not None:
+        _swap_from_record(model, slots)
+    if record is not None:
+        _resize_layers(model, record)
+    prefixes = _layer_prefixes(model, slots if slots is not None else record)
     state = model.state_dict(keep_vars=True)
     with torch.no_grad():
         for file in files:
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():
                     if key.startswith(prefixes) and key in state:
-                        state[key].copy_(f.get_tensor(key))
-    if layer_widths(model) != [record.get(i, w) for i, w in enumerate(layer_widths(model))]:
+                        t = f.get_tensor(key)
+                        if isinstance(state[key], nn.Parameter) or state[key].dtype == t.dtype:
+                            state[key].copy_(t)
+                        else:  # a buffer (a swapped LLaMA attention's inv_freq): keep the saved dtype
+                            owner, _, name = key.rpartition(".")
+                            setattr(model.get_submodule(owner), name, t.to(state[key].device))
+    if record is not None and layer_widths(model) != [record.get(i, w) for i, w in enumerate(layer_widths(model))]:
         raise LoadError(f"the loaded layers do not have the widths config.{RECORD} records")
     return model

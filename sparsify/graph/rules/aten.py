@@ -51,7 +51,8 @@ register_op_rule("aten_layer_norm", layers.layer_norm_functional, functions=_ove
 register_op_rule("aten_pool", layers.pool, functions=_overloads(
     aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.avg_pool2d, aten.max_pool2d))
 register_op_rule("aten_cat", structural.cat, functions=_overloads(aten.cat))
-register_op_rule("aten_split", structural.split, functions=_overloads(aten.chunk, aten.split))
+register_op_rule("aten_split", structural.split, functions=_overloads(aten.chunk, aten.split,
+                                                                        aten.split_with_sizes))
 register_op_rule("aten_reduction", structural.reduction, functions=_overloads(aten.mean, aten.sum, aten.amax))
 register_op_rule("aten_softmax", structural.softmax, functions=_overloads(aten.softmax, aten._softmax,
                                                                           aten.log_softmax))

@@ -450,6 +450,8 @@ def _classify(ctx: OpContext, exit_node: fx.Node, root: fx.Node, idx: torch.Tens
             ctx.pairs(ctx.space(root, inputs[0]), out_space, line(inputs[0], j), np.arange(t))
         elif single and int(np.prod([in_shape[i] for i in inputs])) == t:
             ctx.merge(out_space, [ctx.space(root, i) for i in inputs], [line(i, j) for i in inputs])
+        elif single and len(inputs) == 1 and _one_head_block(ctx, exit_node, root, inputs[0], line(inputs[0], j)):
+            ctx.pairs(ctx.space(root, inputs[0]), out_space, line(inputs[0], j), np.arange(t))
         else:
             reason = f"{what} mixes or slices dims {inputs} of '{root.name}' into dim {j}"
             ctx.block(out_space, reason)
@@ -458,6 +460,20 @@ def _classify(ctx: OpContext, exit_node: fx.Node, root: fx.Node, idx: torch.Tens
     for i, s in enumerate(in_shape):
         if s > 1 and not dep[i].any():
             ctx.block(ctx.space(root, i), f"{what} selects from dim {i} of '{root.name}' by a constant index")
+
+
+def _one_head_block(ctx: OpContext, exit_node: fx.Node, root: fx.Node, i: int, a: np.ndarray) -> bool:
+    """A block ``[k·d/n, (k+1)·d/n)`` sliced from an unsplit dim of d channels in a module with synced
+    sizes: the rotary half of a single-head tensor (one key/value head, ``view(b, s, 1, -1)``), which
+    no head split reaches. Couples channel c with the channels at its position in the other blocks
+    (as ``head_dim.couple_slice`` does for head_dim slots); False (nothing coupled) otherwise."""
+    if not sizes_are_synced(exit_node):
+        return False
+    from sparsify.graph.rules.head_dim import couple_slice
+
+    width = ctx.traced.values[root.name].shape[i]
+    slot = np.arange(width)
+    return couple_slice(ctx, exit_node, ctx.space(root, i), slot, slot, a, width) == ""
 
 
 def _uniform_repeat(line: np.ndarray, width: int) -> bool:

@@ -46,7 +46,9 @@ def split(ctx: OpContext) -> None:
 
     Every part must keep the same width after pruning, so channel j of each part is one structure.
     That holds for a number of parts (chunk, tensor_split into n) and a part size computed from
-    shapes; a split into unequal parts or parts of a hard-coded size is a barrier.
+    shapes; a split into unequal parts or parts of a hard-coded size is a barrier. Exception: a list
+    of part sizes inside a module registered with ``register_synced_sizes`` (the module keeps them in
+    sync with the weights): each part then shrinks on its own.
     """
     x = ctx.node.args[0]
     xi = ctx.info(x)
@@ -60,6 +62,9 @@ def split(ctx: OpContext) -> None:
         size = ctx.node.kwargs.get("split_size_or_sections")
     widths = [o.shape[dim] for o in out]
     x_space = ctx.space(x, dim)
+    if isinstance(size, (list, tuple)) and name in ("split", "split_with_sizes") and sizes_are_synced(ctx.node):
+        _independent_parts(ctx, x, xi.ndim, dim, widths)  # part sizes read from synced attributes
+        return
     if name == "split":  # a part size: only one computed from shapes (or a synced attribute) shrinks
         scales = isinstance(size, fx.Node) or sizes_are_synced(ctx.node)
     else:  # a number of parts (tensor_split also takes a list of split indices)
@@ -79,6 +84,19 @@ def split(ctx: OpContext) -> None:
             reason = f"{ctx.describe()} splits dim {dim} into parts of unequal or hard-coded sizes {widths}"
             ctx.block(part, reason)
             ctx.block(x_space, reason)
+        offset += w
+
+
+def _independent_parts(ctx: OpContext, x: fx.Node, ndim: int, dim: int, widths: list[int]) -> None:
+    """A split into a list of part sizes that the module keeps in sync with the weights (a module
+    registered with ``register_synced_sizes``, e.g. GPT-2 q|k|v of different head_dims): each part
+    shrinks on its own."""
+    offset = 0
+    for k, w in enumerate(widths):
+        for d in range(ndim):
+            if d != dim:
+                ctx.same(ctx.space(x, d), ctx.out(d, element=k))
+        ctx.pairs(ctx.space(x, dim), ctx.out(dim, element=k), offset + np.arange(w), np.arange(w))
         offset += w
 
 
