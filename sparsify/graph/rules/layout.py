@@ -170,6 +170,7 @@ def layout(ctx: OpContext) -> None:
     except Exception as exc:  # an op that cannot run on an index tensor
         ctx.block_all(f"{ctx.describe()} could not be analysed ({type(exc).__name__}: {exc})")
         return
+    _block_one_head_splits(ctx, node, root)
     _couple_interior_splits(ctx, node, root)
     _classify(ctx, node, root, idx, literals, hard)
 
@@ -241,6 +242,39 @@ def _couple_split(ctx: OpContext, root: fx.Node, idx: torch.Tensor, free_dims: s
         free_coord[g.reshape(-1).numpy()] = position.reshape(-1).numpy()
         _, first = np.unique(free_coord, return_index=True)
         ctx.pairs(space, space, first[free_coord], np.arange(in_shape[i]))
+
+
+def _block_one_head_splits(ctx: OpContext, exit_node: fx.Node, root: fx.Node) -> None:
+    """A head split with a single head: ``view(b, s, -1, head_dim)`` where the -1 (or computed) head
+    count comes out 1 (one key/value head). No dim is split, so :func:`_head_split` never sees it, but
+    the written head_dim would not follow pruning: the -1 would absorb the change and the view fail.
+    The -1 says which factor follows the width, so the literal one is a constant even in a module
+    with synced sizes: block the dim. Only a view that makes a new dim of size 1 is such a split (the
+    -1 of ``reshape(b, -1, L, E)`` on one head, or of ``view(-1, width)`` on one row, is an existing dim)."""
+    in_shape = ctx.traced.values[root.name].shape
+    for node in _chain(ctx, exit_node):
+        sizes = _size_args(ctx, node)
+        if sizes is None:
+            continue
+        first, args = sizes
+        _, idx, literals, _ = _index_tensor(ctx, node)
+        before = tuple(_input_index(ctx, node)[1].shape)
+        if sum(t == 1 for t in idx.shape) <= sum(t == 1 for t in before):
+            continue  # no dim of size 1 made: a -1 of 1 here is an existing dim (batch, heads) of size 1
+        free = _free_dims(ctx, node, literals)
+        ones = [first + k for k in range(len(args)) if first + k in free and idx.shape[first + k] == 1]
+        if not ones:
+            continue
+        for i, g in enumerate(_coords(in_shape, idx)):
+            outs = [j for j in range(idx.ndim) if _varies(g, j)]
+            if in_shape[i] <= 1 or len(outs) != 1 or outs[0] in free or not first <= outs[0] < first + len(args):
+                continue
+            ctx.block(ctx.space(root, i), f"{ctx.describe()}: '{node.name}' gives dim {i} of '{root.name}' the "
+                                          f"written size {idx.shape[outs[0]]}, a constant in the model's code, "
+                                          f"beside a new dim {ones[0]} of size 1 written -1 or computed (one "
+                                          "attention head): pruning would change that dim instead and break the "
+                                          "view; a head_dim that follows pruning is written -1: view(b, s, heads, "
+                                          "-1) (Hugging Face: sparsify.hf.explicit_attention_)")
 
 
 def _tuple_element(ctx: OpContext) -> None:
