@@ -23,8 +23,10 @@ latency drops as much as the MACs). MACs come from ``sparsify.graph.cost.module_
 layers) plus, for ``nn.MultiheadAttention``, its projections and attention products, which that
 function does not count. Weights are random (latency does not depend on their values).
 
-ViT-B/16 (``--vit``): only the MLP hidden layers are pruned on both sides (the residual width and the
-attention heads are barriers in sparsify today; TP is restricted to the same layers).
+ViT-B/16 (``--vit``): only the MLP hidden layers are pruned on both sides (nn.MultiheadAttention is a
+leaf whose inner width is tied to embed_dim, the residual width is inexact under LayerNorm; TP is
+restricted to the same layers). ``--vit-heads`` adds ``ours+latency+heads``: the attention swapped for
+``ExplicitMultiheadAttention`` first, so whole heads are prunable too.
 
     python benchmarks/speed.py --out /tmp/speed.json                       # GPU defaults
     python benchmarks/speed.py --device cpu --models resnet18 --batch 2 --size 64 --iters 3   # smoke test
@@ -54,6 +56,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from sparsify import FilterNormConfig, GMPConfig, Sparsifier  # noqa: E402
+from sparsify.adapters.heads import ExplicitMultiheadAttention, explicit_multihead_attention_  # noqa: E402
 from sparsify.deploy import deploy  # noqa: E402
 from sparsify.graph.cost import module_macs  # noqa: E402
 from sparsify.graph.trace import trace  # noqa: E402
@@ -86,17 +89,23 @@ def macs(model: nn.Module, x: torch.Tensor) -> float:
 
 
 def attention_macs(model: nn.Module, x: torch.Tensor) -> float:
-    """Per example: in/out projections and the two attention products of every nn.MultiheadAttention."""
+    """Per example: in/out projections and the two attention products of every nn.MultiheadAttention;
+    the attention products of every ExplicitMultiheadAttention (its projections are nn.Linear layers,
+    which ``module_macs`` counts), at its current (possibly pruned) inner width."""
     total = 0.0
 
-    def hook(m: nn.MultiheadAttention, args: tuple[Any, ...], _out: Any) -> None:
+    def hook(m: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
         nonlocal total
         q = args[0]
         tokens = q.shape[1] if m.batch_first else q.shape[0]
+        if isinstance(m, ExplicitMultiheadAttention):
+            total += 2 * tokens * tokens * m.q_proj.out_features
+            return
         e = m.embed_dim
         total += tokens * e * 3 * e + tokens * e * e + 2 * tokens * tokens * e
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.MultiheadAttention, ExplicitMultiheadAttention))]
     try:
         with torch.no_grad():
             model.eval()(x)
@@ -146,11 +155,17 @@ def latency_arm(weight: float) -> str:
 
 
 def prune_latency(dense: nn.Module, x: torch.Tensor, ratio: float, round_to: int, batch: int,
-                  args: argparse.Namespace, cache: dict, weight: float = 1.0) -> tuple[nn.Module, dict[str, Any]]:
+                  args: argparse.Namespace, cache: dict, weight: float = 1.0,
+                  heads: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """GMP with ``budget="latency"`` at the same exact MACs target: a LatencyModel of the layers timed on
-    ``args.device`` (batch, dtype, channels_last as the benchmark), ``round_to`` channels a chunk."""
-    fraction = WeightMacs(dense, x).layer_fraction(ratio)
+    ``args.device`` (batch, dtype, channels_last as the benchmark), ``round_to`` channels a chunk. With
+    ``heads`` (ViT), every nn.MultiheadAttention is first swapped for ExplicitMultiheadAttention, so whole
+    heads compete with MLP neurons (the LatencyModel times the projections, not the attention kernel;
+    the attention products are fixed in the target, so the MACs fall a little more than it)."""
     model = copy.deepcopy(dense)
+    if heads:
+        explicit_multihead_attention_(model)
+    fraction = WeightMacs(model, x).layer_fraction(ratio)
     sp = Sparsifier(model, x, FilterNormConfig(p=args.p),
                     GMPConfig(sparsity=fraction, unit="macs", budget="latency", start_step=0, end_step=1,
                               update_every=1, round_to=round_to, latency_importance_weight=weight))
@@ -164,7 +179,9 @@ def prune_latency(dense: nn.Module, x: torch.Tensor, ratio: float, round_to: int
     keep = sp.policy.keep_vectors()
     estimate = lat.reduction(keep)
     sp.prune()
+    kept_heads = [m.num_heads for m in model.modules() if isinstance(m, ExplicitMultiheadAttention)]
     return model, {"gmp_sparsity": round(fraction, 5), "latency_configs_timed": lat.measured,
+                   **({"heads_per_layer": kept_heads} if heads else {}),
                    "latency_cache": len(cache), "latency_timing_s": round(timing_s, 2),
                    "estimated_layer_speedup": round(estimate, 3)}
 
@@ -248,6 +265,8 @@ def bench_model(name: str, args: argparse.Namespace, round_to: int, rows: list[R
     console.log(f"{name}: dense {dense_ms:.2f} ms, {dense_macs / 1e9:.3f} GMACs")
     arms: list[tuple[str, int | None]] = [("ours", None), ("ours+round", round_to)]
     arms += [(latency_arm(w), round_to) for w in args.latency_weights]
+    if vit and args.vit_heads:
+        arms.append(("ours+latency+heads", round_to))
     latency_cache: dict = {}  # layer configurations timed for this model, shared between its targets
     if not args.no_tp:
         arms += [("tp", None), ("tp+round", round_to)]
@@ -256,7 +275,9 @@ def bench_model(name: str, args: argparse.Namespace, round_to: int, rows: list[R
             row = Row(name, ratio, arm, rt)
             try:
                 start = time.perf_counter()
-                if arm.startswith("ours+latency"):
+                if arm == "ours+latency+heads":
+                    model, row.info = prune_latency(dense, x, ratio, rt, batch, args, {}, heads=True)
+                elif arm.startswith("ours+latency"):
                     weight = next(w for w in args.latency_weights if latency_arm(w) == arm)
                     model, row.info = prune_latency(dense, x, ratio, rt, batch, args, latency_cache, weight)
                 elif arm.startswith("ours"):
@@ -313,6 +334,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--ratios", nargs="+", type=float, help="MACs reduction targets (default: per model)")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--vit-batch", type=int, default=64)
+    ap.add_argument("--vit-heads", action="store_true",
+                    help="ViT: also an ours+latency+heads arm (attention heads and MLP neurons under the latency "
+                         "budget, after swapping nn.MultiheadAttention for an explicit module)")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=None, help="default: min(10, iters)")

@@ -66,3 +66,21 @@ def test_width_latency_table_on_cpu() -> None:
         width_latency_table("conv5x5", [8], device="cpu")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="iters"):
         measure_latency(lambda: None, iters=0)
+
+
+@pytest.mark.slow
+def test_vit_heads_arm_prunes_heads_and_counts_their_attention_macs() -> None:
+    """--vit-heads: after the swap, whole heads are prunable under the latency budget, and the MACs of a
+    pruned swapped model count its narrower attention products (the swapped dense model = the original)."""
+    bench = _load()
+    dense = bench.build("vit_b_16", 32)
+    x = torch.randn(1, 3, 32, 32)
+    args = bench.argparse.Namespace(device="cpu", dtype="fp32", latency_points=2, iters=2, warmup=1, p=2)
+    model, info = bench.prune_latency(dense, x, 1.5, 8, 2, args, {}, heads=True)
+    assert len(info["heads_per_layer"]) == 12 and all(1 <= h <= 12 for h in info["heads_per_layer"])
+    swapped = bench.explicit_multihead_attention_(bench.copy.deepcopy(dense))
+    assert bench.macs(swapped, x) == pytest.approx(bench.macs(dense, x), rel=1e-9)
+    reduction = bench.macs(dense, x) / bench.macs(model, x)
+    assert reduction >= 1.5 - 1e-6
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
