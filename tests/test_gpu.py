@@ -13,6 +13,17 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
+def _resnet18_spread_gamma(tv) -> torch.nn.Module:
+    """A CUDA resnet18 (seed 0) whose BN γ are spread over [0.05, 1) as after some training."""
+    torch.manual_seed(0)
+    model = tv.models.resnet18(num_classes=10).cuda()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.05, 1.0)
+    return model
+
+
 def _all_on_cuda(model: torch.nn.Module) -> bool:
     return all(t.is_cuda for t in [*model.parameters(), *model.buffers()])
 
@@ -32,12 +43,7 @@ def test_oracle_on_cuda(tv, name: str) -> None:
 def test_sparsifier_on_cuda(tv, policy, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # exact comparisons need plain fp32
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    torch.manual_seed(0)
-    model = tv.models.resnet18(num_classes=10).cuda()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.05, 1.0)
+    model = _resnet18_spread_gamma(tv)
     x = torch.randn(16, 3, 32, 32, device="cuda")
     y = torch.randint(0, 10, (16,), device="cuda")
     sp = Sparsifier(model, x[:2], "bn_gamma", policy)
@@ -131,12 +137,7 @@ def test_deferred_str_update_never_waits_for_the_gpu(tv) -> None:
     """control_lag: the reading step copies to pinned memory without a sync (sync debug mode would raise),
     and the update applied lag steps later equals the immediate one (thresholds unmoved meanwhile)."""
     def make(lag: int) -> Sparsifier:
-        torch.manual_seed(0)
-        model = tv.models.resnet18(num_classes=10).cuda()
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, torch.nn.BatchNorm2d):
-                    m.weight.uniform_(0.05, 1.0)
+        model = _resnet18_spread_gamma(tv)
         cfg = STRConfig(s_init=-6.0, threshold_fn="exp", target=0.5, target_start_step=0, target_end_step=10,
                         control_every=10, control_lag=lag)
         return Sparsifier(model, torch.randn(2, 3, 32, 32, device="cuda"), "bn_gamma", cfg)
