@@ -29,6 +29,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from sparsify.errors import SparsifyError
+from sparsify.hf_resize import resize_conv1d as _conv1d
+from sparsify.hf_resize import resize_linear as _linear
 from sparsify.io import LoadError
 
 RECORD = "sparsify_layer_widths"
@@ -65,30 +67,6 @@ def register_family(model_type: str, family: Family) -> None:
 
 
 # ----- tensors ---------------------------------------------------------------------------------
-def _new(old: torch.Tensor, shape: tuple[int, ...]) -> nn.Parameter:
-    return nn.Parameter(torch.empty(shape, dtype=old.dtype, device=old.device), requires_grad=old.requires_grad)
-
-
-def _linear(m: nn.Linear, out: int | None = None, inp: int | None = None) -> None:
-    """Give ``m`` the shape (out, inp) (None keeps that side)."""
-    shape = (out or m.weight.shape[0], inp or m.weight.shape[1])
-    if tuple(m.weight.shape) != shape:
-        m.weight = _new(m.weight, shape)
-    if m.bias is not None and m.bias.shape[0] != shape[0]:
-        m.bias = _new(m.bias, (shape[0],))
-    m.out_features, m.in_features = shape
-
-
-def _conv1d(m: nn.Module, out: int | None = None, inp: int | None = None) -> None:
-    """The same for transformers' ``Conv1D`` (GPT-2), whose weight is (in, out)."""
-    shape = (inp or m.weight.shape[0], out or m.weight.shape[1])
-    if tuple(m.weight.shape) != shape:
-        m.weight = _new(m.weight, shape)
-    if m.bias is not None and m.bias.shape[0] != shape[1]:
-        m.bias = _new(m.bias, (shape[1],))
-    m.nx, m.nf = shape
-
-
 def _rows(m: nn.Module) -> int:
     return int(m.weight.shape[0])
 

@@ -45,6 +45,8 @@ from transformers.models.llama import modeling_llama
 
 from sparsify.errors import SparsifyError
 from sparsify.graph.rules import layout
+from sparsify.hf_resize import resize_conv1d as _conv1d
+from sparsify.hf_resize import resize_linear as _linear
 from sparsify.prune.attributes import register_attribute_sync
 
 #: rope types whose inverse frequencies change with the sequence length (not a fixed buffer)
@@ -223,32 +225,6 @@ def read(attn: nn.Module) -> dict[str, Any]:
     return out
 
 
-def _new(old: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.empty(shape, dtype=old.dtype, device=old.device)
-
-
-def _resize_param(m: nn.Module, name: str, shape: tuple[int, ...]) -> None:
-    old = getattr(m, name)
-    if old is not None and tuple(old.shape) != shape:
-        setattr(m, name, nn.Parameter(_new(old, shape), requires_grad=old.requires_grad))
-
-
-def _linear(m: nn.Linear, out: int | None = None, inp: int | None = None) -> None:
-    out, inp = out or m.weight.shape[0], inp or m.weight.shape[1]
-    _resize_param(m, "weight", (out, inp))
-    if m.bias is not None:
-        _resize_param(m, "bias", (out,))
-    m.out_features, m.in_features = out, inp
-
-
-def _conv1d(m: nn.Module, out: int | None = None, inp: int | None = None) -> None:
-    out, inp = out or m.weight.shape[1], inp or m.weight.shape[0]
-    _resize_param(m, "weight", (inp, out))
-    if m.bias is not None:
-        _resize_param(m, "bias", (out,))
-    m.nx, m.nf = inp, out
-
-
 def resize(attn: nn.Module, heads: int, kv_heads: int, head_dim: int, v_head_dim: int, scaling: float,
            rope_scaling: float | None = None, out: nn.Module | None = None) -> None:
     """Give a swapped attention these widths (new, uninitialised tensors where a shape changes) and the
@@ -264,7 +240,7 @@ def resize(attn: nn.Module, heads: int, kv_heads: int, head_dim: int, v_head_dim
         _linear(attn.v_proj, out=kv_heads * v_head_dim)
         _linear(attn.o_proj, inp=heads * v_head_dim)
         if attn.inv_freq.shape[0] != head_dim // 2:
-            attn.inv_freq = _new(attn.inv_freq, (head_dim // 2,))
+            attn.inv_freq = torch.empty((head_dim // 2,), dtype=attn.inv_freq.dtype, device=attn.inv_freq.device)
         attn.head_dim, attn.v_head_dim = head_dim, v_head_dim
     elif isinstance(attn, SlotGPT2Attention):
         attn.num_heads = heads
