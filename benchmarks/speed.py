@@ -62,6 +62,7 @@ from sparsify.graph.cost import module_macs  # noqa: E402
 from sparsify.graph.trace import trace  # noqa: E402
 from sparsify.latency import LatencyModel  # noqa: E402
 from sparsify.speed import autocast_context, measure_latency, width_latency_table  # noqa: E402
+from sparsify.time_breakdown import time_by_kind  # noqa: E402
 
 DEFAULT_RATIOS = {"resnet50": [2.0, 4.0], "mobilenet_v2": [2.0, 4.0], "resnet18": [2.0], "vit_b_16": [1.5]}
 
@@ -183,6 +184,7 @@ def prune_latency(dense: nn.Module, x: torch.Tensor, ratio: float, round_to: int
     return model, {"gmp_sparsity": round(fraction, 5), "latency_configs_timed": lat.measured,
                    **({"heads_per_layer": kept_heads} if heads else {}),
                    "latency_cache": len(cache), "latency_timing_s": round(timing_s, 2),
+                   "latency_model_dense_ms": round(lat.total, 3), "latency_model_pruned_ms": round(lat.after(keep), 3),
                    "estimated_layer_speedup": round(estimate, 3)}
 
 
@@ -236,17 +238,28 @@ class Row:
     error: str = ""
 
 
-def latency_ms(model: nn.Module, example: torch.Tensor, batch: int, args: argparse.Namespace) -> float:
+def latency_ms(model: nn.Module, example: torch.Tensor, batch: int, args: argparse.Namespace,
+               info: dict[str, Any] | None = None) -> float:
+    """Median ms of the deployed model (BN folded, channels_last; ``--cast-params``, ``--compile`` as set);
+    with ``--profile`` also its device time by kernel kind into ``info``."""
     device = torch.device(args.device)
-    model = deploy(model.to(device), example.to(device), channels_last=True)
-    x = torch.randn(batch, *example.shape[1:], device=device).contiguous(memory_format=torch.channels_last)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.dtype]
+    model = deploy(model.to(device), example.to(device), channels_last=True, compile=args.compile,
+                   dtype=dtype if args.cast_params else None)
+    x = torch.randn(batch, *example.shape[1:], device=device).contiguous(memory_format=torch.channels_last)
+    if args.cast_params and dtype is not None:
+        x = x.to(dtype)
 
     def run() -> None:
         with torch.no_grad(), autocast_context(device, dtype):
             model(x)
 
-    times = measure_latency(run, iters=args.iters, warmup=args.warmup, device=device)
+    # compiling happens in the first calls: give them their own warm-up
+    times = measure_latency(run, iters=args.iters, warmup=args.warmup + (3 if args.compile else 0), device=device)
+    if args.profile and info is not None:
+        kinds, top = time_by_kind(run, device=device, iters=5, warmup=1)
+        info["device_ms_by_kind"] = {k: round(v, 3) for k, v in kinds.items()}
+        info["top_kernels"] = [{**t, "ms": round(t["ms"], 3)} for t in top]
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return statistics.median(times)
@@ -258,10 +271,10 @@ def bench_model(name: str, args: argparse.Namespace, round_to: int, rows: list[R
     dense = build(name, args.size)
     x = torch.randn(1, 3, args.size, args.size)
     dense_macs = macs(dense, x)
-    dense_ms = latency_ms(copy.deepcopy(dense), x, batch, args)
+    dense_info = {"widths_not_multiple_of_8": unaligned(dense)}
+    dense_ms = latency_ms(copy.deepcopy(dense), x, batch, args, dense_info)
     rows.append(Row(name, None, "dense", None, dense_macs / 1e9, 1.0, dense_ms, 1.0, 1.0,
-                    sum(p.numel() for p in dense.parameters()) / 1e6,
-                    info={"widths_not_multiple_of_8": unaligned(dense)}))
+                    sum(p.numel() for p in dense.parameters()) / 1e6, info=dense_info))
     console.log(f"{name}: dense {dense_ms:.2f} ms, {dense_macs / 1e9:.3f} GMACs")
     arms: list[tuple[str, int | None]] = [("ours", None), ("ours+round", round_to)]
     arms += [(latency_arm(w), round_to) for w in args.latency_weights]
@@ -270,6 +283,8 @@ def bench_model(name: str, args: argparse.Namespace, round_to: int, rows: list[R
     latency_cache: dict = {}  # layer configurations timed for this model, shared between its targets
     if not args.no_tp:
         arms += [("tp", None), ("tp+round", round_to)]
+    if args.arms:
+        arms = [a for a in arms if a[0] in args.arms]
     for ratio in args.ratios or DEFAULT_RATIOS.get(name, [2.0]):
         for arm, rt in arms:
             row = Row(name, ratio, arm, rt)
@@ -289,7 +304,7 @@ def bench_model(name: str, args: argparse.Namespace, round_to: int, rows: list[R
                 row.macs_g, row.reduction = m / 1e9, dense_macs / m
                 row.params_m = sum(p.numel() for p in model.parameters()) / 1e6
                 row.info["widths_not_multiple_of_8"] = unaligned(model)
-                row.ms = latency_ms(model, x, batch, args)
+                row.ms = latency_ms(model, x, batch, args, row.info)
                 row.speedup = dense_ms / row.ms
                 row.realised = row.speedup / row.reduction
                 console.log(f"{name} {ratio}× {arm}: {row.ms:.2f} ms, MACs {row.reduction:.2f}×, "
@@ -353,9 +368,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--latency-weights", nargs="+", type=float, default=[1.0],
                     help="ours+latency arms, one per latency_importance_weight (0: pure latency; 1: default)")
     ap.add_argument("--no-tp", action="store_true", help="skip the Torch-Pruning arms")
+    ap.add_argument("--arms", nargs="+", help="run only these arms (e.g. ours+round ours+latency); dense always runs")
     ap.add_argument("--tp-steps", type=int, default=20, help="TP iterative steps (ratio 0 → 0.95) to find the target")
     ap.add_argument("--refine", type=int, default=5, help="TP bisection steps after the iterative search")
     ap.add_argument("--no-cudnn-benchmark", action="store_true")
+    ap.add_argument("--compile", action="store_true",
+                    help="deploy every model (dense too) with torch.compile (element-wise ops fused; slow to start)")
+    ap.add_argument("--cast-params", action="store_true",
+                    help="deploy with parameters cast to --dtype (no per-call weight casts under autocast)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also record each model's device time by kernel kind (sparsify.time_breakdown) in the JSON")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     args.warmup = min(10, args.iters) if args.warmup is None else args.warmup
@@ -389,7 +411,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         bench_model(name, args, round_to, rows, console)
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    title = (f"{device_name}, torch {torch.__version__}, {args.dtype}, channels_last, batch {args.batch} "
+    deployed = "".join([", compiled" if args.compile else "", ", params cast" if args.cast_params else ""])
+    title = (f"{device_name}, torch {torch.__version__}, {args.dtype}, channels_last{deployed}, batch {args.batch} "
              f"(ViT {args.vit_batch}), {args.size}px, median of {args.iters}")
     console.print(table(rows, title))
     result = {

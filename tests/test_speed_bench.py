@@ -29,7 +29,7 @@ def test_speed_benchmark_smoke(tmp_path: Path) -> None:
     bench = _load()
     out = tmp_path / "speed.json"
     bench.main(["--device", "cpu", "--models", "resnet18", "--batch", "2", "--size", "64", "--iters", "3",
-                "--tp-steps", "8", "--refine", "2", "--out", str(out)])
+                "--tp-steps", "8", "--refine", "2", "--profile", "--cast-params", "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["torch"] == torch.__version__ and result["device"]
     rows = {r["arm"]: r for r in result["rows"]}
@@ -44,6 +44,9 @@ def test_speed_benchmark_smoke(tmp_path: Path) -> None:
     assert odd["dense"] == 0 and odd["ours+round"] == 0 and odd["ours"] > 0, odd  # round_to=8 aligns every layer
     assert odd["ours+latency"] == 0 and rows["ours+latency"]["reduction"] >= 1.95, rows["ours+latency"]
     assert rows["ours+latency"]["info"]["latency_configs_timed"] > 0
+    for arm, r in rows.items():  # --profile: op time by kind, convolutions the largest part of a resnet18
+        kinds = r["info"]["device_ms_by_kind"]
+        assert max(kinds, key=kinds.__getitem__) == "conv" and r["info"]["top_kernels"], (arm, kinds)
 
 
 def test_suggest_round_to_prefers_multiples_that_pay_off() -> None:
