@@ -282,3 +282,45 @@ def test_bad_inputs() -> None:
     # a latency target stops at that fraction of the estimated latency
     keeps = keep_of(sp, allocate_by_latency(sp.groups, mags, lat, sp.macs_model, 0.3, STEP, unit="latency"))
     assert 0.3 <= 1 - lat.after(keeps) / lat.total < 0.45
+
+
+@pytest.mark.parametrize("cap", [0.5, 0.6])
+def test_max_group_sparsity_caps_every_group(cap: float) -> None:
+    model, x = make()
+    sp = sparsifier(model, x, 0.6)
+    lat = LatencyModel(sp.graph, step=STEP, latency_fn=expensive_hi_res)
+    mags = [g.magnitude() for g in sp.groups]
+    free = allocate_by_latency(sp.groups, mags, lat, sp.macs_model, 0.6, STEP, importance_weight=0.0)
+    assert max(float((~k).mean()) for k in free) == 0.75  # uncapped, the expensive 16×16 stage loses 3/4
+    capped = allocate_by_latency(sp.groups, mags, lat, sp.macs_model, 0.6, STEP, importance_weight=0.0,
+                                 max_group_sparsity=cap)
+    assert all((~k).sum() <= cap * len(k) for k in capped), [float((~k).mean()) for k in capped]
+    assert 1 - sp.macs_model.after(keep_of(sp, capped)) / sp.macs_model.total >= 0.6  # the target still met
+    with pytest.raises(ValueError, match=r"max_group_sparsity=0\.25"):  # a quarter of every group is < 60% of MACs
+        allocate_by_latency(sp.groups, mags, lat, sp.macs_model, 0.6, STEP, max_group_sparsity=0.25)
+
+
+def test_gmp_max_group_sparsity_reaches_the_budget_and_is_checked() -> None:
+    model, x = make()
+    sp = sparsifier(model, x, 0.6, max_group_sparsity=0.5)
+    sp.policy.latency_model = LatencyModel(sp.graph, step=STEP, latency_fn=expensive_hi_res)
+    sp.step()
+    keep = sp.policy.keep_vectors()
+    assert all((~k).sum() <= 0.5 * len(k) for k in keep.values()) and any((~k).any() for k in keep.values())
+    removed = 1 - sp.macs_model.after(keep) / sp.macs_model.total
+    assert removed >= 0.6
+    result = sp.prune()
+    assert 1 - result.macs_after / result.macs_before == pytest.approx(removed, rel=1e-9)
+    unreachable = sparsifier(*make(), 0.6, max_group_sparsity=0.25)
+    unreachable.policy.latency_model = LatencyModel(unreachable.graph, step=STEP, latency_fn=expensive_hi_res)
+    masks = [v.transform.mask.clone() for g in unreachable.policy.groups for v in g.vectors]
+    with pytest.raises(ValueError, match="raise max_group_sparsity"):
+        unreachable.step()
+    assert all(torch.equal(m, v.transform.mask) for m, v in
+               zip(masks, [v for g in unreachable.policy.groups for v in g.vectors], strict=True))  # untouched
+    for kwargs in ({"max_group_sparsity": 0.0}, {"max_group_sparsity": 1.5}):
+        with pytest.raises(ValidationError):
+            GMPConfig(**kwargs)
+    with pytest.raises(ValidationError, match="budget='latency'"):
+        GMPConfig(max_group_sparsity=0.5, unit="macs", budget="uniform")
+    assert GMPConfig(budget="latency", unit="macs", max_group_sparsity=0.5).max_group_sparsity == 0.5

@@ -40,6 +40,9 @@ class GMPConfig(PolicyConfig):
     latency_importance_weight: float = Field(
         1.0, ge=0, description="budget='latency': how much a chunk's magnitude counts against the time it saves "
                                "(0: pure latency)")
+    max_group_sparsity: float = Field(
+        1.0, gt=0, le=1, description="largest fraction of one group's structures the budget may remove (e.g. 0.5 "
+                                     "keeps at least half the heads of every layer); budget='latency' only for now")
     start_step: int = Field(0, ge=0, description="first step that updates masks")
     end_step: int = Field(1000, ge=1, description="step at which the final sparsity is reached")
     update_every: int = Field(100, ge=1, description="steps between mask updates (Δt)")
@@ -58,6 +61,10 @@ class GMPConfig(PolicyConfig):
         if self.budget == "latency" and self.unit != "macs":
             raise ValueError(f"budget='latency' needs unit='macs' (sparsity is the exact fraction of MACs removed), "
                              f"got unit={self.unit!r}")
+        if self.max_group_sparsity < 1 and self.budget != "latency":
+            raise ValueError(f"max_group_sparsity={self.max_group_sparsity} is only honoured by budget='latency' "
+                             f"(got budget={self.budget!r}); use budget='latency' (with unit='macs') or leave "
+                             "max_group_sparsity at 1.0")
         return self
 
 
@@ -156,7 +163,8 @@ class GMPPolicy(Policy):
                                 "device=..., step=...) before the first update")
         return allocate_by_latency(self.groups, mags, self.latency_model, self.cost_model, sparsity,
                                    self.config.round_to or 1,
-                                   importance_weight=self.config.latency_importance_weight)
+                                   importance_weight=self.config.latency_importance_weight,
+                                   max_group_sparsity=self.config.max_group_sparsity)
 
     def finalize(self) -> None:
         if self.current < self.config.sparsity:

@@ -81,7 +81,7 @@ class _Greedy:
 
     def __init__(self, groups: Sequence[GroupView], magnitudes: Sequence[np.ndarray], lat: LatencyModel,
                  macs: MacsModel, step: int, unit: str, alpha: float, max_group_sparsity: float) -> None:
-        self.lat, self.macs, self.unit, self.alpha = lat, macs, unit, alpha
+        self.lat, self.macs, self.unit, self.alpha, self.cap = lat, macs, unit, alpha, max_group_sparsity
         self.ids = [g.vectors[0].group.id for g in groups]
         self.widths = [g.width for g in groups]
         self.order = [np.argsort(np.asarray(m, dtype=np.float64), kind="stable") for m in magnitudes]
@@ -159,9 +159,10 @@ class _Greedy:
         while self._removed() < fraction:
             best = int(np.argmax(scores)) if scores else -1
             if best < 0 or scores[best] == -math.inf:
+                cap = (f" or has lost max_group_sparsity={self.cap:g} of its structures; lower the target or the "
+                       "step, or raise max_group_sparsity") if self.cap < 1 else "; lower the target or the step"
                 raise ValueError(f"the latency budget removes only {self._removed():.1%} of the {self.unit}, short "
-                                 f"of {fraction:.1%}: every group is down to one chunk of its step (or its "
-                                 "max_group_sparsity); lower the target or the step")
+                                 f"of {fraction:.1%}: every group is down to one chunk of its step{cap}")
             if self._removed(self._apply(best)) >= fraction:  # the last chunk: the one that overshoots least
                 last = [(self._removed(self._apply(k)), -scores[k], k) for k in range(len(self.ids))
                         if scores[k] > -math.inf]
