@@ -1,0 +1,385 @@
+"""Conv + bias + ReLU (and + residual add) as one cuDNN kernel, for deployed models run eagerly on CUDA.
+
+In eager PyTorch a conv's bias, the ReLU after it and a residual add are separate kernels; after BN folding
+the bias add alone is slow on channels_last tensors. cuDNN computes ``relu(conv(x) + b)`` and
+``relu(conv(x) + z + b)`` in one kernel (``torch.cudnn_convolution_relu`` / ``cudnn_convolution_add_relu``).
+:class:`ConvReLU` and :class:`ConvAddReLU` wrap an ``nn.Conv2d`` and use them for CUDA tensors (cuDNN on,
+float16/bfloat16/float32, also under autocast, no gradient needed); anywhere else they compute the original
+``act(conv(x))`` / ``act(conv(x) + z)`` exactly.
+
+Patterns are found on the traced graph (``sparsify.graph.trace``) and fused only when that is exact for every
+use: ``conv → [Identity …] → act`` and ``conv → [Identity …] → add(·, z) → act``, where ``act`` is a ReLU or
+ReLU6 / ``Hardtanh(0, m)`` (module, function or method; a ReLU6 is a ReLU then ``clamp_max_``) and the
+Identities are folded BatchNorms. The conv is a plain ``nn.Conv2d`` with zero padding that cuDNN can express
+(not ``padding='same'`` with an even kernel), called once, registered once, without hooks, its tensors not
+read elsewhere; every value between the conv and the activation has one user; ``z`` has the conv output's
+shape (no broadcasting) and is not the tensor an in-place add writes to.
+
+How the fused modules are installed: when every fusion is ``conv → act module`` with the activation module
+called once (``nn.Sequential`` chains such as MobileNetV2), in place (the conv becomes ``ConvReLU(conv)``, the
+activation ``nn.Identity``) and the model keeps its class. Otherwise (a residual add, a ReLU module called
+several times, a functional ReLU: torchvision's ResNets) the result is a ``torch.fx.GraphModule`` of the
+rewritten graph that shares the model's parameters; its forward is the eval-mode trace.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from sparsify.graph.trace import TensorInfo, TracedModel, register_leaf_module, trace
+
+__all__ = ["ConvAddReLU", "ConvReLU", "Fusion", "find_conv_activations", "fuse_conv_activations"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _autocast_dtype() -> torch.dtype | None:
+    """The CUDA autocast dtype while autocast is on for CUDA, else None."""
+    try:
+        on = torch.is_autocast_enabled("cuda")
+    except TypeError:  # torch without the device argument
+        on = torch.is_autocast_enabled()
+    if not on:
+        return None
+    get = getattr(torch, "get_autocast_dtype", None)
+    return get("cuda") if get is not None else torch.get_autocast_gpu_dtype()
+
+
+def _on_cudnn(x: torch.Tensor) -> bool:
+    """Whether cuDNN's fused kernels may run on ``x`` (they ignore requests for deterministic algorithms)."""
+    cudnn = torch.backends.cudnn
+    return x.is_cuda and cudnn.enabled and cudnn.is_available() and not (
+        cudnn.deterministic or torch.are_deterministic_algorithms_enabled())
+
+
+def _cudnn_padding(conv: nn.Conv2d) -> tuple[int, ...] | None:
+    """The conv's padding as the symmetric int padding cuDNN takes, or None where it has none."""
+    if conv.padding_mode != "zeros":
+        return None
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":  # PyTorch pads the odd remainder on one side only
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        return tuple(t // 2 for t in total) if all(t % 2 == 0 for t in total) else None
+    return tuple(int(p) for p in conv.padding)
+
+
+def _compute_dtype(x: torch.Tensor, conv: nn.Conv2d, z: torch.Tensor | None = None) -> torch.dtype | None:
+    """The dtype the fused cuDNN kernel runs in, or None where the original math must run."""
+    if not _on_cudnn(x) or x.dim() != 4:
+        return None
+    params = [conv.weight] if conv.bias is None else [conv.weight, conv.bias]
+    tensors = [x, *params] if z is None else [x, *params, z]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None  # the fused ops have no backward
+    dtype = _autocast_dtype()
+    if dtype is not None:  # autocast casts the conv's floating inputs (not float64) to its dtype
+        ok = dtype in _DTYPES and all(t.dtype in _DTYPES for t in [x, *params])
+    else:
+        dtype = x.dtype
+        ok = dtype in _DTYPES and all(t.dtype == dtype for t in params)
+    # z is added to the conv's output as is: another dtype would promote the sum, so the original runs
+    return dtype if ok and (z is None or z.dtype == dtype) else None
+
+
+def _activation(y: torch.Tensor, max_value: float | None) -> torch.Tensor:
+    return F.relu(y) if max_value is None else F.hardtanh(y, 0.0, max_value)
+
+
+class _Fused(nn.Module):
+    def __init__(self, conv: nn.Conv2d, max_value: float | None = None) -> None:
+        super().__init__()
+        if type(conv).forward is not nn.Conv2d.forward or _cudnn_padding(conv) is None:
+            raise ValueError(f"{type(self).__name__} needs a plain nn.Conv2d with zero padding that cuDNN can "
+                             f"express, got {conv!r}")
+        self.conv = conv
+        self.max_value = max_value
+        self.failed = False  # set when cuDNN refused a call: the original math runs from then on
+
+    def extra_repr(self) -> str:
+        return "" if self.max_value is None else f"max_value={self.max_value}"
+
+    def _cast(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        bias = self.conv.bias
+        return x.to(dtype), self.conv.weight.to(dtype), None if bias is None else bias.to(dtype)
+
+    def _refused(self, exc: RuntimeError) -> None:
+        self.failed = True
+        warnings.warn(f"{type(self).__name__}: cuDNN's fused kernel failed ({str(exc).splitlines()[0][:200]}); "
+                      "this module computes conv and activation separately from now on.", stacklevel=3)
+
+
+class ConvReLU(_Fused):
+    """``act(conv(x))`` with ``act`` a ReLU (``max_value=None``) or ``hardtanh(·, 0, max_value)`` (ReLU6)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        dtype = None if self.failed else _compute_dtype(x, conv)
+        if dtype is None:
+            return _activation(conv(x), self.max_value)
+        x_, weight, bias = self._cast(x, dtype)
+        try:
+            y = torch.cudnn_convolution_relu(x_, weight, bias, conv.stride, _cudnn_padding(conv), conv.dilation,
+                                             conv.groups)
+        except RuntimeError as exc:
+            self._refused(exc)
+            return _activation(conv(x), self.max_value)
+        return y if self.max_value is None else y.clamp_max_(self.max_value)
+
+
+class ConvAddReLU(_Fused):
+    """``act(conv(x) + z)``, ``z`` of the conv output's shape; ``act`` as in :class:`ConvReLU`."""
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        dtype = None if self.failed else _compute_dtype(x, conv, z)
+        padding = _cudnn_padding(conv)
+        if dtype is None or tuple(z.shape) != _output_shape(x, conv, padding):
+            return _activation(conv(x) + z, self.max_value)
+        x_, weight, bias = self._cast(x, dtype)
+        try:
+            y = torch.cudnn_convolution_add_relu(x_, weight, z, 1, bias, conv.stride, padding, conv.dilation,
+                                                 conv.groups)
+        except RuntimeError as exc:
+            self._refused(exc)
+            return _activation(conv(x) + z, self.max_value)
+        return y if self.max_value is None else y.clamp_max_(self.max_value)
+
+
+def _output_shape(x: torch.Tensor, conv: nn.Conv2d, padding: tuple[int, ...] | None) -> tuple[int, ...]:
+    if padding is None:
+        return ()
+    spatial = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in
+               zip(x.shape[2:], padding, conv.dilation, conv.kernel_size, conv.stride, strict=True)]
+    return (x.shape[0], conv.out_channels, *spatial)
+
+
+# the sparsify tracer keeps them as single nodes: a deployed model traces (and deploys) again
+register_leaf_module(ConvReLU)
+register_leaf_module(ConvAddReLU)
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """One fused pattern: the conv's module name (the fused module takes its place), the activation (its
+    module name, or its node's name in the traced graph for a function), the add node's name for a
+    ``ConvAddReLU``, and the activation's cap (None: a plain ReLU)."""
+
+    conv: str
+    activation: str
+    add: str | None = None
+    max_value: float | None = None
+
+
+@dataclass
+class _Match:
+    fusion: Fusion
+    nodes: list[fx.Node]  # conv, Identities, [add], activation: in graph order
+
+
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_)
+_ADDS = (operator.add, operator.iadd, torch.add)
+
+
+def _activation_cap(node: fx.Node, gm: fx.GraphModule, src: fx.Node) -> tuple[bool, float | None]:
+    """Whether ``node`` is a ReLU-like activation of ``src`` alone, and its cap (None for a ReLU)."""
+    if not node.args or node.args[0] is not src:
+        return False, None
+    if node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        if len(node.args) != 1 or node.kwargs:
+            return False, None
+        if type(m) is nn.ReLU:
+            return True, None
+        if type(m) in (nn.ReLU6, nn.Hardtanh) and m.min_val == 0 and m.max_val > 0:
+            return True, float(m.max_val)
+        return False, None
+    if node.op == "call_method":
+        return (node.target in ("relu", "relu_") and len(node.args) == 1 and not node.kwargs), None
+    if node.op != "call_function":
+        return False, None
+    extra = [*node.args[1:], *node.kwargs.values()]
+    if node.target in _RELU_FUNCTIONS:
+        return all(isinstance(a, bool) for a in extra) and set(node.kwargs) <= {"inplace"}, None
+    if node.target is F.relu6:
+        return all(isinstance(a, bool) for a in extra) and set(node.kwargs) <= {"inplace"}, 6.0
+    if node.target is F.hardtanh and set(node.kwargs) <= {"min_val", "max_val", "inplace"}:
+        values = dict(zip(("min_val", "max_val", "inplace"), node.args[1:], strict=False)) | dict(node.kwargs)
+        lo, hi = values.get("min_val", -1.0), values.get("max_val", 1.0)
+        if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo == 0 and hi > 0:
+            return True, float(hi)
+    return False, None
+
+
+def _added(node: fx.Node, src: fx.Node) -> fx.Node | None:
+    """The other operand when ``node`` is ``src + z`` (no alpha, z a graph value, src not written by z)."""
+    is_add = (node.op == "call_function" and node.target in _ADDS) or (
+        node.op == "call_method" and node.target in ("add", "add_"))
+    if not is_add or len(node.args) != 2 or node.kwargs or src not in node.args:
+        return None
+    inplace = node.target is operator.iadd or node.target == "add_"
+    if node.args[0] is not src and (inplace or node.op == "call_method"):
+        return None  # z += conv(x) writes to z, z.add(conv(x)) is a method of z: leave both
+    z = node.args[1] if node.args[0] is src else node.args[0]
+    return z if isinstance(z, fx.Node) and z is not src else None
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def _usage(traced: TracedModel) -> tuple[dict[str, int], set[str], dict[int, int]]:
+    """Calls per module name, module names whose tensors a get_attr reads, names per module object."""
+    calls: dict[str, int] = {}
+    read: set[str] = set()
+    for node in traced.graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+        elif node.op == "get_attr":
+            read.add(str(node.target).rpartition(".")[0])
+    names_of: dict[int, int] = {}
+    for _, m in traced.model.named_modules(remove_duplicate=False):
+        names_of[id(m)] = names_of.get(id(m), 0) + 1
+    return calls, read, names_of
+
+
+def _find(traced: TracedModel) -> tuple[list[_Match], dict[str, str]]:
+    gm = traced.graph_module
+    calls, read, names_of = _usage(traced)
+    matches, refused, claimed = [], {}, set()
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        conv = gm.get_submodule(str(node.target))
+        if not isinstance(conv, nn.Conv2d) or type(conv).forward is not nn.Conv2d.forward:
+            continue
+        name = str(node.target)
+        chain, end, why = [node], node, ""
+        while len(end.users) == 1:  # skip Identities (folded BatchNorms)
+            user = next(iter(end.users))
+            if user.op != "call_module" or type(gm.get_submodule(str(user.target))) is not nn.Identity:
+                break
+            if len(user.args) != 1 or user.kwargs or _hooked(gm.get_submodule(str(user.target))):
+                break
+            chain.append(user)
+            end = user
+        users = list(end.users)
+        acts = [u for u in users if _activation_cap(u, gm, end)[0]]
+        add = z = None
+        if len(users) == 1 and not acts:
+            z = _added(users[0], end)
+            if z is not None:
+                add = users[0]
+                acts = [u for u in add.users if _activation_cap(u, gm, add)[0]]
+                if len(add.users) != 1 and acts:
+                    why = "the sum is also used outside the activation"
+        if not acts or acts[0] in claimed:  # a residual add's activation is fused with one of its convs
+            continue
+        act = acts[0]
+        _, cap = _activation_cap(act, gm, add if add is not None else end)
+        leaf = next((t for t in calls if name.startswith(t + ".")), None)
+        if not why:
+            if leaf is not None:
+                why = f"'{name}' lives inside the module '{leaf}', which is called as a whole"
+            elif len(users) != 1:
+                why = f"the output of '{name}' is also used outside the activation"
+            elif len(node.args) != 1 or node.kwargs:
+                why = f"'{name}' is called with extra arguments"
+            elif _cudnn_padding(conv) is None:
+                why = (f"'{name}' pads with '{conv.padding_mode}'" if conv.padding_mode != "zeros" else f"'{name}' "
+                       "has padding='same' with an even kernel (asymmetric padding; cuDNN pads symmetrically)")
+            elif calls[name] != 1 or names_of[id(conv)] != 1:
+                why = f"'{name}' is used more than once"
+            elif name in read:
+                why = f"the tensors of '{name}' are read elsewhere in the graph"
+            elif _hooked(conv) or (act.op == "call_module" and _hooked(gm.get_submodule(str(act.target)))):
+                why = "forward hooks are registered on the conv or the activation"
+            elif add is not None and not _same_shape(traced, z, add, node):
+                why = "the added tensor's shape differs from the conv output's (broadcasting)"
+        if why:
+            refused[name] = why
+            continue
+        nodes = [*chain, *([add] if add is not None else []), act]
+        claimed.add(act)
+        act_name = str(act.target) if act.op == "call_module" else act.name
+        matches.append(_Match(Fusion(name, act_name, None if add is None else add.name, cap), nodes))
+    return matches, refused
+
+
+def _same_shape(traced: TracedModel, z: Any, add: fx.Node, conv: fx.Node) -> bool:
+    infos = [traced.values.get(n.name) for n in (z, add, conv)]
+    return all(isinstance(i, TensorInfo) for i in infos) and infos[0].shape == infos[1].shape == infos[2].shape \
+        and infos[0].dtype == infos[2].dtype
+
+
+def find_conv_activations(model: nn.Module, example_inputs: Any) -> tuple[list[Fusion], dict[str, str]]:
+    """Conv→activation patterns of ``model`` that can be fused exactly, and for other convs followed by
+    an activation, why not: ``([Fusion, ...], {conv name: reason})``."""
+    matches, refused = _find(trace(model, example_inputs))
+    return [m.fusion for m in matches], refused
+
+
+def _set(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, module)
+
+
+def fuse_conv_activations(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, list[Fusion]]:
+    """Fuse every exactly fusable conv→(add)→ReLU of an eval-mode ``model``; returns ``(module, fusions)``.
+
+    ``module`` is ``model`` itself (modules replaced in place) when every fusion is a conv followed by an
+    activation module called once, else a ``torch.fx.GraphModule`` sharing ``model``'s parameters (``model``
+    is then left as it was). Without fusions, ``model`` is returned unchanged.
+    """
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return model, []  # e.g. a transformer: no trace needed
+    traced = trace(model, example_inputs)
+    matches, _ = _find(traced)
+    gm = traced.graph_module
+    if not matches:
+        return model, []
+    calls, _, names_of = _usage(traced)
+
+    def replaceable(match: _Match) -> bool:
+        act = match.nodes[-1]
+        return match.fusion.add is None and act.op == "call_module" and calls[str(act.target)] == 1 and \
+            names_of[id(gm.get_submodule(str(act.target)))] == 1
+
+    fusions = [m.fusion for m in matches]
+    if all(map(replaceable, matches)):
+        for match in matches:
+            conv = model.get_submodule(match.fusion.conv)
+            _set(model, match.fusion.conv, ConvReLU(conv, match.fusion.max_value))
+            _set(model, str(match.nodes[-1].target), nn.Identity())
+        return model, fusions
+
+    graph = gm.graph
+    for match in matches:
+        conv_node, act = match.nodes[0], match.nodes[-1]
+        conv = gm.get_submodule(match.fusion.conv)
+        args: tuple[Any, ...] = (conv_node.args[0],)
+        if match.fusion.add is not None:
+            add = match.nodes[-2]
+            src = match.nodes[-3]
+            args = (*args, add.args[1] if add.args[0] is src else add.args[0])  # read now: z may be rewritten
+            fused: nn.Module = ConvAddReLU(conv, match.fusion.max_value)
+        else:
+            fused = ConvReLU(conv, match.fusion.max_value)
+        _set(gm, match.fusion.conv, fused)  # gm's own module tree: model's stays as it was
+        with graph.inserting_before(act):
+            new = graph.call_module(match.fusion.conv, args)
+        act.replace_all_uses_with(new)
+        for node in reversed(match.nodes):
+            graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+    gm.eval()  # its fresh containers start in training mode; the traced forward is the eval-mode one
+    return gm, fusions
