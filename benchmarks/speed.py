@@ -58,7 +58,7 @@ from rich.table import Table  # noqa: E402
 from sparsify import FilterNormConfig, GMPConfig, Sparsifier  # noqa: E402
 from sparsify.adapters.heads import ExplicitMultiheadAttention, explicit_multihead_attention_  # noqa: E402
 from sparsify.deploy import deploy  # noqa: E402
-from sparsify.graph.cost import module_macs  # noqa: E402
+from sparsify.graph.cost import is_weight_key, module_macs, product_weight  # noqa: E402
 from sparsify.graph.trace import trace  # noqa: E402
 from sparsify.latency import LatencyModel  # noqa: E402
 from sparsify.speed import autocast_context, measure_latency, width_latency_table  # noqa: E402
@@ -90,23 +90,22 @@ def macs(model: nn.Module, x: torch.Tensor) -> float:
 
 
 def attention_macs(model: nn.Module, x: torch.Tensor) -> float:
-    """Per example: in/out projections and the two attention products of every nn.MultiheadAttention;
-    the attention products of every ExplicitMultiheadAttention (its projections are nn.Linear layers,
-    which ``module_macs`` counts), at its current (possibly pruned) inner width."""
+    """Per example: in/out projections and the two attention products of every nn.MultiheadAttention (a
+    leaf that ``module_macs`` does not trace into). ExplicitMultiheadAttention needs nothing here: its
+    projections and its scaled_dot_product_attention products are counted by ``module_macs``."""
     total = 0.0
 
     def hook(m: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
         nonlocal total
         q = args[0]
-        tokens = q.shape[1] if m.batch_first else q.shape[0]
-        if isinstance(m, ExplicitMultiheadAttention):
-            total += 2 * tokens * tokens * m.q_proj.out_features
-            return
+        if q.ndim == 2:  # unbatched (L, E)
+            tokens, batch = q.shape[0], 1
+        else:
+            tokens, batch = (q.shape[1], q.shape[0]) if m.batch_first else (q.shape[0], q.shape[1])
         e = m.embed_dim
-        total += tokens * e * 3 * e + tokens * e * e + 2 * tokens * tokens * e
+        total += batch * (tokens * e * 3 * e + tokens * e * e + 2 * tokens * tokens * e)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.MultiheadAttention, ExplicitMultiheadAttention))]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
     try:
         with torch.no_grad():
             model.eval()(x)
@@ -119,17 +118,27 @@ def attention_macs(model: nn.Module, x: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------------------------- pruning
 class WeightMacs:
     """Fast MACs of a pruned copy of ``dense``: a conv/linear layer's MACs scale with its weight's size
-    (pruning never changes spatial sizes or token counts), attention is not pruned here."""
+    (pruning never changes spatial sizes or token counts), an attention product keyed by a projection
+    (``f"{weight}@out"``) with that weight's output rows, other attention products and nn.MultiheadAttention
+    (not pruned here) are fixed."""
 
     def __init__(self, dense: nn.Module, x: torch.Tensor) -> None:
         self.macs = module_macs(trace(dense, x))
-        self.numel = {k: dense.get_parameter(k).numel() for k in self.macs}
+        self.size = {k: self._size(dense, k) for k in self.macs}
         self.extra = attention_macs(dense, x)
         self.layers = float(sum(self.macs.values()))
         self.total = self.layers + self.extra
 
+    @staticmethod
+    def _size(model: nn.Module, key: str) -> int:
+        """What a ``module_macs`` entry scales with: its weight's numel, its projection's output rows, or 1."""
+        if is_weight_key(key):
+            return model.get_parameter(key).numel()
+        weight = product_weight(key)
+        return model.get_parameter(weight).shape[0] if weight else 1
+
     def reduction(self, model: nn.Module) -> float:
-        after = sum(m * model.get_parameter(k).numel() / self.numel[k] for k, m in self.macs.items())
+        after = sum(m * self._size(model, k) / self.size[k] for k, m in self.macs.items())
         return self.total / (after + self.extra)
 
     def layer_fraction(self, ratio: float) -> float:
@@ -161,15 +170,18 @@ def prune_latency(dense: nn.Module, x: torch.Tensor, ratio: float, round_to: int
     """GMP with ``budget="latency"`` at the same exact MACs target: a LatencyModel of the layers timed on
     ``args.device`` (batch, dtype, channels_last as the benchmark), ``round_to`` channels a chunk. With
     ``heads`` (ViT), every nn.MultiheadAttention is first swapped for ExplicitMultiheadAttention, so whole
-    heads compete with MLP neurons (the LatencyModel times the projections, not the attention kernel;
-    the attention products are fixed in the target, so the MACs fall a little more than it)."""
+    heads compete with MLP neurons (the LatencyModel times the projections, not the attention kernel; the
+    attention products are in the MACs target and shrink with the heads). ``args.max_group_sparsity`` caps
+    the fraction of any group's structures removed (0.5: every layer keeps at least half its heads)."""
     model = copy.deepcopy(dense)
     if heads:
         explicit_multihead_attention_(model)
     fraction = WeightMacs(model, x).layer_fraction(ratio)
+    cap = getattr(args, "max_group_sparsity", 1.0)
     sp = Sparsifier(model, x, FilterNormConfig(p=args.p),
                     GMPConfig(sparsity=fraction, unit="macs", budget="latency", start_step=0, end_step=1,
-                              update_every=1, round_to=round_to, latency_importance_weight=weight))
+                              update_every=1, round_to=round_to, latency_importance_weight=weight,
+                              max_group_sparsity=cap))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.dtype]
     start = time.perf_counter()
     sp.policy.latency_model = lat = LatencyModel(
@@ -181,8 +193,8 @@ def prune_latency(dense: nn.Module, x: torch.Tensor, ratio: float, round_to: int
     estimate = lat.reduction(keep)
     sp.prune()
     kept_heads = [m.num_heads for m in model.modules() if isinstance(m, ExplicitMultiheadAttention)]
-    return model, {"gmp_sparsity": round(fraction, 5), "latency_configs_timed": lat.measured,
-                   **({"heads_per_layer": kept_heads} if heads else {}),
+    return model, {"gmp_sparsity": round(fraction, 5), "max_group_sparsity": cap,
+                   "latency_configs_timed": lat.measured, **({"heads_per_layer": kept_heads} if heads else {}),
                    "latency_cache": len(cache), "latency_timing_s": round(timing_s, 2),
                    "latency_model_dense_ms": round(lat.total, 3), "latency_model_pruned_ms": round(lat.after(keep), 3),
                    "estimated_layer_speedup": round(estimate, 3)}
@@ -245,7 +257,8 @@ def latency_ms(model: nn.Module, example: torch.Tensor, batch: int, args: argpar
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.dtype]
     model = deploy(model.to(device), example.to(device), channels_last=True, compile=args.compile,
-                   dtype=dtype if args.cast_params else None)
+                   dtype=dtype if args.cast_params else None, space_to_depth_stem=args.s2d_stem,
+                   fuse_activations=not args.no_fuse)
     x = torch.randn(batch, *example.shape[1:], device=device).contiguous(memory_format=torch.channels_last)
     if args.cast_params and dtype is not None:
         x = x.to(dtype)
@@ -367,6 +380,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "ResNet-50: 322 configurations at 4, 514 at 5)")
     ap.add_argument("--latency-weights", nargs="+", type=float, default=[1.0],
                     help="ours+latency arms, one per latency_importance_weight (0: pure latency; 1: default)")
+    ap.add_argument("--max-group-sparsity", type=float, default=1.0,
+                    help="ours+latency arms: largest fraction of one group's structures removed (GMPConfig."
+                         "max_group_sparsity; 0.5 keeps at least half of every layer's heads/channels)")
     ap.add_argument("--no-tp", action="store_true", help="skip the Torch-Pruning arms")
     ap.add_argument("--arms", nargs="+", help="run only these arms (e.g. ours+round ours+latency); dense always runs")
     ap.add_argument("--tp-steps", type=int, default=20, help="TP iterative steps (ratio 0 → 0.95) to find the target")
@@ -376,6 +392,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="deploy every model (dense too) with torch.compile (element-wise ops fused; slow to start)")
     ap.add_argument("--cast-params", action="store_true",
                     help="deploy with parameters cast to --dtype (no per-call weight casts under autocast)")
+    ap.add_argument("--no-fuse", action="store_true",
+                    help="deploy without fusing conv+bias+ReLU (and +add) into cuDNN's fused kernels (eager CUDA)")
+    ap.add_argument("--s2d-stem", action="store_true",
+                    help="deploy every model with its stride-2 stem conv as space-to-depth (sparsify.deploy_stem)")
     ap.add_argument("--profile", action="store_true",
                     help="also record each model's device time by kernel kind (sparsify.time_breakdown) in the JSON")
     ap.add_argument("--out", type=Path)
@@ -411,7 +431,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         bench_model(name, args, round_to, rows, console)
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    deployed = "".join([", compiled" if args.compile else "", ", params cast" if args.cast_params else ""])
+    deployed = "".join([", compiled" if args.compile else "", ", params cast" if args.cast_params else "",
+                        ", s2d stem" if args.s2d_stem else "", ", unfused" if args.no_fuse else ""])
     title = (f"{device_name}, torch {torch.__version__}, {args.dtype}, channels_last{deployed}, batch {args.batch} "
              f"(ViT {args.vit_batch}), {args.size}px, median of {args.iters}")
     console.print(table(rows, title))
