@@ -40,7 +40,10 @@ def test_torchvision_models_fuse_every_relu_and_keep_outputs(tv: ModuleType, nam
     assert n_relu + n_add == len(fusions) and _count(unfused, ConvReLU) == 0
     if name == "mobilenet_v2":  # conv→BN→ReLU6 chains: modules replaced in place, the class kept
         assert type(deployed) is type(model) and not isinstance(deployed, fx.GraphModule)
-        assert n_relu == sum(isinstance(m, nn.ReLU6) for m in model.modules()) and n_add == 0
+        depthwise = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+        assert n_relu == sum(isinstance(m, nn.ReLU6) for m in model.modules()) - len(depthwise) and n_add == 0
+        refused = find_conv_activations(deploy(model, x, fuse_activations=False), x)[1]
+        assert len(depthwise) == 17 and all("grouped conv" in refused[n] for n in depthwise)
         assert all(f.max_value == 6.0 for f in fusions)
         assert "features.0.0.conv.weight" in deployed.state_dict()
     else:  # residual adds: an fx GraphModule; the stem, every block conv but the last, each block's add + ReLU
@@ -80,7 +83,7 @@ class Patterns(nn.Module):
         self.c6 = nn.Conv2d(8, 8, 1)
         self.scale = nn.Parameter(torch.randn(8, 1, 1))
         self.c7 = nn.Conv2d(8, 8, 1)
-        self.c8 = nn.Conv2d(8, 8, 3, stride=2, dilation=2, padding=2, groups=2)
+        self.c8 = nn.Conv2d(8, 8, 3, stride=2, dilation=2, padding=2)
         self.c9 = nn.Conv2d(8, 8, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
