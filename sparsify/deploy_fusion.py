@@ -41,7 +41,7 @@ __all__ = ["ConvAddReLU", "ConvReLU", "Fusion", "find_conv_activations", "fuse_c
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _autocast_dtype() -> torch.dtype | None:
+def cuda_autocast_dtype() -> torch.dtype | None:
     """The CUDA autocast dtype while autocast is on for CUDA, else None."""
     try:
         on = torch.is_autocast_enabled("cuda")
@@ -80,7 +80,7 @@ def _compute_dtype(x: torch.Tensor, conv: nn.Conv2d, z: torch.Tensor | None = No
     tensors = [x, *params] if z is None else [x, *params, z]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return None  # the fused ops have no backward
-    dtype = _autocast_dtype()
+    dtype = cuda_autocast_dtype()
     if dtype is not None:  # autocast casts the conv's floating inputs (not float64) to its dtype
         ok = dtype in _DTYPES and all(t.dtype in _DTYPES for t in [x, *params])
     else:

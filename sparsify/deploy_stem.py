@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsify.deploy_fusion import cuda_autocast_dtype
 from sparsify.graph.trace import register_leaf_module
 
 __all__ = ["SpaceToDepth", "SpaceToDepthConv2d", "space_to_depth_stems_"]
@@ -43,6 +44,8 @@ class SpaceToDepth(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (ph, pw), (n, c, h, w) = self.padding, x.shape
+        if x.is_cuda and (dtype := cuda_autocast_dtype()) is not None and x.dtype == torch.float32:
+            x = x.to(dtype)  # the conv would cast it anyway: rearrange half the bytes
         x = F.pad(x, (pw, pw + (w + 2 * pw) % 2, ph, ph + (h + 2 * ph) % 2, 0, self.channels - c))
         hs, ws = x.shape[2] // 2, x.shape[3] // 2
         x = x.permute(0, 2, 3, 1).reshape(n, hs, 2, ws, 2, self.channels).permute(0, 1, 3, 2, 4, 5)

@@ -196,7 +196,7 @@ def test_fused_path_arguments(tv: ModuleType, name: str, monkeypatch: pytest.Mon
 def test_fused_path_under_autocast_casts_and_keeps_dtype_promotion(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = _FakeCudnn(torch.bfloat16)
     _fake_cuda(monkeypatch, fake)
-    monkeypatch.setattr(fusion, "_autocast_dtype", lambda: torch.bfloat16)
+    monkeypatch.setattr(fusion, "cuda_autocast_dtype", lambda: torch.bfloat16)
     conv = nn.Conv2d(4, 4, 3, padding=1).requires_grad_(False)
     x = torch.randn(2, 4, 6, 6)
     assert ConvReLU(conv)(x).dtype == torch.bfloat16 and fake.relu == 1
