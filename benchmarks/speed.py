@@ -20,8 +20,11 @@ Latency: median over ``--iters`` forward passes after ``--warmup`` (CUDA events 
 autocast, channels_last inputs and cudnn.benchmark; ``time.perf_counter`` on the CPU), batch
 ``--batch`` for CNNs and ``--vit-batch`` for ViT. ``realised`` = speedup / MACs reduction (1.0: the
 latency drops as much as the MACs). MACs come from ``sparsify.graph.cost.module_macs`` (conv/linear
-layers) plus, for ``nn.MultiheadAttention``, its projections and attention products, which that
-function does not count. Weights are random (latency does not depend on their values).
+layers and scaled_dot_product_attention products) plus, for ``nn.MultiheadAttention`` (a leaf it does not
+trace into), its projections and attention products. Weights are random (latency does not depend on
+their values). Every model, dense included, is deployed the same way (``sparsify.deploy``: BN folded,
+conv+ReLU fused for eager CUDA unless ``--no-fuse``; ``--s2d-stem``, ``--cast-params``, ``--compile`` as
+given); ``--profile`` adds each model's GPU time by kernel kind to the JSON.
 
 ViT-B/16 (``--vit``): only the MLP hidden layers are pruned on both sides (nn.MultiheadAttention is a
 leaf whose inner width is tied to embed_dim, the residual width is inexact under LayerNorm; TP is
