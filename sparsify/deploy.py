@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from sparsify.deploy_fusion import fuse_conv_activations
+from sparsify.deploy_fusion import fuse_conv_activations, module_usage
 from sparsify.deploy_stem import space_to_depth_stems_
 from sparsify.errors import SparsifyError, TraceError
 from sparsify.graph.trace import trace
@@ -47,16 +47,7 @@ def find_conv_bn_pairs(model: nn.Module, example_inputs: Any) -> tuple[list[tupl
     """
     traced = trace(model, example_inputs)
     gm = traced.graph_module
-    calls: dict[str, int] = {}
-    read: set[str] = set()  # module names whose tensors some get_attr node reads
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
-        elif node.op == "get_attr":
-            read.add(str(node.target).rpartition(".")[0])
-    names_of: dict[int, int] = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        names_of[id(m)] = names_of.get(id(m), 0) + 1
+    calls, read, names_of = module_usage(traced)
 
     pairs, refused = [], {}
     for node in gm.graph.nodes:

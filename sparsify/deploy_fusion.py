@@ -236,8 +236,9 @@ def _hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
-def _usage(traced: TracedModel) -> tuple[dict[str, int], set[str], dict[int, int]]:
-    """Calls per module name, module names whose tensors a get_attr reads, names per module object."""
+def module_usage(traced: TracedModel) -> tuple[dict[str, int], set[str], dict[int, int]]:
+    """Calls per module name, module names whose tensors a get_attr reads, names per module object (by id):
+    what decides whether rewriting a module changes only the call being rewritten."""
     calls: dict[str, int] = {}
     read: set[str] = set()
     for node in traced.graph.nodes:
@@ -253,7 +254,7 @@ def _usage(traced: TracedModel) -> tuple[dict[str, int], set[str], dict[int, int
 
 def _find(traced: TracedModel) -> tuple[list[_Match], dict[str, str]]:
     gm = traced.graph_module
-    calls, read, names_of = _usage(traced)
+    calls, read, names_of = module_usage(traced)
     matches, refused, claimed = [], {}, set()
     for node in gm.graph.nodes:
         if node.op != "call_module":
@@ -348,7 +349,7 @@ def fuse_conv_activations(model: nn.Module, example_inputs: Any) -> tuple[nn.Mod
     gm = traced.graph_module
     if not matches:
         return model, []
-    calls, _, names_of = _usage(traced)
+    calls, _, names_of = module_usage(traced)
 
     def replaceable(match: _Match) -> bool:
         act = match.nodes[-1]

@@ -46,6 +46,9 @@ def test_deploy_pruned_resnet50(tv: ModuleType) -> None:
     deployed = deploy(model, x)
     assert _bns(deployed) == 0
     assert _same(model, deployed, x) <= 1e-10
+    # the pruned widths don't stop the activation fusion (16 conv+add+ReLU, 33 conv+ReLU, as when dense)
+    kinds = [type(m).__name__ for m in deployed.modules()]
+    assert kinds.count("ConvAddReLU") == 16 and kinds.count("ConvReLU") == 33
 
 
 def test_deploy_after_sparsifier_prune() -> None:
