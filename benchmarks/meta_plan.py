@@ -75,7 +75,7 @@ def child_plan(args: argparse.Namespace) -> dict[str, Any]:
     import sparsify.graph.trace as trace_mod
     from sparsify.graph import channel_graph
     from sparsify.graph.collect import collect_facts
-    from sparsify.plan import apply_plan, make_plan
+    from sparsify.oneshot import apply_plan, make_plan
 
     out: dict[str, Any] = {"import_s": time.perf_counter() - START}
     export = trace_mod._export
@@ -148,7 +148,7 @@ def child_apply(args: argparse.Namespace) -> dict[str, Any]:
     from sparsify._compat import import_torchvision
 
     import_torchvision()
-    from sparsify.plan import WidthPlan, apply_plan
+    from sparsify.oneshot import WidthPlan, apply_plan
 
     plan = WidthPlan.from_json(Path(args.plan_path).read_text())
     out: dict[str, Any] = {}

@@ -8,8 +8,8 @@ For each model and MACs-reduction target (dense MACs / pruned MACs):
   ``Sparsifier.prune()``), deployed. With ``unit="macs"`` the GMP sparsity is the exact fraction of
   MACs removed (the policy bisects its budget on ``Sparsifier.macs_model``). ``ours+round`` adds
   ``round_to`` to the GMP budget. ``ours+latency``: the same MACs target with ``budget="latency"``
-  (``sparsify.policies.latency_budget``: ``round_to`` channels at a time, where a
-  ``sparsify.latency.LatencyModel`` timed on ``--device`` at the benchmark's batch and dtype says they
+  (``sparsify.policies.allocation.latency_budget``: ``round_to`` channels at a time, where a
+  ``sparsify.measure.latency_model.LatencyModel`` timed on ``--device`` at the benchmark's batch and dtype says they
   save the most time per MAC); its timed layer configurations are shared between the model's targets.
 * ``tp``: Torch-Pruning's ``MetaPruner`` with ``GroupMagnitudeImportance`` (same p) and a uniform
   ``pruning_ratio``: its iterative steps find the step that reaches the same MACs target, then a
@@ -63,9 +63,9 @@ from sparsify.adapters.heads import ExplicitMultiheadAttention, explicit_multihe
 from sparsify.deploy import deploy  # noqa: E402
 from sparsify.graph.cost import is_weight_key, module_macs, product_weight  # noqa: E402
 from sparsify.graph.trace import trace  # noqa: E402
-from sparsify.latency import LatencyModel  # noqa: E402
-from sparsify.speed import autocast_context, measure_latency, width_latency_table  # noqa: E402
-from sparsify.time_breakdown import time_by_kind  # noqa: E402
+from sparsify.measure import autocast_context, measure_latency, width_latency_table  # noqa: E402
+from sparsify.measure.breakdown import time_by_kind  # noqa: E402
+from sparsify.measure.latency_model import LatencyModel  # noqa: E402
 
 DEFAULT_RATIOS = {"resnet50": [2.0, 4.0], "mobilenet_v2": [2.0, 4.0], "resnet18": [2.0], "vit_b_16": [1.5]}
 
@@ -398,9 +398,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--no-fuse", action="store_true",
                     help="deploy without fusing conv+bias+ReLU (and +add) into cuDNN's fused kernels (eager CUDA)")
     ap.add_argument("--s2d-stem", action="store_true",
-                    help="deploy every model with its stride-2 stem conv as space-to-depth (sparsify.deploy_stem)")
+                    help="deploy every model with its stride-2 stem conv as space-to-depth (sparsify.deploy.stem)")
     ap.add_argument("--profile", action="store_true",
-                    help="also record each model's device time by kernel kind (sparsify.time_breakdown) in the JSON")
+                    help="also record each model's device time by kernel kind (sparsify.measure.breakdown) in the JSON")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     args.warmup = min(10, args.iters) if args.warmup is None else args.warmup

@@ -44,7 +44,7 @@ class SparsifierConfig(BaseModel):
         None, ge=1, strict=True,
         description="prune() keeps every pruned layer at a multiple of this many channels (or its full width) by "
                     "keeping back the strongest removed structures, e.g. 8 or 64 for GPU tensor cores; "
-                    "sparsify.speed.width_latency_table suggests a value. None: no rounding")
+                    "sparsify.measure.width_latency_table suggests a value. None: no rounding")
 
     @field_validator("adapter", mode="before")
     @classmethod

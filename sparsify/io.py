@@ -91,7 +91,7 @@ class PruningPlan(BaseModel):
 
     @classmethod
     def from_reports(cls, reports: Sequence[PruneReport], example_inputs: Any) -> PruningPlan:
-        from sparsify import __version__
+        from sparsify._version import __version__
 
         steps = [PruneStep(removed=dict(r.plan), widths={k: r.widths[k][0] for k in r.plan},
                            created_biases={k: list(v) for k, v in r.created_biases.items()}) for r in reports]

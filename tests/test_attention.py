@@ -11,17 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsify import (
-    GMPConfig,
-    HeadsConfig,
-    InexactPruneError,
-    PruneError,
-    Sparsifier,
-    STRConfig,
-    build_channel_graph,
-    prune_channels,
-)
+from sparsify import GMPConfig, HeadsConfig, Sparsifier, STRConfig, build_channel_graph, prune_channels
 from sparsify.adapters.heads import ExplicitMultiheadAttention, HeadsAdapter, explicit_multihead_attention_
+from sparsify.errors import InexactPruneError, PruneError
 from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup
 from sparsify.testing.oracle import check_exactness, random_plan, randomize_, soft_zero_
 

@@ -18,7 +18,7 @@ from sparsify.adapters.heads import ExplicitMultiheadAttention
 from sparsify.graph.channel_graph import ChannelGraph
 from sparsify.graph.cost import MacsModel, is_weight_key, module_macs, product_weight, structure_costs
 from sparsify.graph.trace import trace
-from sparsify.latency import LatencyModel, LayerSpec
+from sparsify.measure.latency_model import LatencyModel, LayerSpec
 from sparsify.testing.oracle import randomize_, soft_zero_
 
 E, HEADS, L = 32, 4, 10

@@ -9,7 +9,8 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from sparsify import GMPConfig, Sparsifier, SparsifyError, TraceError, build_channel_graph, prune_channels
+from sparsify import GMPConfig, Sparsifier, SparsifyError, build_channel_graph, prune_channels
+from sparsify.errors import TraceError
 from sparsify.testing.oracle import random_plan
 
 

@@ -1,4 +1,4 @@
-"""Invariant tests for the pure budget and schedule maths in sparsify.policies.budgets."""
+"""Invariant tests for the pure budget and schedule maths in sparsify.policies.allocation.budgets."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from sparsify.policies.budgets import (
+from sparsify.policies.allocation.budgets import (
     cubic_sparsity,
     er_densities,
     erk_densities,

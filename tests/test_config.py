@@ -8,18 +8,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from sparsify import (
-    BNGammaConfig,
-    FilterNormConfig,
-    GMPConfig,
-    SlimmingConfig,
-    SparsifierConfig,
-    STRConfig,
-    list_adapters,
-    list_policies,
-    register_policy,
-)
+from sparsify import BNGammaConfig, FilterNormConfig, GMPConfig, SlimmingConfig, SparsifierConfig, STRConfig
 from sparsify.adapters import ADAPTERS
+from sparsify.extend import list_adapters, list_policies, register_policy
 from sparsify.policies import POLICIES, PolicyConfig
 from sparsify.policies.soft_threshold import STRPolicy
 

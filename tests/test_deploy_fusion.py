@@ -10,9 +10,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-import sparsify.deploy_fusion as fusion
+import sparsify.deploy.fusion as fusion
 from sparsify.deploy import deploy
-from sparsify.deploy_fusion import ConvAddReLU, ConvReLU, find_conv_activations, fuse_conv_activations
+from sparsify.deploy.fusion import ConvAddReLU, ConvReLU, find_conv_activations, fuse_conv_activations
 from sparsify.testing.oracle import randomize_
 
 

@@ -1,4 +1,4 @@
-"""sparsify.deploy_stem: a stride-2 conv as a stride-1 conv on the space-to-depth input, exactly."""
+"""sparsify.deploy.stem: a stride-2 conv as a stride-1 conv on the space-to-depth input, exactly."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sparsify._compat import import_torchvision
-from sparsify.deploy_stem import SpaceToDepth, SpaceToDepthConv2d, space_to_depth_stems_
+from sparsify.deploy.stem import SpaceToDepth, SpaceToDepthConv2d, space_to_depth_stems_
 
 
 @pytest.mark.parametrize(("cin", "k", "p", "size", "bias"), [

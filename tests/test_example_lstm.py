@@ -1,11 +1,11 @@
-"""docs/examples/lstm_language_model.py runs at small settings."""
+"""examples/lstm_language_model.py runs at small settings."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "lstm_language_model.py"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lstm_language_model.py"
 
 
 def test_lstm_language_model_example() -> None:

@@ -1,11 +1,11 @@
-"""The files in docs/examples run, at small settings."""
+"""The files in examples run, at small settings."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def _load(name: str):

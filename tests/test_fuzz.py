@@ -17,7 +17,8 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from sparsify import InexactPruneError, PruneError, TraceError, build_channel_graph, prune_channels
+from sparsify import build_channel_graph, prune_channels
+from sparsify.errors import InexactPruneError, PruneError, TraceError
 from sparsify.testing.fuzz import Spec, architectures, build
 from sparsify.testing.oracle import check_exactness, randomize_
 

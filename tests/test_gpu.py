@@ -122,7 +122,7 @@ def test_latency_model_times_layers_on_cuda() -> None:
 
     from sparsify import build_channel_graph
     from sparsify._compat import import_torchvision
-    from sparsify.latency import LatencyModel
+    from sparsify.measure.latency_model import LatencyModel
 
     model = import_torchvision().models.resnet18(num_classes=10).cuda().eval()
     cg = build_channel_graph(model, torch.randn(2, 3, 64, 64, device="cuda"))

@@ -16,16 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsify import (
-    GMPConfig,
-    HeadsConfig,
-    InexactPruneError,
-    Sparsifier,
-    SparsifyError,
-    STRConfig,
-    build_channel_graph,
-    prune_channels,
-)
+from sparsify import GMPConfig, HeadsConfig, Sparsifier, SparsifyError, STRConfig, build_channel_graph, prune_channels
+from sparsify.errors import InexactPruneError
 from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup
 from sparsify.testing.oracle import check_exactness, randomize_, soft_zero_
 

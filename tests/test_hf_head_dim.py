@@ -1,4 +1,4 @@
-"""Head-dimension pruning for Hugging Face LLaMA (GQA, rotary), GPT-2 and BERT (sparsify.hf_attention).
+"""Head-dimension pruning for Hugging Face LLaMA (GQA, rotary), GPT-2 and BERT (sparsify.hf.attention).
 
 ``hf.explicit_attention_`` swaps each attention for a subclass with a constant head count, the original
 scale and (LLaMA) its own rotary frequencies: identical outputs, head_dim slot groups (q/k and v/o) that

@@ -1,4 +1,4 @@
-"""LatencyModel (sparsify.latency) and the latency-driven budget (sparsify.policies.latency_budget)."""
+"""LatencyModel (sparsify.measure.latency_model) and the latency budget (policies/allocation/latency_budget)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from sparsify import FilterNormConfig, GMPConfig, Sparsifier
 from sparsify.errors import SparsifyError
 from sparsify.graph.channel_graph import build_channel_graph
 from sparsify.graph.cost import module_macs
-from sparsify.latency import LatencyModel, LayerSpec
-from sparsify.policies.latency_budget import allocate_by_latency
+from sparsify.measure.latency_model import LatencyModel, LayerSpec
+from sparsify.policies.allocation.latency_budget import allocate_by_latency
 from sparsify.prune.surgery import prune_channels
 from sparsify.testing import models
 from sparsify.testing.oracle import _outputs, random_plan, soft_zero_

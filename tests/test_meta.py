@@ -11,7 +11,7 @@ import torch
 
 from sparsify import SparsifyError, build_channel_graph
 from sparsify.errors import PruneError
-from sparsify.plan import WidthPlan, apply_plan, make_plan
+from sparsify.oneshot import WidthPlan, apply_plan, make_plan
 from sparsify.prune.surgery import prune_channels
 from sparsify.testing.oracle import soft_zero_
 

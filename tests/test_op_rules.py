@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from sparsify import InexactPruneError, build_channel_graph, prune_channels
+from sparsify import build_channel_graph, prune_channels
+from sparsify.errors import InexactPruneError
 from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup, Member
 from sparsify.testing import models
 from sparsify.testing.oracle import check_exactness, randomize_, soft_zero_

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from sparsify import InexactPruneError, PruneError, TraceError, build_channel_graph, prune_channels
+from sparsify import build_channel_graph, prune_channels
+from sparsify.errors import InexactPruneError, PruneError, TraceError
 from sparsify.prune import attributes
 
 

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import sparsify
-from sparsify import InexactPruneError, PruneError, Sparsifier, SparsifyError, build_channel_graph, prune_channels
+from sparsify import Sparsifier, SparsifyError, build_channel_graph, prune_channels
+from sparsify.errors import InexactPruneError, PruneError
 from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup
 from sparsify.policies.base import set_group_masks
 from sparsify.testing.oracle import check_exactness, randomize_, soft_zero_

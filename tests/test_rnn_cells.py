@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from sparsify import InexactPruneError, PruneError, Sparsifier, SparsifyError, build_channel_graph, prune_channels
+from sparsify import Sparsifier, SparsifyError, build_channel_graph, prune_channels
+from sparsify.errors import InexactPruneError, PruneError
 from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup
 from sparsify.graph.cost import module_macs
 from sparsify.graph.rules.layout import register_synced_sizes

@@ -12,18 +12,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from sparsify import (
-    BNGammaConfig,
-    GMPConfig,
-    PolicyConfig,
-    Sparsifier,
-    SparsifierConfig,
-    SparsifyError,
-    STRConfig,
-    register_adapter,
-    register_policy,
-)
+from sparsify import BNGammaConfig, GMPConfig, Sparsifier, SparsifierConfig, SparsifyError, STRConfig
 from sparsify.adapters.bn_gamma import BNGammaAdapter
+from sparsify.extend import PolicyConfig, register_adapter, register_policy
 from sparsify.policies.base import GroupView, Mask, Policy, set_group_masks
 
 

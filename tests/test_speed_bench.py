@@ -1,4 +1,4 @@
-"""benchmarks/speed.py at tiny CPU settings, and the width-latency tool (sparsify.speed)."""
+"""benchmarks/speed.py at tiny CPU settings, and the width-latency tool (sparsify.measure)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from sparsify.speed import measure_latency, suggest_round_to, width_latency_table
+from sparsify.measure import measure_latency, suggest_round_to, width_latency_table
 
 pytest.importorskip("torch_pruning")
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparsify.policies.str_target import cap_thresholds
+from sparsify.policies.allocation.str_controller import cap_thresholds
 
 
 def _plain(vectors: list[torch.Tensor], cap: float) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""sparsify.time_breakdown: kernel/op time grouped by kind."""
+"""sparsify.measure.breakdown: kernel/op time grouped by kind."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparsify.time_breakdown import kernel_kind, time_by_kind
+from sparsify.measure.breakdown import kernel_kind, time_by_kind
 
 
 @pytest.mark.parametrize(("name", "kind"), [

@@ -11,7 +11,7 @@ from torch import nn
 
 from sparsify import ActivationConfig, GMPConfig, Sparsifier
 from sparsify.adapters.activation import ActivationAdapter
-from sparsify.plan import apply_plan, make_plan
+from sparsify.oneshot import apply_plan, make_plan
 
 transformers = pytest.importorskip("transformers")
 SEQ, BATCH = 64, 16

@@ -6,7 +6,7 @@ the layers that consume it (its ``in`` members): Σ_layers Σ_i |W[i, s]|·‖X_
 one running Σx² per consumed input channel (forward pre-hooks on the consuming Linear/Conv
 layers, no activations kept), so memory is bounded by one forward pass whatever the number of
 batches. Prune one-shot with the ``gmp`` policy (``update`` to the final sparsity, then
-``prune()``) or with :func:`sparsify.plan.apply_plan`.
+``prune()``) or with :func:`sparsify.oneshot.apply_plan`.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ class ActivationAdapter(FilterNormAdapter):
         vectors = self._vectors if vectors is None else vectors
         if any(t.is_meta for t in model.parameters()):
             raise SparsifyError("cannot calibrate a model on the meta device (it has no weights); calibrate the "
-                                "real model, or plan on the meta model with sparsify.plan.make_plan")
+                                "real model, or plan on the meta model with sparsify.oneshot.make_plan")
         if reset:
             self.stats = ActivationStats()
         self.stats.collect(model, [m.module for v in vectors for m in v.handle["in"]], batches)

@@ -182,7 +182,7 @@ def original(module: nn.Module, name: str) -> torch.Tensor:
 
 
 ADAPTERS: Registry[tuple[type[AdapterConfig], type[Adapter]]] = Registry(
-    "adapter", "Register one with sparsify.register_adapter(kind, config_cls, adapter_cls)."
+    "adapter", "Register one with sparsify.extend.register_adapter(kind, config_cls, adapter_cls)."
 )
 
 

@@ -62,7 +62,7 @@ def _apply_rule(traced: TracedModel, facts: GraphFacts, node: fx.Node) -> None:
         if touches_tensor:
             ctx.block_all(
                 f"no op rule for {ctx.describe()}; its channels are not prunable. "
-                "Fix: register one with sparsify.register_op_rule(...) (see docs/op_rules.md)"
+                "Fix: register one with sparsify.extend.register_op_rule(...) (see docs/op_rules.md)"
             )
         return
     try:

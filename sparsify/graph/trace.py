@@ -148,7 +148,7 @@ def trace(model: nn.Module, example_inputs: Any) -> TracedModel:
             raise TraceError(
                 f"could not trace {type(model).__name__}. torch.fx: {type(fx_exc).__name__}: {fx_exc}\n"
                 f"torch.export: {type(export_exc).__name__}: {str(export_exc)[:500]}\n"
-                "Fix: mark the offending submodule as a leaf with sparsify.register_leaf_module(cls) "
+                "Fix: mark the offending submodule as a leaf with sparsify.extend.register_leaf_module(cls) "
                 "(and give it an op rule), or remove data-dependent Python control flow from forward()."
             ) from fx_exc
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]

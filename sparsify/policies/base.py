@@ -188,7 +188,7 @@ def top_k_keep(magnitude: np.ndarray, k: int) -> np.ndarray:
 
 
 POLICIES: Registry[tuple[type[PolicyConfig], type[Policy]]] = Registry(
-    "policy", "Register one with sparsify.register_policy(kind, config_cls, policy_cls)."
+    "policy", "Register one with sparsify.extend.register_policy(kind, config_cls, policy_cls)."
 )
 
 

@@ -15,11 +15,11 @@ import torch
 from pydantic import Field, model_validator
 
 from sparsify.errors import SparsifyError
-from sparsify.latency import LatencyModel
-from sparsify.policies import budgets
+from sparsify.measure.latency_model import LatencyModel
+from sparsify.policies.allocation import budgets
+from sparsify.policies.allocation.latency_budget import allocate_by_latency
+from sparsify.policies.allocation.macs_target import budget_keeps
 from sparsify.policies.base import GroupView, Mask, Policy, PolicyConfig, register_policy, set_group_masks, top_k_keep
-from sparsify.policies.latency_budget import allocate_by_latency
-from sparsify.policies.macs_target import budget_keeps
 from sparsify.prune.rounding import round_keep
 
 _ROUND_BISECT_STEPS = 30
@@ -35,7 +35,7 @@ class GMPConfig(PolicyConfig):
                                 "(second order, solved by bisection on the budget)")
     budget: Literal["uniform", "global", "erk", "latency"] = Field(
         "uniform", description="how the target splits across groups; latency: where removing channels saves the most "
-                               "estimated time (sparsify.policies.latency_budget; needs unit='macs' and "
+                               "estimated time (sparsify.policies.allocation.latency_budget; needs unit='macs' and "
                                "sp.policy.latency_model)")
     latency_importance_weight: float = Field(
         1.0, ge=0, description="budget='latency': how much a chunk's magnitude counts against the time it saves "
@@ -159,7 +159,7 @@ class GMPPolicy(Policy):
     def _latency_keeps(self, sparsity: float, mags: list[np.ndarray]) -> list[np.ndarray]:
         if self.latency_model is None or self.cost_model is None:
             raise SparsifyError("GMPConfig(budget='latency') needs a latency model: after creating the Sparsifier, "
-                                "set sp.policy.latency_model = sparsify.latency.LatencyModel(sp.graph, batch=..., "
+                                "set sp.policy.latency_model = sparsify.measure.LatencyModel(sp.graph, batch=..., "
                                 "device=..., step=...) before the first update")
         return allocate_by_latency(self.groups, mags, self.latency_model, self.cost_model, sparsity,
                                    self.config.round_to or 1,

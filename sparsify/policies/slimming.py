@@ -15,9 +15,9 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from sparsify.policies.allocation.macs_target import budget_keeps
 from sparsify.policies.base import GroupView, Mask, Policy, PolicyConfig, register_policy, set_group_masks
 from sparsify.policies.gradual_magnitude import allocate_keep
-from sparsify.policies.macs_target import budget_keeps
 
 
 class SlimmingConfig(PolicyConfig):

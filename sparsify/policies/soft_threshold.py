@@ -27,9 +27,9 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from sparsify.policies import budgets
+from sparsify.policies.allocation import budgets
+from sparsify.policies.allocation.str_controller import Snapshot, apply_planned, snapshot, track
 from sparsify.policies.base import Connectivity, GroupView, Policy, PolicyConfig, register_policy
-from sparsify.policies.str_target import Snapshot, apply_planned, snapshot, track
 
 
 class STRConfig(PolicyConfig):

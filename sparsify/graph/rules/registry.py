@@ -28,7 +28,7 @@ class OpRule:
 
 
 OP_RULES: Registry[OpRule] = Registry(
-    "op rule", "Register one with sparsify.register_op_rule(kind, fn, modules=..., functions=..., methods=...)."
+    "op rule", "Register one with sparsify.extend.register_op_rule(kind, fn, modules=..., functions=..., methods=...)."
 )
 _BY_MODULE: dict[type[nn.Module], OpRule] = {}
 _BY_FUNCTION: dict[Any, OpRule] = {}
@@ -96,3 +96,8 @@ def find_rule(node: fx.Node, gm: fx.GraphModule) -> OpRule | None:
     if node.op == "call_method":
         return _BY_METHOD.get(str(node.target))
     return None
+
+
+def list_op_rules(pattern: str = "*") -> list[str]:
+    """Kinds of the registered op rules (fnmatch ``pattern``)."""
+    return OP_RULES.list(pattern)

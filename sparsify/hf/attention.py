@@ -45,8 +45,8 @@ from transformers.models.llama import modeling_llama
 
 from sparsify.errors import SparsifyError
 from sparsify.graph.rules import layout
-from sparsify.hf_resize import resize_conv1d as _conv1d
-from sparsify.hf_resize import resize_linear as _linear
+from sparsify.hf.resize import resize_conv1d as _conv1d
+from sparsify.hf.resize import resize_linear as _linear
 from sparsify.prune.attributes import register_attribute_sync
 
 #: rope types whose inverse frequencies change with the sequence length (not a fixed buffer)
@@ -217,7 +217,7 @@ def read(attn: nn.Module) -> dict[str, Any]:
             raise SparsifyError(f"key has {attn.key.weight.shape[0]} rows, query {h * d}: q and k must match")
         dv = _per_head("value", attn.value.weight.shape[0], h)
     else:
-        raise SparsifyError(f"{type(attn).__name__} is not an attention module of sparsify.hf_attention")
+        raise SparsifyError(f"{type(attn).__name__} is not an attention module of sparsify.hf.attention")
     out = {"num_attention_heads": h, "num_key_value_heads": kv, "head_dim": d, "v_head_dim": dv,
            "scaling": float(attn.scaling)}
     if isinstance(attn, SlotLlamaAttention):
@@ -257,7 +257,7 @@ def resize(attn: nn.Module, heads: int, kv_heads: int, head_dim: int, v_head_dim
             _linear(out, inp=heads * v_head_dim)
         attn.attention_head_size, attn.v_head_dim, attn.all_head_size = head_dim, v_head_dim, heads * v_head_dim
     else:
-        raise SparsifyError(f"{type(attn).__name__} is not an attention module of sparsify.hf_attention")
+        raise SparsifyError(f"{type(attn).__name__} is not an attention module of sparsify.hf.attention")
 
 
 # ----- the swap ---------------------------------------------------------------------------------------

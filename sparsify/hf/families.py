@@ -9,7 +9,7 @@ from layer to layer (or the config class cannot express them), every layer's wid
 ``config.sparsify_layer_widths``; ``from_pretrained`` here builds the model from the config, resizes
 those layers and loads the weights strictly. Model families are keyed by ``config.model_type``
 (``register_family``); llama, mistral, qwen2, gpt2 and bert are built in. Models whose attention was
-swapped by ``explicit_attention_`` (prunable head_dim slots, ``sparsify.hf_attention``; llama, gpt2,
+swapped by ``explicit_attention_`` (prunable head_dim slots, ``sparsify.hf.attention``; llama, gpt2,
 bert) also store every layer's attention in ``config.sparsify_head_dims``; ``from_pretrained`` swaps
 and resizes the attention of the model it builds before loading.
 """
@@ -29,8 +29,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from sparsify.errors import SparsifyError
-from sparsify.hf_resize import resize_conv1d as _conv1d
-from sparsify.hf_resize import resize_linear as _linear
+from sparsify.hf.resize import resize_conv1d as _conv1d
+from sparsify.hf.resize import resize_linear as _linear
 from sparsify.io import LoadError
 
 RECORD = "sparsify_layer_widths"
@@ -89,19 +89,19 @@ def _same(what: str, **values: int) -> int:
     return next(iter(values.values()))
 
 
-# ----- attention with prunable head_dim slots (sparsify.hf_attention) ----------------------------
+# ----- attention with prunable head_dim slots (sparsify.hf.attention) ----------------------------
 def _slots(attn: nn.Module) -> dict[str, Any] | None:
     """A swapped attention's widths (heads, head_dim of q/k, v_head_dim, scale), else None."""
-    if type(attn).__module__ != "sparsify.hf_attention":
+    if type(attn).__module__ != "sparsify.hf.attention":
         return None
-    from sparsify import hf_attention
+    from sparsify.hf import attention as hf_attention
 
     return hf_attention.read(attn)
 
 
 def _resize_slots(attn: nn.Module, heads: int, kv_heads: int, head_dim: int, out: nn.Module | None = None) -> None:
     """Resize a swapped attention's heads and q/k head_dim; its v_head_dim and scale stay."""
-    from sparsify import hf_attention
+    from sparsify.hf import attention as hf_attention
 
     hf_attention.resize(attn, heads, kv_heads, head_dim, attn.v_head_dim, attn.scaling, out=out)
 
@@ -127,7 +127,7 @@ def head_dims(model: nn.Module) -> list[dict[str, Any]] | None:
 
 
 def _swap_from_record(model: nn.Module, record: dict[int, dict[str, Any]]) -> None:
-    from sparsify import hf_attention
+    from sparsify.hf import attention as hf_attention
 
     hf_attention.explicit_attention_(model)
     for i, layer in enumerate(_layers(model, _family(model.config))):
@@ -138,8 +138,8 @@ def _swap_from_record(model: nn.Module, record: dict[int, dict[str, Any]]) -> No
 
 
 def explicit_attention_(model: nn.Module) -> nn.Module:
-    """Make the head_dim slots of every attention layer prunable (``sparsify.hf_attention``); in place."""
-    from sparsify.hf_attention import explicit_attention_ as swap
+    """Make the head_dim slots of every attention layer prunable (``sparsify.hf.attention``); in place."""
+    from sparsify.hf.attention import explicit_attention_ as swap
 
     return swap(model)
 

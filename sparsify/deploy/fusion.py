@@ -35,22 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.graph.trace import TensorInfo, TracedModel, register_leaf_module, trace
+from sparsify.measure.timing import cuda_autocast_dtype
 
 __all__ = ["ConvAddReLU", "ConvReLU", "Fusion", "find_conv_activations", "fuse_conv_activations"]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def cuda_autocast_dtype() -> torch.dtype | None:
-    """The CUDA autocast dtype while autocast is on for CUDA, else None."""
-    try:
-        on = torch.is_autocast_enabled("cuda")
-    except TypeError:  # torch without the device argument
-        on = torch.is_autocast_enabled()
-    if not on:
-        return None
-    get = getattr(torch, "get_autocast_dtype", None)
-    return get("cuda") if get is not None else torch.get_autocast_gpu_dtype()
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # dtypes cuDNN fuses
 
 
 def _on_cudnn(x: torch.Tensor) -> bool:

@@ -20,8 +20,8 @@ Python language reference that ships with CPython (``pydoc_data.topics``), read 
 It reports validation loss / perplexity (per byte), parameters, CPU latency and a generated sample at
 each stage. Defaults take a few minutes on a laptop CPU.
 
-Run: python docs/examples/transformer_str.py [--adapter filter_norm] [--policy str] [--dense-steps 300] ...
-     python docs/examples/transformer_str.py --adapter heads --policy gmp   (KV groups, magnitude schedule)
+Run: python examples/transformer_str.py [--adapter filter_norm] [--policy str] [--dense-steps 300] ...
+     python examples/transformer_str.py --adapter heads --policy gmp   (KV groups, magnitude schedule)
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from torch import nn
 from sparsify.graph.channel_graph import ChannelGraph
 from sparsify.graph.cost import module_macs
 from sparsify.graph.trace import TensorInfo
-from sparsify.speed import autocast_context, measure_latency
+from sparsify.measure.timing import autocast_context, measure_latency
 
 __all__ = ["LatencyModel", "LayerSpec", "time_layer"]
 

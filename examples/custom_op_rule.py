@@ -1,6 +1,6 @@
 """Teach sparsify a custom module: without a rule its channels are a barrier; with one they prune exactly.
 
-Run: python docs/examples/custom_op_rule.py
+Run: python examples/custom_op_rule.py
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ def scaled_tanh_rule(ctx: sparsify.graph.builder.OpContext) -> None:
 
 def main() -> float:
     x = torch.randn(2, 3, 10, 10)
-    sparsify.register_leaf_module(ScaledTanh)
+    sparsify.extend.register_leaf_module(ScaledTanh)
     model = build()
     model(x)  # materialise the lazy layer
     blocked = [g for g in sparsify.build_channel_graph(model, x).groups if "ScaledTanh" in g.why_not()]
     print("without a rule:", blocked[0].why_not() if blocked else "?")
     if "scaled_tanh" not in sparsify.graph.rules.OP_RULES:
-        sparsify.register_op_rule("scaled_tanh", scaled_tanh_rule, modules=[ScaledTanh])
+        sparsify.extend.register_op_rule("scaled_tanh", scaled_tanh_rule, modules=[ScaledTanh])
     result = check_exactness(model.double(), x.double())
     print(f"with the rule: pruned {result.groups_pruned} groups, max |difference| = {result.max_abs_diff:.1e}")
     return result.max_abs_diff

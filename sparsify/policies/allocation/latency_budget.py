@@ -8,7 +8,7 @@ loses all of them), each time from the group whose next chunk scores best:
 
     score = benefit / lost ** importance_weight
 
-``benefit`` is the estimated latency the chunk saves (:class:`sparsify.latency.LatencyModel`), per MAC it
+``benefit`` is the estimated latency the chunk saves (:class:`sparsify.measure.latency_model.LatencyModel`), per MAC it
 saves when the target is in MACs (at equal MACs, the most time saved); ``lost`` is the sum of the
 chunk's magnitudes, each divided by its group's mean magnitude. ``importance_weight=0`` is pure latency;
 larger values protect strong channels more. The chunk of a group is its weakest kept structures. It
@@ -30,7 +30,7 @@ import numpy as np
 
 from sparsify.graph.channel_graph import ChannelGroup
 from sparsify.graph.cost import MacsModel
-from sparsify.latency import LatencyModel
+from sparsify.measure.latency_model import LatencyModel
 from sparsify.policies.base import GroupView
 
 __all__ = ["allocate_by_latency", "structure_step"]

@@ -1,6 +1,6 @@
 """One-shot L1 filter pruning of a torchvision ResNet-18 with sparsify's channel graph.
 
-Run: python docs/examples/prune_resnet_l1.py [--fraction 0.5]
+Run: python examples/prune_resnet_l1.py [--fraction 0.5]
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from torch import nn
 from sparsify.errors import InexactPruneError, SparsifyError
 from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup, build_channel_graph
 from sparsify.graph.cost import module_macs, structure_costs
-from sparsify.policies import budgets
+from sparsify.policies.allocation import budgets
 from sparsify.prune.surgery import PruneReport, protect_members, prune_channels
 
 Importance = Literal["magnitude", "filter_norm", "activation", "wanda", "index"]

@@ -1,5 +1,5 @@
 """Give Hugging Face layers new widths before loading a pruned checkpoint (uninitialised tensors of the
-right shape; ``load_state_dict`` fills them). Shared by ``sparsify.hf`` and ``sparsify.hf_attention``."""
+right shape; ``load_state_dict`` fills them). Shared by ``sparsify.hf`` and ``sparsify.hf.attention``."""
 
 from __future__ import annotations
 

@@ -21,8 +21,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from sparsify.deploy_fusion import fuse_conv_activations, module_usage
-from sparsify.deploy_stem import space_to_depth_stems_
+from sparsify.deploy.fusion import fuse_conv_activations, module_usage
+from sparsify.deploy.stem import space_to_depth_stems_
 from sparsify.errors import SparsifyError, TraceError
 from sparsify.graph.trace import trace
 
@@ -107,7 +107,7 @@ def deploy(model: nn.Module, example_inputs: Any, *, fold_bn: bool = True, fuse_
 
     Eval mode; eval-mode BatchNorms folded into the preceding convs (``fold_bn``, see
     :func:`fold_batchnorm`); conv→ReLU/ReLU6 and conv→add→ReLU fused for eager CUDA inference into
-    cuDNN's one-kernel conv+bias(+add)+ReLU (``fuse_activations``, see :mod:`sparsify.deploy_fusion`;
+    cuDNN's one-kernel conv+bias(+add)+ReLU (``fuse_activations``, see :mod:`sparsify.deploy.fusion`;
     the returned module lists them in ``.sparsify_fusions``; skipped with ``compile``, where inductor
     fuses by itself); parameters cast to ``dtype`` if given; 4-d weights in channels_last memory format
     (``channels_last``: feed channels_last inputs too, or leave it to autocast); ``torch.compile``d if
@@ -119,7 +119,7 @@ def deploy(model: nn.Module, example_inputs: Any, *, fold_bn: bool = True, fuse_
     shares the parameters; with ``inplace=True`` the model itself is then folded but not fused.
 
     ``space_to_depth_stem``: stride-2 convs on at most 4 input channels (the stem) become
-    :class:`sparsify.deploy_stem.SpaceToDepthConv2d` (a stride-1 conv on the 2×2 space-to-depth input, aligned
+    :class:`sparsify.deploy.stem.SpaceToDepthConv2d` (a stride-1 conv on the 2×2 space-to-depth input, aligned
     channels; exact up to rounding) after folding — on an H100 this turns ResNet-50's 1.5 ms stem into a
     tensor-core conv; the stem's own activation is then not fused.
     """

@@ -6,7 +6,7 @@ gradual magnitude pruning (GMP) of its hidden units, pruned physically, and fine
 Bits per character on held-out text, parameters and CPU latency are printed at each stage; the
 pruned model computes exactly what the masked (soft) model did.
 
-Run: python docs/examples/lstm_language_model.py [--hidden 256 --sparsity 0.5 --steps 250]
+Run: python examples/lstm_language_model.py [--hidden 256 --sparsity 0.5 --steps 250]
 """
 
 from __future__ import annotations

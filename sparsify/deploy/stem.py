@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsify.deploy_fusion import cuda_autocast_dtype
 from sparsify.graph.trace import register_leaf_module
+from sparsify.measure.timing import cuda_autocast_dtype
 
 __all__ = ["SpaceToDepth", "SpaceToDepthConv2d", "space_to_depth_stems_"]
 

@@ -14,10 +14,8 @@ tend to win; on CPUs rounding rarely matters.
 
 from __future__ import annotations
 
-import contextlib
 import statistics
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -25,46 +23,12 @@ import torch
 from rich.table import Table
 from torch import nn
 
-__all__ = ["WidthTable", "autocast_context", "measure_latency", "suggest_round_to", "width_latency_table"]
+from sparsify.measure.timing import autocast_context, measure_latency
+
+__all__ = ["WidthTable", "suggest_round_to", "width_latency_table"]
 
 Op = Literal["conv1x1", "conv3x3", "linear"]
 _CANDIDATES = (1, 8, 16, 32, 64, 128)
-
-
-def autocast_context(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` to ``dtype`` on ``device`` (a null context when ``dtype`` is None)."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
-def measure_latency(fn: Callable[[], Any], *, iters: int = 50, warmup: int = 10,
-                    device: torch.device | str = "cpu") -> list[float]:
-    """Milliseconds per call of ``fn`` for ``iters`` calls after ``warmup`` calls.
-
-    On CUDA each call is timed with a pair of CUDA events (the GPU time between them, no host sync
-    inside the loop); elsewhere with ``time.perf_counter``. Take the median of the result.
-    """
-    if iters < 1 or warmup < 0:
-        raise ValueError(f"iters must be ≥ 1 and warmup ≥ 0, got iters={iters}, warmup={warmup}")
-    device = torch.device(device)
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(device)
-        return [start.elapsed_time(end) for start, end in events]
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 @dataclass

@@ -51,13 +51,13 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from sparsify import demo
+    from sparsify.cli import demo
 
     return demo.main(args)
 
 
 def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
-    from sparsify.demo import DATASETS, DEFAULT_EPOCHS
+    from sparsify.cli.demo import DATASETS, DEFAULT_EPOCHS
 
     demo = sub.add_parser("demo", help="train a small CNN with STR-BN on a real data set, prune it, report",
                           description="Train a small CNN with STR-BN (adapter bn_gamma, policy str), prune it "

@@ -1,0 +1,28 @@
+"""Hugging Face transformers: config sync, save/load of pruned models, head-dimension slots.
+
+``sparsify.hf.attention`` (the explicit-attention modules) imports transformers; this package face does not.
+"""
+
+from sparsify.hf.families import HEAD_DIMS as HEAD_DIMS
+from sparsify.hf.families import RECORD as RECORD
+from sparsify.hf.families import Family as Family
+from sparsify.hf.families import explicit_attention_ as explicit_attention_
+from sparsify.hf.families import from_pretrained as from_pretrained
+from sparsify.hf.families import head_dims as head_dims
+from sparsify.hf.families import layer_widths as layer_widths
+from sparsify.hf.families import register_family as register_family
+from sparsify.hf.families import save_pretrained as save_pretrained
+from sparsify.hf.families import sync_config as sync_config
+
+__all__ = [
+    "HEAD_DIMS",
+    "RECORD",
+    "Family",
+    "explicit_attention_",
+    "from_pretrained",
+    "head_dims",
+    "layer_widths",
+    "register_family",
+    "save_pretrained",
+    "sync_config",
+]

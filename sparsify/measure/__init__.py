@@ -1,0 +1,25 @@
+"""Measurement on the user's device: timing, which widths run fast, a per-layer latency model, GPU time by kernel."""
+
+from sparsify.measure.breakdown import kernel_kind as kernel_kind
+from sparsify.measure.breakdown import time_by_kind as time_by_kind
+from sparsify.measure.latency_model import LatencyModel as LatencyModel
+from sparsify.measure.latency_model import LayerSpec as LayerSpec
+from sparsify.measure.timing import autocast_context as autocast_context
+from sparsify.measure.timing import cuda_autocast_dtype as cuda_autocast_dtype
+from sparsify.measure.timing import measure_latency as measure_latency
+from sparsify.measure.widths import WidthTable as WidthTable
+from sparsify.measure.widths import suggest_round_to as suggest_round_to
+from sparsify.measure.widths import width_latency_table as width_latency_table
+
+__all__ = [
+    "LatencyModel",
+    "LayerSpec",
+    "WidthTable",
+    "autocast_context",
+    "cuda_autocast_dtype",
+    "kernel_kind",
+    "measure_latency",
+    "suggest_round_to",
+    "time_by_kind",
+    "width_latency_table",
+]

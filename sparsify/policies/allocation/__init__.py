@@ -1,0 +1,1 @@
+"""Helpers that policies use, not policies: budget maths, MACs and latency allocation, STR's controller."""
