@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify import GMPConfig, HeadsConfig, Sparsifier, STRConfig, build_channel_graph, prune_channels
-from sparsify.adapters.heads import ExplicitMultiheadAttention, HeadsAdapter, explicit_multihead_attention_
+from sparsify.adapters.heads import HeadsAdapter
 from sparsify.errors import InexactPruneError, PruneError
 from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup
+from sparsify.nn import ExplicitMultiheadAttention, explicit_multihead_attention_
 from sparsify.testing.oracle import check_exactness, random_plan, randomize_, soft_zero_
 
 transformers = pytest.importorskip("transformers")

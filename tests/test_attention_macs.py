@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify import GMPConfig, Sparsifier, build_channel_graph, prune_channels
-from sparsify.adapters.heads import ExplicitMultiheadAttention
 from sparsify.graph.channel_graph import ChannelGraph
 from sparsify.graph.cost import MacsModel, is_weight_key, module_macs, product_weight, structure_costs
 from sparsify.graph.trace import trace
 from sparsify.measure.latency_model import LatencyModel, LayerSpec
+from sparsify.nn import ExplicitMultiheadAttention
 from sparsify.testing.oracle import randomize_, soft_zero_
 
 E, HEADS, L = 32, 4, 10

@@ -10,9 +10,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-import sparsify.deploy.fusion as fusion
+import sparsify.nn.fused as fused
 from sparsify.deploy import deploy
-from sparsify.deploy.fusion import ConvAddReLU, ConvReLU, find_conv_activations, fuse_conv_activations
+from sparsify.deploy.fusion import find_conv_activations, fuse_conv_activations
+from sparsify.nn import ConvAddReLU, ConvReLU
 from sparsify.testing.oracle import randomize_
 
 
@@ -153,8 +154,8 @@ class _FakeCudnn:
 
 
 def _fake_cuda(monkeypatch: pytest.MonkeyPatch, fake: _FakeCudnn) -> None:
-    assert not fusion._on_cudnn(torch.zeros(1))  # the real check: a CPU tensor never takes the cuDNN path
-    monkeypatch.setattr(fusion, "_on_cudnn", lambda x: True)
+    assert not fused._on_cudnn(torch.zeros(1))  # the real check: a CPU tensor never takes the cuDNN path
+    monkeypatch.setattr(fused, "_on_cudnn", lambda x: True)
     monkeypatch.setattr(torch, "cudnn_convolution_relu", fake.conv_relu)
     monkeypatch.setattr(torch, "cudnn_convolution_add_relu", fake.conv_add_relu)
 
@@ -182,7 +183,7 @@ def test_fused_path_arguments(tv: ModuleType, name: str, monkeypatch: pytest.Mon
 def test_fused_path_under_autocast_casts_and_keeps_dtype_promotion(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = _FakeCudnn(torch.bfloat16)
     _fake_cuda(monkeypatch, fake)
-    monkeypatch.setattr(fusion, "cuda_autocast_dtype", lambda: torch.bfloat16)
+    monkeypatch.setattr(fused, "cuda_autocast_dtype", lambda: torch.bfloat16)
     conv = nn.Conv2d(4, 4, 3, padding=1).requires_grad_(False)
     x = torch.randn(2, 4, 6, 6)
     assert ConvReLU(conv)(x).dtype == torch.bfloat16 and fake.relu == 1
@@ -201,7 +202,7 @@ def test_cudnn_failure_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPatch
     def refuse(*args: object) -> torch.Tensor:
         raise RuntimeError("CUDNN_STATUS_NOT_SUPPORTED")
 
-    monkeypatch.setattr(fusion, "_on_cudnn", lambda x: True)
+    monkeypatch.setattr(fused, "_on_cudnn", lambda x: True)
     monkeypatch.setattr(torch, "cudnn_convolution_relu", refuse)
     conv = nn.Conv2d(3, 4, 3).requires_grad_(False)
     module, x = ConvReLU(conv, 6.0), torch.randn(1, 3, 5, 5) * 10

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from sparsify._compat import import_torchvision
-from sparsify.deploy.stem import SpaceToDepth, SpaceToDepthConv2d, space_to_depth_stems_
+from sparsify.deploy.stem import space_to_depth_stems_
+from sparsify.nn import SpaceToDepth, SpaceToDepthConv2d
 
 
 @pytest.mark.parametrize(("cin", "k", "p", "size", "bias"), [

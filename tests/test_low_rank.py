@@ -11,16 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from sparsify.adapters.low_rank import (
-    LowRankAdapter,
-    LowRankConfig,
-    LowRankConv2d,
-    LowRankLinear,
-    factorize_,
-    factorize_conv2d,
-    factorize_linear,
-)
+from sparsify.adapters.low_rank import LowRankAdapter, LowRankConfig
 from sparsify.graph.channel_graph import build_channel_graph
+from sparsify.nn import LowRankConv2d, LowRankLinear, factorize_, factorize_conv2d, factorize_linear
 from sparsify.prune.surgery import prune_channels
 from sparsify.testing.oracle import check_exactness
 

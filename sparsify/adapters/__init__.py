@@ -14,10 +14,9 @@ from sparsify.adapters.base import (
 from sparsify.adapters.bn_gamma import BNGammaConfig
 from sparsify.adapters.filter_norm import FilterNormConfig
 from sparsify.adapters.heads import HeadsConfig
-from sparsify.adapters.low_rank import LowRankConfig, LowRankLinear, factorize_, factorize_linear
+from sparsify.adapters.low_rank import LowRankConfig
 from sparsify.adapters.rnn_units import RNNUnitsConfig
 
 __all__ = ["ADAPTERS", "ActivationConfig", "Adapter", "AdapterConfig", "BNGammaConfig", "FilterNormConfig",
            "HeadsConfig", "ImportanceVector",
-           "LowRankConfig", "LowRankLinear", "RNNUnitsConfig", "factorize_", "factorize_linear", "list_adapters",
-           "make_adapter", "register_adapter"]
+           "LowRankConfig", "RNNUnitsConfig", "list_adapters", "make_adapter", "register_adapter"]

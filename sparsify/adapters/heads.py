@@ -13,7 +13,7 @@ With ``head_dim=True`` it also covers head_dim slot groups (``kind="head_dim"``:
 see ``sparsify/graph/rules/head_dim.py``), with the same norm and transform.
 
 ``nn.MultiheadAttention`` is a leaf that ties its inner width to ``embed_dim`` (so its heads cannot
-shrink); :func:`explicit_multihead_attention_` swaps it for an equivalent explicit module first.
+shrink); :func:`sparsify.nn.explicit_multihead_attention_` swaps it for an equivalent explicit module first.
 """
 
 from __future__ import annotations
@@ -21,15 +21,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
 from sparsify.adapters.base import AdapterConfig, ImportanceVector, register_adapter
 from sparsify.adapters.filter_norm import FilterNormAdapter, structure_norms
-from sparsify.errors import SparsifyError
 from sparsify.graph.channel_graph import ChannelGraph
-from sparsify.prune.attributes import register_attribute_sync
 
 HEAD_KINDS = ("head", "kv_group")
 
@@ -77,69 +73,3 @@ class HeadsAdapter(FilterNormAdapter):
 
 
 register_adapter("heads", HeadsConfig, HeadsAdapter)
-
-
-# ----- nn.MultiheadAttention → explicit attention ---------------------------------------------------
-class ExplicitMultiheadAttention(nn.Module):
-    """What ``nn.MultiheadAttention`` computes, written with nn.Linear q/k/v/out projections,
-    ``view(b, s, -1, head_dim)`` and ``F.scaled_dot_product_attention``, so that torch.fx traces
-    into it and its heads are prunable (``nn.MultiheadAttention`` is a leaf whose inner width must
-    equal ``embed_dim``). Made by :func:`explicit_multihead_attention_`; same call signature, but the
-    attention weights are not returned (the second output is None)."""
-
-    def __init__(self, mha: nn.MultiheadAttention) -> None:
-        super().__init__()
-        if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
-            raise SparsifyError("only nn.MultiheadAttention with kdim == vdim == embed_dim, no add_bias_kv and no "
-                                "add_zero_attn can be swapped for an explicit attention module")
-        e, factory = mha.embed_dim, {"device": mha.in_proj_weight.device, "dtype": mha.in_proj_weight.dtype}
-        bias = mha.in_proj_bias is not None
-        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(e, e, bias=bias, **factory) for _ in range(3))
-        self.out_proj = nn.Linear(e, e, bias=mha.out_proj.bias is not None, **factory)
-        with torch.no_grad():
-            for i, proj in enumerate((self.q_proj, self.k_proj, self.v_proj)):
-                proj.weight.copy_(mha.in_proj_weight[i * e:(i + 1) * e])
-                if bias:
-                    proj.bias.copy_(mha.in_proj_bias[i * e:(i + 1) * e])
-            self.out_proj.weight.copy_(mha.out_proj.weight)
-            if mha.out_proj.bias is not None:
-                self.out_proj.bias.copy_(mha.out_proj.bias)
-        self.embed_dim, self.num_heads, self.head_dim = e, mha.num_heads, mha.head_dim
-        self.dropout, self.batch_first = mha.dropout, mha.batch_first
-        self.train(mha.training)
-
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
-                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[torch.Tensor, None]:
-        if not self.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        b, n, s = query.shape[0], query.shape[1], key.shape[1]
-        q = self.q_proj(query).view(b, n, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(key).view(b, s, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(value).view(b, s, -1, self.head_dim).transpose(1, 2)
-        mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
-                                 target_type=q.dtype, check_other=False)
-        if key_padding_mask is not None:
-            padding = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask", other_type=None,
-                                        other_name="", target_type=q.dtype, check_other=False).view(b, 1, 1, s)
-            mask = padding if mask is None else mask + padding
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=is_causal and mask is None)
-        y = self.out_proj(y.transpose(1, 2).reshape(b, n, -1))
-        return (y if self.batch_first else y.transpose(0, 1)), None
-
-
-@register_attribute_sync(ExplicitMultiheadAttention)
-def _explicit_mha(m: ExplicitMultiheadAttention, old: dict) -> None:
-    m.num_heads = m.q_proj.out_features // m.head_dim
-
-
-def explicit_multihead_attention_(model: nn.Module) -> nn.Module:
-    """Replace every ``nn.MultiheadAttention`` in ``model`` (in place) by an equivalent
-    :class:`ExplicitMultiheadAttention`, whose heads the ``heads`` adapter can prune. Returns ``model``."""
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if type(child) is nn.MultiheadAttention:
-                setattr(module, child_name, ExplicitMultiheadAttention(child))
-    return model
