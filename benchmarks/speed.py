@@ -59,13 +59,13 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from sparsify import FilterNormConfig, GMPConfig, Sparsifier  # noqa: E402
-from sparsify.adapters.heads import ExplicitMultiheadAttention, explicit_multihead_attention_  # noqa: E402
 from sparsify.deploy import deploy  # noqa: E402
 from sparsify.graph.cost import is_weight_key, module_macs, product_weight  # noqa: E402
 from sparsify.graph.trace import trace  # noqa: E402
 from sparsify.measure import autocast_context, measure_latency, width_latency_table  # noqa: E402
 from sparsify.measure.breakdown import time_by_kind  # noqa: E402
 from sparsify.measure.latency_model import LatencyModel  # noqa: E402
+from sparsify.nn import ExplicitMultiheadAttention, explicit_multihead_attention_  # noqa: E402
 
 DEFAULT_RATIOS = {"resnet50": [2.0, 4.0], "mobilenet_v2": [2.0, 4.0], "resnet18": [2.0], "vit_b_16": [1.5]}
 
