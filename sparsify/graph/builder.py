@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from sparsify._utils import get_tensor
 from sparsify.graph.trace import TensorInfo, TracedModel
 
 Space = tuple[str, int]
@@ -307,10 +308,8 @@ class OpContext:
 
 
 def _lookup_tensor(model: nn.Module, qualified: str) -> torch.Tensor | None:
-    module_name, _, attr = qualified.rpartition(".")
     try:
-        module = model.get_submodule(module_name) if module_name else model
-    except AttributeError:
+        t = get_tensor(model, qualified)
+    except AttributeError:  # no such submodule or attribute
         return None
-    t = getattr(module, attr, None)
     return t if isinstance(t, torch.Tensor) else None

@@ -12,6 +12,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from sparsify._utils import get_tensor
 from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup
 from sparsify.graph.trace import TensorInfo, TracedModel
 
@@ -250,9 +251,7 @@ def structure_costs(cg: ChannelGraph, group: ChannelGroup, macs: dict[str, int] 
     flops = np.zeros(group.width)
     model = cg.model
     for m in group.members:
-        module_name, _, attr = m.tensor.rpartition(".")
-        module = model.get_submodule(module_name) if module_name else model
-        t = getattr(module, attr)
+        t = get_tensor(model, m.tensor)
         counts = np.bincount(m.structure_of, minlength=group.width)
         if isinstance(t, nn.Parameter):
             params += counts * (t.numel() // t.shape[m.dim])

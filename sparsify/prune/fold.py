@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sparsify._utils import owner_of
 from sparsify.graph.builder import Space
 from sparsify.graph.channel_graph import ChannelGraph, Member
 from sparsify.prune.capture import capture_channels
@@ -97,8 +98,8 @@ def _call_sites(cg: ChannelGraph, member: Member) -> list[Space]:
 
 def _fold_into(model: nn.Module, member: Member, idx: torch.Tensor, k: torch.Tensor) -> BiasFold | None:
     module = model.get_submodule(member.module)
-    owner, _, attr = member.tensor.rpartition(".")
-    tied = getattr(model.get_submodule(owner), attr, None) is getattr(module, "weight", False)
+    owner, attr = owner_of(model, member.tensor)
+    tied = getattr(owner, attr, None) is getattr(module, "weight", False)
     if member.tensor != (f"{member.module}.weight" if member.module else "weight") and not tied:
         return None  # not this module's weight (``tied``: its weight, registered first under another name)
     w = module.weight.detach()

@@ -10,9 +10,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from sparsify._utils import get_tensor
 from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup, build_channel_graph
 from sparsify.graph.trace import as_args
-from sparsify.prune.surgery import PruneReport, protect_members, prune_channels
+from sparsify.prune.select import protect_members
+from sparsify.prune.surgery import PruneReport, prune_channels
 
 PRODUCING_ROLES = ("out", "scale", "value")
 
@@ -27,8 +29,7 @@ def soft_zero_(model: nn.Module, groups: Sequence[ChannelGroup], plan: Mapping[i
         for gid, structures in plan.items():
             for m in by_id[gid].members:
                 if m.role in roles:
-                    module_name, _, attr = m.tensor.rpartition(".")
-                    t = getattr(model.get_submodule(module_name) if module_name else model, attr)
+                    t = get_tensor(model, m.tensor)
                     idx = torch.as_tensor(m.indices(structures), device=t.device)
                     t.index_fill_(m.dim, idx, 0.0)
 
