@@ -30,3 +30,18 @@ def test_demo_quick(tmp_path: Path) -> None:
     assert {w["group"] for w in results["widths"]}
     assert all(0 < w["after"] <= w["before"] for w in results["widths"])
     assert results["data"]["name"] == "digits"
+
+
+def test_demo_macs_are_the_graph_cost_of_the_demo_net(tmp_path: Path) -> None:
+    """The MACs the demo reports are sparsify.graph.cost's count of the unpruned DemoNet (one image)."""
+    import torch
+
+    from sparsify.cli.demo.model import build_model
+    from sparsify.graph.cost import module_macs
+    from sparsify.graph.trace import trace
+
+    assert main(["demo", "--quick", "--no-baseline", "--out", tmp_path]) == 0
+    results = json.loads((tmp_path / "demo.json").read_text())
+    model = build_model(results["data"]["image_shape"], results["data"]["classes"], "residual")
+    macs = sum(module_macs(trace(model, torch.randn(1, *results["data"]["image_shape"]))).values())
+    assert results["prune"]["macs_before"] == macs == 2_116_224

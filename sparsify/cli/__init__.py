@@ -1,63 +1,51 @@
-"""Command line: ``sparsify inspect MODEL`` prints a model's channel groups; ``sparsify demo`` trains a
-small CNN with STR-BN on a real data set, prunes it and reports accuracy, params, MACs and latency."""
+"""Command line of sparsify.
+
+``sparsify inspect MODEL`` prints a model's channel groups: their widths, members and whether (or why not)
+they can be pruned. MODEL is a built-in test model, a torchvision model name (``resnet18``),
+``hf:<model_type>`` for a small random Hugging Face model of that type (``hf:llama``, ``hf:gpt2``; needs
+transformers), or ``package.module:function`` returning ``(model, example_input)`` (any other model, e.g. a
+pretrained Hugging Face checkpoint).
+
+``sparsify demo`` trains a small CNN with STR-BN on a real data set, prunes it and reports accuracy,
+params, MACs and latency.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
-import sys
 from collections.abc import Sequence
 
-import torch
-from torch import nn
-
-
-def load_model(spec: str) -> tuple[nn.Module, torch.Tensor]:
-    """Build a model from ``spec``: a built-in test model, a torchvision model name, or
-    ``package.module:function`` returning ``(model, example_input)``."""
-    if ":" in spec:
-        module_name, _, fn_name = spec.partition(":")
-        result = getattr(importlib.import_module(module_name), fn_name)()
-        if not (isinstance(result, tuple) and len(result) == 2):
-            raise SystemExit(f"{spec} must return (model, example_input)")
-        return result
-    from sparsify.testing import models as builtin
-
-    builtins = getattr(builtin, "MODELS", {})
-    if spec in builtins:
-        return builtins[spec]()
-    from sparsify._compat import import_torchvision
-
-    tv = import_torchvision()
-    if spec not in tv.models.list_models(module=tv.models):
-        raise SystemExit(
-            f"unknown model {spec!r}: not a built-in ({', '.join(sorted(builtins))}) nor a "
-            "torchvision classification model; or pass package.module:function")
-    size = 299 if spec == "inception_v3" else 224
-    return tv.models.get_model(spec).eval(), torch.randn(1, 3, size, size)
+__all__ = ["main"]
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from sparsify.graph.channel_graph import build_channel_graph
-    from sparsify.graph.report import print_groups
+    from sparsify.cli.inspect import run
 
-    model, example = load_model(args.model)
-    if args.input_shape:
-        example = torch.randn(*[int(s) for s in args.input_shape.split(",")])
-    cg = build_channel_graph(model, example)
-    print_groups(cg, show_all=not args.prunable_only)
-    return 0
+    return run(args)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from sparsify.cli import demo
+    from sparsify.cli.demo import main as demo_main
 
-    return demo.main(args)
+    return demo_main(args)
+
+
+def _add_inspect_parser(sub: argparse._SubParsersAction) -> None:
+    inspect = sub.add_parser("inspect", help="print the channel groups of a model",
+                             description="Print the channel groups of a model: width, members, and whether (or "
+                                         "why not) each can be pruned.")
+    inspect.add_argument("model", help="a built-in test model or torchvision model name (resnet18); hf:<model_type> "
+                                       "for a small random Hugging Face model (hf:llama, hf:gpt2; needs "
+                                       "transformers); or package.module:function returning (model, example_input)")
+    inspect.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224 (hf: models: token ids, "
+                                               "e.g. 1,16)")
+    inspect.add_argument("--prunable-only", action="store_true", help="hide groups that cannot be pruned")
+    inspect.set_defaults(run=_inspect)
 
 
 def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
-    from sparsify.cli.demo import DATASETS, DEFAULT_EPOCHS
+    from sparsify.cli.demo.config import DATASETS, DEFAULT_EPOCHS
 
     demo = sub.add_parser("demo", help="train a small CNN with STR-BN on a real data set, prune it, report",
                           description="Train a small CNN with STR-BN (adapter bn_gamma, policy str), prune it "
@@ -65,8 +53,8 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
                                       "write demo.json and widths.png to --out.")
     demo.add_argument("--data", choices=DATASETS, default="digits",
                       help="digits: scikit-learn's bundled 8×8 digits (default, no download); cifar10: the "
-                           "JPEG .npz (needs --data-path); fashion-mnist: IDX files (Debian dataset-fashion-mnist)")
-    demo.add_argument("--data-path", help="cifar10_jpeg.npz, or the folder of the Fashion-MNIST IDX .gz files")
+                           "JPEG .npz (needs --data-path); fashion-mnist: the IDX files (needs --data-path)")
+    demo.add_argument("--data-path", help="cifar10_jpeg.npz, or the folder of the Fashion-MNIST IDX (.gz) files")
     demo.add_argument("--epochs", type=int,
                       help="training epochs (default: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_EPOCHS.items())
                            + ")")
@@ -82,19 +70,17 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     demo.set_defaults(run=_demo)
 
 
-def main(argv: Sequence[str | os.PathLike[str]] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sparsify", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    inspect = sub.add_parser("inspect", help="print the channel groups of a model")
-    inspect.add_argument("model", nargs="?", default="resnet18",
-                         help="built-in or torchvision model name, or package.module:function")
-    inspect.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224")
-    inspect.add_argument("--prunable-only", action="store_true", help="hide groups that cannot be pruned")
-    inspect.set_defaults(run=_inspect)
+def parser() -> argparse.ArgumentParser:
+    """The ``sparsify`` argument parser (subcommands ``inspect`` and ``demo``)."""
+    p = argparse.ArgumentParser(prog="sparsify", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_inspect_parser(sub)
     _add_demo_parser(sub)
-    args = parser.parse_args(None if argv is None else [str(a) for a in argv])  # accept os.PathLike
+    return p
+
+
+def main(argv: Sequence[str | os.PathLike[str]] | None = None) -> int:
+    """Run ``sparsify`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    args = parser().parse_args(None if argv is None else [str(a) for a in argv])  # accept os.PathLike
     return args.run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,7 @@
+"""``python -m sparsify.cli``: the ``sparsify`` command."""
+
+import sys
+
+from sparsify.cli import main
+
+sys.exit(main())
