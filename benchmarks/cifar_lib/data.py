@@ -7,31 +7,16 @@ archive's copy (``--cache``) so later runs skip decoding.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from sparsify.cli.demo.data import decode_jpegs, subset
+
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
-
-
-def _subset(n: int, limit: int | None) -> np.ndarray:
-    """All indices, or ``limit`` of them drawn at random (the archive is sorted by class)."""
-    if limit is None or limit >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(0).permutation(n)[:limit])
-
-
-def _decode(jpeg: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> np.ndarray:
-    from PIL import Image
-
-    out = np.empty((len(index), 32, 32, 3), dtype=np.uint8)
-    for j, i in enumerate(index):
-        out[j] = np.asarray(Image.open(io.BytesIO(jpeg[offsets[i]:offsets[i + 1]].tobytes())).convert("RGB"))
-    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 
 def load_cifar10(path: str | Path, limit: int | None = None, cache: str | Path | None = None
@@ -47,8 +32,8 @@ def load_cifar10(path: str | Path, limit: int | None = None, cache: str | Path |
     with np.load(path, allow_pickle=False) as z:
         out = {}
         for split in ("train", "test"):
-            index = _subset(len(z[f"{split}_labels"]), limit)
-            out[f"{split}_x"] = _decode(z[f"{split}_jpeg"], z[f"{split}_offsets"], index)
+            index = subset(len(z[f"{split}_labels"]), limit)  # all, or `limit` at random (sorted by class)
+            out[f"{split}_x"] = np.ascontiguousarray(decode_jpegs(z[f"{split}_jpeg"], z[f"{split}_offsets"], index))
             out[f"{split}_y"] = z[f"{split}_labels"][index].astype(np.int64)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
