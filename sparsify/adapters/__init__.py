@@ -16,7 +16,8 @@ from sparsify.adapters.filter_norm import FilterNormConfig
 from sparsify.adapters.heads import HeadsConfig
 from sparsify.adapters.low_rank import LowRankConfig
 from sparsify.adapters.rnn_units import RNNUnitsConfig
+from sparsify.adapters.torch_pruning import TorchPruningConfig
 
 __all__ = ["ADAPTERS", "ActivationConfig", "Adapter", "AdapterConfig", "BNGammaConfig", "FilterNormConfig",
            "HeadsConfig", "ImportanceVector",
-           "LowRankConfig", "RNNUnitsConfig", "list_adapters", "make_adapter", "register_adapter"]
+           "LowRankConfig", "RNNUnitsConfig", "TorchPruningConfig", "list_adapters", "make_adapter", "register_adapter"]
