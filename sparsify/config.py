@@ -22,7 +22,7 @@ def _resolve(value: Any, registry: Any, base: type[BaseModel], what: str) -> Any
         if "kind" not in value:
             raise ValueError(f"{what} config needs a 'kind' (one of {registry.list()})")
         try:
-            config_cls, _ = registry.get(value["kind"])
+            config_cls = registry.config_class(value["kind"])
         except KeyError as exc:
             raise ValueError(str(exc).strip('"')) from None
         return config_cls.model_validate(value)
@@ -43,8 +43,10 @@ class SparsifierConfig(BaseModel):
     round_to: int | None = Field(
         None, ge=1, strict=True,
         description="prune() keeps every pruned layer at a multiple of this many channels (or its full width) by "
-                    "keeping back the strongest removed structures, e.g. 8 or 64 for GPU tensor cores; "
-                    "sparsify.measure.width_latency_table suggests a value. None: no rounding")
+                    "keeping back the strongest removed structures, e.g. 8 or 64 for GPU tensor cores; the gmp "
+                    "policy's masks keep such widths while training (its budget still removes at least `sparsity`), "
+                    "and it is the step of gmp's latency budget. sparsify.measure.width_latency_table suggests a "
+                    "value. None: no rounding")
 
     @field_validator("adapter", mode="before")
     @classmethod

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,10 +21,13 @@ from sparsify.errors import PruneError, SparsifyError
 from sparsify.graph.channel_graph import ChannelGraph, build_channel_graph
 from sparsify.graph.cost import MacsModel, count_params, module_macs, structure_costs
 from sparsify.graph.trace import trace
+from sparsify.measure.latency_model import LatencyModel
 from sparsify.policies import PolicyConfig, make_policy
-from sparsify.policies.base import Connectivity, GroupView
-from sparsify.prune.rounding import round_plan
+from sparsify.policies.base import GroupView, PolicyContext, producer_shape
+from sparsify.prune.select import removal_plan
 from sparsify.prune.surgery import PruneReport, prune_channels
+
+_DEFAULT_ADAPTER, _DEFAULT_POLICY = "bn_gamma", "str"
 
 
 @dataclass
@@ -71,6 +75,11 @@ class PruneResult:
     widths: dict[str, tuple[int, int]]
     kept_to_stay_connected: list[str] = field(default_factory=list)
 
+    def __repr__(self) -> str:
+        changed = sum(before != after for before, after in self.widths.values())
+        return (f"PruneResult({type(self.model).__name__}: params {self.params_before:,} → {self.params_after:,}, "
+                f"MACs {self.macs_before:,} → {self.macs_after:,}, {changed} of {len(self.widths)} groups narrower)")
+
     def table(self) -> Table:
         t = Table(title="pruned")
         for col in ("", "before", "after", "ratio"):
@@ -92,12 +101,19 @@ class Sparsifier:
         >>> result = sp.prune(optimizer=opt)                     # physically smaller, same function
 
     Create the optimizer after the Sparsifier (learned thresholds are model parameters), or add
-    ``sp.parameters()`` to it.
+    ``sp.parameters()`` to it. Give either ``adapter``/``policy`` or a whole ``config``, not both.
+    ``latency_model`` (a :class:`sparsify.measure.LatencyModel`, or a function of the Sparsifier's
+    channel graph that builds one) is what ``GMPConfig(budget="latency")`` allocates by.
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any,
-                 adapter: str | dict | AdapterConfig = "bn_gamma", policy: str | dict | PolicyConfig = "str",
-                 *, config: SparsifierConfig | None = None) -> None:
+                 adapter: str | dict | AdapterConfig = _DEFAULT_ADAPTER,
+                 policy: str | dict | PolicyConfig = _DEFAULT_POLICY, *, config: SparsifierConfig | None = None,
+                 latency_model: LatencyModel | Callable[[ChannelGraph], LatencyModel] | None = None) -> None:
+        if config is not None and (adapter != _DEFAULT_ADAPTER or policy != _DEFAULT_POLICY):
+            raise SparsifyError("Sparsifier got both config= and adapter=/policy=; the config already names the "
+                                "adapter and the policy: pass SparsifierConfig(adapter=..., policy=..., ...) alone, "
+                                "or adapter=/policy= without config=")
         self.config = config or SparsifierConfig(adapter=adapter, policy=policy)
         if isinstance(model, nn.parallel.DistributedDataParallel):  # its reducer would miss the new parameters
             raise SparsifyError("create the Sparsifier on the plain model, then wrap that model in "
@@ -115,9 +131,15 @@ class Sparsifier:
                 "Try adapter='filter_norm', or check `sparsify inspect` for barriers.")
         self.groups = self._group_views(vectors)
         self.macs_model = MacsModel(self.graph, self._macs)
+        if latency_model is not None and not isinstance(latency_model, LatencyModel):
+            latency_model = latency_model(self.graph)
+            if not isinstance(latency_model, LatencyModel):
+                raise SparsifyError(f"latency_model must be a sparsify.measure.LatencyModel or a function of the "
+                                    f"channel graph returning one; the function returned "
+                                    f"{type(latency_model).__name__}")
         self.policy = make_policy(self.config.policy)
-        self.policy.cost_model = self.macs_model
-        self.policy.attach(self.groups)
+        self.policy.attach(self.groups, PolicyContext(cost_model=self.macs_model, latency_model=latency_model,
+                                                      round_to=self.config.round_to))
         self.step_count = 0
         self.pruned = False
 
@@ -147,7 +169,7 @@ class Sparsifier:
         adapter support it (STR on bn_gamma). Same values and gradients, far fewer kernels. Enter it
         inside the forward that is differentiated (inside a CUDA-graphed callable, not around it)."""
         with parametrize.cached():
-            if batched and hasattr(self.policy, "batched_effective") and not self.pruned:
+            if batched and not self.pruned:
                 self._prefill_parametrizations()
             yield
 
@@ -172,10 +194,9 @@ class Sparsifier:
         zeros = self.zero_structures()
         rows = []
         for g in self.groups:
-            z = zeros[g.vectors[0].group.id]
+            z = zeros[g.id]
             rows.append(GroupStatus(g.name, g.width, len(z), float(g.params[z].sum()), float(g.macs[z].sum())))
-        thresholds = self.policy.thresholds() if hasattr(self.policy, "thresholds") else {}
-        return SparsityReport(rows, count_params(self.model), sum(self._macs.values()), thresholds)
+        return SparsityReport(rows, count_params(self.model), sum(self._macs.values()), self.policy.thresholds())
 
     # ----- the end ---------------------------------------------------------------------------
     def prune(self, optimizer: torch.optim.Optimizer | None = None) -> PruneResult:
@@ -187,12 +208,9 @@ class Sparsifier:
         """
         self._check_live()
         self.policy.finalize()
-        keep, kept = Connectivity(self.groups).apply(self.policy.keep_vectors(), GroupView.magnitude)
-        plan = {gid: np.flatnonzero(~k) for gid, k in keep.items()}
-        round_to = self.config.round_to or getattr(self.config.policy, "round_to", None)
-        if round_to:  # keep back the strongest removed structures: widths become multiples of round_to
-            plan = round_plan(self.graph, plan, round_to, {g.vectors[0].group.id: g.magnitude() for g in self.groups})
-        plan = {gid: s for gid, s in plan.items() if len(s)}
+        by_id = {g.id: g for g in self.groups}
+        plan, kept = removal_plan(self.graph, self.policy.keep_vectors(),
+                                  functools.cache(lambda gid: by_id[gid].magnitude()), round_to=self.config.round_to)
         policy_params = sum(p.numel() for p in self.parameters())
         params_before, macs_before = count_params(self.model) - policy_params, sum(self._macs.values())
         baked: list[Baked] = []
@@ -249,9 +267,5 @@ class Sparsifier:
         for gid, vs in by_group.items():
             group = self.graph.group(gid)
             params, macs = structure_costs(self.graph, group, self._macs)
-            producer = next((m for m in group.members if m.role in ("out", "value")), group.members[0])
-            module_name, _, attr = producer.tensor.rpartition(".")
-            shape = tuple(getattr(self.model.get_submodule(module_name) if module_name else self.model,
-                                  attr).shape)
-            views.append(GroupView(group.name, group.width, vs, params, macs, shape))
+            views.append(GroupView(group.name, group.width, vs, params, macs, producer_shape(self.graph, group)))
         return views

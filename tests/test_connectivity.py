@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from sparsify import Sparsifier
-from sparsify.policies.base import Connectivity, GroupView
-from sparsify.prune.surgery import protect_members
+from sparsify.graph.channel_graph import ChannelGroup
+from sparsify.prune.select import Connectivity, protect_members
 
 
 class Net(nn.Module):
@@ -29,14 +29,14 @@ class Net(nn.Module):
         return self.head(y.mean((2, 3)))
 
 
-def _plain(groups: list[GroupView], keep: dict[int, np.ndarray], magnitude) -> dict[int, np.ndarray]:
+def _plain(groups: list[ChannelGroup], keep: dict[int, np.ndarray], magnitude) -> dict[int, np.ndarray]:
     out = {}
     for g in groups:
-        gid = g.vectors[0].group.id
+        gid = g.id
         k = keep[gid].copy()
         if not k.any():
-            k[int(np.argmax(magnitude(g)))] = True
-        removed, _ = protect_members(g.vectors[0].group, np.flatnonzero(~k), magnitude(g))
+            k[int(np.argmax(magnitude(gid)))] = True
+        removed, _ = protect_members(g, np.flatnonzero(~k), magnitude(gid))
         k[:] = True
         k[removed] = False
         out[gid] = k
@@ -46,16 +46,16 @@ def _plain(groups: list[GroupView], keep: dict[int, np.ndarray], magnitude) -> d
 def test_vectorised_rule_equals_the_plain_one() -> None:
     torch.manual_seed(0)
     sp = Sparsifier(Net(), torch.randn(2, 3, 8, 8), "bn_gamma", "gmp")
-    groups = sp.groups
+    groups = [g.group for g in sp.groups]
     rng = np.random.default_rng(0)
-    magnitudes = {id(g): rng.random(g.width) for g in groups}
+    magnitudes = {g.id: rng.random(g.width) for g in groups}
     rule = Connectivity(groups)
     changed_somewhere = 0
     for trial in range(200):
         p = [0.0, 0.5, 0.9, 1.0][trial % 4]
-        keep = {g.vectors[0].group.id: rng.random(g.width) >= p for g in groups}
-        got, changed = rule.apply(keep, lambda g: magnitudes[id(g)])
-        want = _plain(groups, keep, lambda g: magnitudes[id(g)])
+        keep = {g.id: rng.random(g.width) >= p for g in groups}
+        got, changed = rule.apply(keep, magnitudes.__getitem__)
+        want = _plain(groups, keep, magnitudes.__getitem__)
         assert all(np.array_equal(got[k], want[k]) for k in want)
         assert all(got[k].any() for k in got)
         changed_somewhere += bool(changed)

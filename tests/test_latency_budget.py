@@ -10,7 +10,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from sparsify import FilterNormConfig, GMPConfig, Sparsifier
+from sparsify import FilterNormConfig, GMPConfig, Sparsifier, SparsifierConfig
 from sparsify.errors import SparsifyError
 from sparsify.graph.channel_graph import build_channel_graph
 from sparsify.graph.cost import module_macs
@@ -63,10 +63,14 @@ def expensive_hi_res(spec: LayerSpec, in_w: int, out_w: int) -> float:
     return 0.01 + per_mac * spec.macs_at(in_w, out_w) * 1e-6
 
 
+def synthetic_latency(graph: object) -> LatencyModel:
+    return LatencyModel(graph, step=STEP, latency_fn=expensive_hi_res)
+
+
 def sparsifier(model: nn.Module, x: torch.Tensor, fraction: float, budget: str = "latency", **kw) -> Sparsifier:
-    return Sparsifier(model, x, FilterNormConfig(p=2),
-                      GMPConfig(sparsity=fraction, unit="macs", budget=budget, start_step=0, end_step=1,
-                                update_every=1, round_to=STEP, **kw))
+    policy = GMPConfig(sparsity=fraction, unit="macs", budget=budget, start_step=0, end_step=1, update_every=1, **kw)
+    return Sparsifier(model, x, config=SparsifierConfig(adapter=FilterNormConfig(p=2), policy=policy, round_to=STEP),
+                      latency_model=synthetic_latency if budget == "latency" else None)
 
 
 def keep_of(sp: Sparsifier, keeps: list[np.ndarray]) -> dict[int, np.ndarray]:
@@ -127,10 +131,14 @@ def test_importance_weight_trades_time_for_magnitude() -> None:
 def test_gmp_budget_latency_prunes_exactly_to_the_target_and_widths() -> None:
     model, x = make()
     before = copy.deepcopy(model)
+    config = SparsifierConfig(adapter="filter_norm", policy=GMPConfig(unit="macs", budget="latency"))
+    with pytest.raises(SparsifyError, match=r"latency_model=lambda graph"):
+        Sparsifier(copy.deepcopy(model), x, config=config)  # no latency model: refused at once
+    with pytest.raises(SparsifyError, match="returned dict"):
+        Sparsifier(copy.deepcopy(model), x, config=config, latency_model=lambda graph: {})
     sp = sparsifier(model, x, 0.4)
-    with pytest.raises(SparsifyError, match="latency_model"):
-        sp.step()  # no latency model set
-    sp.policy.latency_model = LatencyModel(sp.graph, step=STEP, latency_fn=expensive_hi_res)
+    assert isinstance(sp.policy.context.latency_model, LatencyModel)  # built by the Sparsifier on its graph
+    assert sp.policy.context.cost_model is sp.macs_model and sp.policy.context.round_to == STEP
     sp.step()
     keep = sp.policy.keep_vectors()
     planned = sp.macs_model.after(keep)
@@ -149,7 +157,6 @@ def test_latency_plan_is_exact_oracle() -> None:
     model, x = make(torch.float64)
     reference_model = copy.deepcopy(model)
     sp = sparsifier(model, x, 0.5)
-    sp.policy.latency_model = LatencyModel(sp.graph, step=STEP, latency_fn=expensive_hi_res)
     sp.step()
     plan = {gid: np.flatnonzero(~k) for gid, k in sp.policy.keep_vectors().items() if (~k).any()}
     assert len(plan) >= 2
@@ -303,7 +310,6 @@ def test_max_group_sparsity_caps_every_group(cap: float) -> None:
 def test_gmp_max_group_sparsity_reaches_the_budget_and_is_checked() -> None:
     model, x = make()
     sp = sparsifier(model, x, 0.6, max_group_sparsity=0.5)
-    sp.policy.latency_model = LatencyModel(sp.graph, step=STEP, latency_fn=expensive_hi_res)
     sp.step()
     keep = sp.policy.keep_vectors()
     assert all((~k).sum() <= 0.5 * len(k) for k in keep.values()) and any((~k).any() for k in keep.values())
@@ -312,7 +318,6 @@ def test_gmp_max_group_sparsity_reaches_the_budget_and_is_checked() -> None:
     result = sp.prune()
     assert 1 - result.macs_after / result.macs_before == pytest.approx(removed, rel=1e-9)
     unreachable = sparsifier(*make(), 0.6, max_group_sparsity=0.25)
-    unreachable.policy.latency_model = LatencyModel(unreachable.graph, step=STEP, latency_fn=expensive_hi_res)
     masks = [v.transform.mask.clone() for g in unreachable.policy.groups for v in g.vectors]
     with pytest.raises(ValueError, match="raise max_group_sparsity"):
         unreachable.step()

@@ -104,11 +104,12 @@ def test_str_controller_does_not_empty_a_layer(cap: float) -> None:
 
 
 def test_unreachable_macs_target_with_round_to_blames_the_rounding() -> None:
-    from sparsify import GMPConfig
+    from sparsify import GMPConfig, SparsifierConfig
 
     model = _cnn()
-    sp = Sparsifier(model, torch.randn(2, 3, 16, 16), "filter_norm",
-                    GMPConfig(sparsity=0.9, unit="macs", round_to=64, end_step=10))
+    config = SparsifierConfig(adapter="filter_norm", policy=GMPConfig(sparsity=0.9, unit="macs", end_step=10),
+                              round_to=64)
+    sp = Sparsifier(model, torch.randn(2, 3, 16, 16), config=config)
     with pytest.raises(ValueError, match="round_to=64"):
         sp.policy.update(0.9)
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from sparsify import GMPConfig, Sparsifier, SparsifierConfig, STRConfig, build_channel_graph, prune_channels
 from sparsify.policies.gradual_magnitude import allocate_keep
-from sparsify.prune.rounding import check_round_to, round_keep, round_plan, rounded_width
+from sparsify.prune.select import check_round_to, round_keep, round_plan, rounded_width
 from sparsify.testing.oracle import random_plan, randomize_, soft_zero_
 
 
@@ -70,8 +70,13 @@ def test_bad_round_to_is_refused(bad: object) -> None:
         check_round_to(bad)
     with pytest.raises(ValidationError):
         SparsifierConfig(adapter="filter_norm", policy="gmp", round_to=bad)
-    with pytest.raises(ValidationError):
-        GMPConfig(round_to=bad)
+
+
+def test_round_to_has_one_home_the_sparsifier_config() -> None:
+    with pytest.raises(ValidationError, match=r"round_to is set on the Sparsifier.*SparsifierConfig"):
+        GMPConfig(round_to=8)
+    with pytest.raises(ValidationError, match="round_to is set on the Sparsifier"):
+        SparsifierConfig(adapter="filter_norm", policy={"kind": "gmp", "round_to": 8})
 
 
 def test_round_plan_keeps_back_the_strongest_and_rounds_every_layer() -> None:
@@ -151,8 +156,9 @@ def test_gmp_round_to_masks_are_rounded_and_prune_is_exact(adapter: str) -> None
     model = Branches()
     before = _widths(model)
     x = torch.randn(2, 3, 8, 8)
-    sp = Sparsifier(model, x, adapter, GMPConfig(sparsity=0.5, unit="channels", start_step=0, end_step=4,
-                                                  update_every=2, round_to=8))
+    policy = GMPConfig(sparsity=0.5, unit="channels", start_step=0, end_step=4, update_every=2)
+    sp = Sparsifier(model, x, config=SparsifierConfig(adapter=adapter, policy=policy, round_to=8))
+    assert sp.policy.context.round_to == 8  # the policy reads it from its context
     _train(model, sp, 4)
     for g, keep in sp.policy.keep_vectors().items():  # masks during training already have rounded widths
         group = sp.graph.group(g)

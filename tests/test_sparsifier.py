@@ -14,7 +14,7 @@ from torch import nn
 
 from sparsify import BNGammaConfig, GMPConfig, Sparsifier, SparsifierConfig, SparsifyError, STRConfig
 from sparsify.adapters.bn_gamma import BNGammaAdapter
-from sparsify.extend import PolicyConfig, register_adapter, register_policy
+from sparsify.extend import PolicyConfig, PolicyContext, list_policies, register_adapter, register_policy
 from sparsify.policies.base import GroupView, Mask, Policy, set_group_masks
 
 
@@ -174,6 +174,16 @@ def test_adapter_that_covers_nothing_says_what_to_do() -> None:
         Sparsifier(model, torch.randn(2, 4), "bn_gamma", "str")
 
 
+def test_config_beside_adapter_or_policy_is_refused() -> None:
+    config = SparsifierConfig(adapter="bn_gamma", policy="gmp")
+    x = _data()[0][:2]
+    with pytest.raises(SparsifyError, match="both config= and adapter=/policy="):
+        Sparsifier(SmallCNN(), x, "filter_norm", config=config)
+    with pytest.raises(SparsifyError, match="both config= and adapter=/policy="):
+        Sparsifier(SmallCNN(), x, policy=GMPConfig(), config=config)
+    assert Sparsifier(SmallCNN(), x, config=config).config == config
+
+
 def test_prune_twice_is_refused() -> None:
     model = SmallCNN()
     sp = Sparsifier(model, _data()[0][:2], "filter_norm", GMPConfig(sparsity=0.3, end_step=1, update_every=1))
@@ -216,8 +226,8 @@ class HalfConfig(PolicyConfig):
 
 
 class HalfPolicy(Policy):
-    def attach(self, groups: list[GroupView]) -> None:
-        self.groups = list(groups)
+    def attach(self, groups: list[GroupView], context: PolicyContext) -> None:
+        self.groups, self.context = list(groups), context
         for g in groups:
             for v in g.vectors:
                 v.adapter.install(v, Mask(len(v)))
@@ -242,6 +252,35 @@ class ScaledBNAdapter(BNGammaAdapter):
 
 register_policy("test_half", HalfConfig, HalfPolicy)
 register_adapter("test_scaled_bn", ScaledBNConfig, ScaledBNAdapter)
+
+
+class EveryOtherConfig(PolicyConfig):
+    kind: Literal["test_every_other"] = "test_every_other"
+
+
+@register_policy("test_every_other", EveryOtherConfig)  # the decorator form
+class EveryOtherPolicy(HalfPolicy):
+    def step(self, step: int) -> None:
+        with torch.no_grad():
+            for g in self.groups:
+                set_group_masks(g, np.arange(g.width) % 2 == 0)
+
+
+def test_decorator_registration_and_the_policy_hooks_defaults() -> None:
+    assert "test_every_other" in list_policies() and EveryOtherPolicy.kind == "test_every_other"
+    model = SmallCNN()
+    sp = Sparsifier(model, _data()[0][:2], "bn_gamma", "test_every_other")
+    assert isinstance(sp.policy, EveryOtherPolicy)
+    assert sp.policy.context.cost_model is sp.macs_model and sp.policy.context.latency_model is None
+    assert sp.policy.batched_effective() is None  # declared on Policy, not probed
+    sp.step()
+    report = sp.report()
+    assert report.thresholds == {} and report.channel_sparsity == pytest.approx(0.5)
+    with sp.cached():  # no batched values: each parametrization computes its own
+        model(_data()[0][:2])
+    result = sp.prune()
+    text = repr(result)
+    assert text.startswith("PruneResult(SmallCNN: params ") and "groups narrower" in text and len(text) < 200
 
 
 def test_user_registered_adapter_and_policy_work_end_to_end() -> None:

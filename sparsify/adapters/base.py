@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup
-from sparsify.registry import Registry
+from sparsify.registry import PluginRegistry
 
 
 class AdapterConfig(BaseModel):
@@ -181,21 +181,11 @@ def original(module: nn.Module, name: str) -> torch.Tensor:
     return getattr(module, name)
 
 
-ADAPTERS: Registry[tuple[type[AdapterConfig], type[Adapter]]] = Registry(
-    "adapter", "Register one with sparsify.extend.register_adapter(kind, config_cls, adapter_cls)."
+ADAPTERS = PluginRegistry(
+    "adapter", "Register one with sparsify.extend.register_adapter(kind, config_cls, adapter_cls).", Adapter
 )
-
-
-def register_adapter(kind: str, config_cls: type[AdapterConfig], adapter_cls: type[Adapter],
-                     *, override: bool = False) -> None:
-    """Register an adapter kind: its pydantic config class and its implementation."""
-    ADAPTERS.register_plugin(kind, config_cls, adapter_cls, Adapter, override=override)
-
-
-def list_adapters() -> list[str]:
-    return ADAPTERS.list()
-
-
-def make_adapter(config: AdapterConfig) -> Adapter:
-    _, cls = ADAPTERS.get(config.kind)
-    return cls(config)
+register_adapter = ADAPTERS.register_plugin
+"""Register an adapter kind with its pydantic config class: ``register_adapter(kind, config_cls, adapter_cls)``,
+or ``@register_adapter(kind, config_cls)`` above the class."""
+list_adapters = ADAPTERS.list
+make_adapter = ADAPTERS.make

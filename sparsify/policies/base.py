@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -12,11 +12,13 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from sparsify._utils import get_tensor
 from sparsify.adapters.base import ImportanceVector
 from sparsify.errors import SparsifyError
+from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup
 from sparsify.graph.cost import MacsModel
-from sparsify.prune.surgery import protect_members
-from sparsify.registry import Registry
+from sparsify.measure.latency_model import LatencyModel
+from sparsify.registry import PluginRegistry
 
 
 class PolicyConfig(BaseModel):
@@ -24,6 +26,15 @@ class PolicyConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: str
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """What a policy gets from the Sparsifier besides the groups (``Policy.attach(groups, context)``)."""
+
+    cost_model: MacsModel | None = None  # the network's exact MACs after a plan (unit="macs" targets)
+    latency_model: LatencyModel | None = None  # estimated latency after a plan (GMP's budget="latency")
+    round_to: int | None = None  # SparsifierConfig.round_to: prune() keeps widths at multiples of it
 
 
 @dataclass
@@ -37,23 +48,46 @@ class GroupView:
     macs: np.ndarray
     shape: tuple[int, ...]  # shape of the group's first producing weight (for ERK)
 
+    @property
+    def group(self) -> ChannelGroup:
+        return self.vectors[0].group
+
+    @property
+    def id(self) -> int:
+        return self.vectors[0].group.id
+
     def magnitude(self) -> np.ndarray:
         """Per structure, the largest |raw| over the group's vectors (a structure goes only when
         every vector drops it)."""
-        out = np.zeros(self.width)
-        for v in self.vectors:
-            with torch.no_grad():
-                mag = v.raw().detach().abs().double().cpu().numpy()
-            if not np.isfinite(mag).all():
-                raise SparsifyError(
-                    f"importance vector '{v.name}' has {int((~np.isfinite(mag)).sum())} NaN/inf entries: training "
-                    "has diverged (lower the learning rate, check the loss) or the model was loaded with bad weights")
-            np.maximum.at(out, v.entries, mag)
-        return out
+        return structure_magnitude(self.width, self.vectors)
+
+
+def structure_magnitude(width: int, vectors: Sequence[ImportanceVector]) -> np.ndarray:
+    """Per structure of a group of ``width``, the largest |raw| over ``vectors`` (0 where none covers it)."""
+    out = np.zeros(width)
+    for v in vectors:
+        with torch.no_grad():
+            mag = v.raw().detach().abs().double().cpu().numpy()
+        if not np.isfinite(mag).all():
+            raise SparsifyError(
+                f"importance vector '{v.name}' has {int((~np.isfinite(mag)).sum())} NaN/inf entries: training "
+                "has diverged (lower the learning rate, check the loss) or the model was loaded with bad weights")
+        np.maximum.at(out, v.entries, mag)
+    return out
+
+
+def producer_shape(graph: ChannelGraph, group: ChannelGroup) -> tuple[int, ...]:
+    """Shape of the group's first producing weight (what ERK budgets read)."""
+    producer = next((m for m in group.members if m.role in ("out", "value")), group.members[0])
+    return tuple(get_tensor(graph.model, producer.tensor).shape)
 
 
 class Policy(abc.ABC):
-    """Base class of policies: ``attach`` installs transforms, ``step`` updates them."""
+    """Base class of policies: ``attach`` installs transforms, ``step`` updates them.
+
+    Every hook a Sparsifier calls is declared here, with a default: ``step``, ``finalize``,
+    ``batched_effective`` (None), ``thresholds`` ({}), ``state_dict`` / ``load_state_dict``.
+    """
 
     kind: ClassVar[str]
     config: PolicyConfig
@@ -61,7 +95,7 @@ class Policy(abc.ABC):
     def __init__(self, config: PolicyConfig) -> None:
         self.config = config
         self.groups: list[GroupView] = []
-        self.cost_model: MacsModel | None = None  # set by the Sparsifier before attach: exact MACs of a plan
+        self.context = PolicyContext()  # attach stores the Sparsifier's
 
     def keep_vectors(self) -> dict[int, np.ndarray]:
         """Per group id, the structures some vector still keeps (effective value non-zero)."""
@@ -69,7 +103,10 @@ class Policy(abc.ABC):
             return self.keep_from_nonzero((self.effective_flat() != 0).cpu().numpy())
 
     def effective_flat(self) -> torch.Tensor:
-        """Every vector's effective value, concatenated in group order (policies may batch this)."""
+        """Every vector's effective value, concatenated in group order (``batched_effective`` where it can)."""
+        batched = self.batched_effective()
+        if batched is not None:
+            return batched[0].detach()
         values = [v.effective().detach().flatten() for g in self.groups for v in g.vectors]
         return torch.cat([t.to(values[0].device) for t in values])
 
@@ -78,7 +115,7 @@ class Policy(abc.ABC):
         structure, bounds = self.flat_structures()
         alive = np.zeros(bounds[-1], dtype=bool)
         alive[structure[nonzero]] = True  # a structure lives if any vector entry covering it does
-        return {g.vectors[0].group.id: alive[a:b] for g, a, b in zip(self.groups, bounds[:-1], bounds[1:], strict=True)}
+        return {g.id: alive[a:b] for g, a, b in zip(self.groups, bounds[:-1], bounds[1:], strict=True)}
 
     def flat_structures(self) -> tuple[np.ndarray, np.ndarray]:
         """Per vector entry (``effective_flat`` order) its structure's index in all groups' structures laid
@@ -91,8 +128,19 @@ class Policy(abc.ABC):
         return self._flat_structures_cache
 
     @abc.abstractmethod
-    def attach(self, groups: Sequence[GroupView]) -> None:
-        """Create a transform per vector and install it with ``vector.adapter.install``."""
+    def attach(self, groups: Sequence[GroupView], context: PolicyContext) -> None:
+        """Create a transform per vector and install it with ``vector.adapter.install``; keep ``groups``
+        in ``self.groups`` and ``context`` in ``self.context``. Raise here if the context lacks what the
+        config needs (a latency model, say)."""
+
+    def batched_effective(self) -> tuple[torch.Tensor, list[int]] | None:
+        """Every vector's effective value from one chain of kernels (concatenated, in group order) and the
+        vectors' lengths; None (the default) if the policy does not batch (each transform computes its own)."""
+        return None
+
+    def thresholds(self) -> dict[str, float]:
+        """A threshold per vector name, for ``Sparsifier.report()``; {} (the default) if the policy has none."""
+        return {}
 
     def step(self, step: int) -> None:  # noqa: B027 (optional hook)
         """Called by ``Sparsifier.step()`` after each optimizer step; ``step`` counts from 1."""
@@ -105,56 +153,6 @@ class Policy(abc.ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
-
-
-class Connectivity:
-    """``Sparsifier.prune()``'s rule that keeps the network connected: a group that would lose every
-    structure keeps its strongest (by ``magnitude``), and so does every member layer it would empty
-    (one branch of a concat). Vectorised over all groups (it runs inside the STR controller's search)."""
-
-    def __init__(self, groups: Sequence[GroupView]) -> None:
-        self.groups = list(groups)
-        self.ids = [g.vectors[0].group.id for g in self.groups]
-        self.widths = np.asarray([g.width for g in self.groups], dtype=np.int64)
-        self.starts = np.cumsum(self.widths) - self.widths
-        index, lengths, owner = [], [], []
-        for i, g in enumerate(self.groups):
-            for m in g.vectors[0].group.members:
-                mine = np.unique(m.structure_of)
-                if len(mine):
-                    index.append(mine + self.starts[i])
-                    lengths.append(len(mine))
-                    owner.append(i)
-        self.member_index = np.concatenate(index) if index else np.zeros(0, dtype=np.int64)
-        self.member_lengths = np.asarray(lengths, dtype=np.int64)
-        self.member_starts = np.cumsum(self.member_lengths) - self.member_lengths
-        self.member_owner = np.asarray(owner, dtype=np.int64)
-
-    def apply(self, keep: dict[int, np.ndarray], magnitude: Callable[[GroupView], np.ndarray]
-              ) -> tuple[dict[int, np.ndarray], list[str]]:
-        """The keep vectors after the rule, and the names of the groups it changed."""
-        out, changed = dict(keep), []
-        flat = np.concatenate([keep.get(gid, np.ones(w, dtype=bool)) for gid, w in zip(self.ids, self.widths,
-                                                                                       strict=True)])
-        nonempty = np.logical_or.reduceat(flat, self.starts) if len(flat) else np.zeros(0, dtype=bool)
-        for i in np.flatnonzero(~nonempty & (self.widths > 0)):
-            g = self.groups[i]
-            k = flat[self.starts[i]:self.starts[i] + self.widths[i]]  # a view: the fix shows in `flat`
-            k[int(np.argmax(magnitude(g)))] = True
-            changed.append(g.name)
-        if len(self.member_starts):
-            counts = np.add.reduceat(flat[self.member_index], self.member_starts, dtype=np.int64)
-            for i in np.unique(self.member_owner[counts == 0]):  # rare: look closer only there
-                g = self.groups[i]
-                k = flat[self.starts[i]:self.starts[i] + self.widths[i]]
-                removed, _ = protect_members(g.vectors[0].group, np.flatnonzero(~k), magnitude(g))
-                k[:] = True
-                k[removed] = False
-                changed.append(g.name)
-        for i, gid in enumerate(self.ids):
-            if gid in keep:
-                out[gid] = flat[self.starts[i]:self.starts[i] + self.widths[i]].copy()
-        return out, changed
 
 
 class Mask(nn.Module):
@@ -187,21 +185,11 @@ def top_k_keep(magnitude: np.ndarray, k: int) -> np.ndarray:
     return keep
 
 
-POLICIES: Registry[tuple[type[PolicyConfig], type[Policy]]] = Registry(
-    "policy", "Register one with sparsify.extend.register_policy(kind, config_cls, policy_cls)."
+POLICIES = PluginRegistry(
+    "policy", "Register one with sparsify.extend.register_policy(kind, config_cls, policy_cls).", Policy
 )
-
-
-def register_policy(kind: str, config_cls: type[PolicyConfig], policy_cls: type[Policy],
-                    *, override: bool = False) -> None:
-    """Register a policy kind: its pydantic config class and its implementation."""
-    POLICIES.register_plugin(kind, config_cls, policy_cls, Policy, override=override)
-
-
-def list_policies() -> list[str]:
-    return POLICIES.list()
-
-
-def make_policy(config: PolicyConfig) -> Policy:
-    _, cls = POLICIES.get(config.kind)
-    return cls(config)
+register_policy = POLICIES.register_plugin
+"""Register a policy kind with its pydantic config class: ``register_policy(kind, config_cls, policy_cls)``,
+or ``@register_policy(kind, config_cls)`` above the class."""
+list_policies = POLICIES.list
+make_policy = POLICIES.make

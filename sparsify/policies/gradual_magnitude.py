@@ -2,7 +2,8 @@
 
 Every ``update_every`` steps between ``start_step`` and ``end_step`` the target sparsity follows
 the cubic schedule; it is split across groups by a budget (uniform, global ranking, or ERK) in
-channels, parameters or MACs; each group keeps its largest-importance structures (masks).
+channels, parameters or MACs; each group keeps its largest-importance structures (masks). With
+``SparsifierConfig.round_to`` (read from the policy context) the masks keep rounded widths while training.
 """
 
 from __future__ import annotations
@@ -15,12 +16,21 @@ import torch
 from pydantic import Field, model_validator
 
 from sparsify.errors import SparsifyError
-from sparsify.measure.latency_model import LatencyModel
 from sparsify.policies.allocation import budgets
+from sparsify.policies.allocation.budgets import Budget, Unit
 from sparsify.policies.allocation.latency_budget import allocate_by_latency
 from sparsify.policies.allocation.macs_target import budget_keeps
-from sparsify.policies.base import GroupView, Mask, Policy, PolicyConfig, register_policy, set_group_masks, top_k_keep
-from sparsify.prune.rounding import round_keep
+from sparsify.policies.base import (
+    GroupView,
+    Mask,
+    Policy,
+    PolicyConfig,
+    PolicyContext,
+    register_policy,
+    set_group_masks,
+    top_k_keep,
+)
+from sparsify.prune.select import round_keep
 
 _ROUND_BISECT_STEPS = 30
 
@@ -30,13 +40,13 @@ class GMPConfig(PolicyConfig):
 
     kind: Literal["gmp"] = "gmp"
     sparsity: float = Field(0.5, gt=0, lt=1, description="final fraction to remove (of `unit`)")
-    unit: Literal["channels", "params", "macs"] = Field(
+    unit: Unit = Field(
         "channels", description="what `sparsity` counts; macs: the exact fraction of the network's MACs removed "
                                 "(second order, solved by bisection on the budget)")
-    budget: Literal["uniform", "global", "erk", "latency"] = Field(
+    budget: Budget = Field(
         "uniform", description="how the target splits across groups; latency: where removing channels saves the most "
                                "estimated time (sparsify.policies.allocation.latency_budget; needs unit='macs' and "
-                               "sp.policy.latency_model)")
+                               "Sparsifier(..., latency_model=...))")
     latency_importance_weight: float = Field(
         1.0, ge=0, description="budget='latency': how much a chunk's magnitude counts against the time it saves "
                                "(0: pure latency)")
@@ -47,10 +57,15 @@ class GMPConfig(PolicyConfig):
     end_step: int = Field(1000, ge=1, description="step at which the final sparsity is reached")
     update_every: int = Field(100, ge=1, description="steps between mask updates (Δt)")
     initial_sparsity: float = Field(0.0, ge=0, lt=1, description="sparsity at start_step")
-    round_to: int | None = Field(
-        None, ge=1, strict=True,
-        description="keep every pruned layer at a multiple of this many channels (or its full width), e.g. 8 or 64 "
-                    "for GPU tensor cores; the budget still removes at least `sparsity`")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "round_to" in data:
+            raise ValueError("round_to is set on the Sparsifier, not the policy: SparsifierConfig(adapter=..., "
+                             "policy=GMPConfig(...), round_to=8) (the gmp masks then keep rounded widths while "
+                             "training)")
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> GMPConfig:
@@ -68,7 +83,7 @@ class GMPConfig(PolicyConfig):
         return self
 
 
-def allocate_keep(groups: Sequence[GroupView], sparsity: float, unit: str, budget: str,
+def allocate_keep(groups: Sequence[GroupView], sparsity: float, unit: Unit, budget: Budget,
                   round_to: int | None = None, meet_target: bool = True,
                   magnitudes: list[np.ndarray] | None = None) -> list[np.ndarray]:
     """Boolean keep vectors per group meeting ``sparsity`` of ``unit`` under ``budget``.
@@ -83,7 +98,7 @@ def allocate_keep(groups: Sequence[GroupView], sparsity: float, unit: str, budge
     if round_to is None or round_to == 1:
         return keeps
     if not meet_target:
-        return [round_keep(g.vectors[0].group, k, round_to, m) for g, k, m in zip(groups, keeps, magnitudes,
+        return [round_keep(g.group, k, round_to, m) for g, k, m in zip(groups, keeps, magnitudes,
                                                                                   strict=True)]
     costs = [np.ones(g.width) if unit == "channels" else (g.params if unit == "params" else g.macs) for g in groups]
 
@@ -91,15 +106,15 @@ def allocate_keep(groups: Sequence[GroupView], sparsity: float, unit: str, budge
         return float(sum(c[~k].sum() for c, k in zip(costs, ks, strict=True)))
 
     def rounded(s: float) -> list[np.ndarray]:
-        return [round_keep(g.vectors[0].group, k, round_to, m)
+        return [round_keep(g.group, k, round_to, m)
                 for g, k, m in zip(groups, _allocate(groups, magnitudes, s, unit, budget), magnitudes, strict=True)]
 
     target = removed(keeps) * (1 - 1e-12)
     return budgets.smallest_meeting(rounded, removed, target, sparsity, 1.0, _ROUND_BISECT_STEPS)
 
 
-def _allocate(groups: Sequence[GroupView], magnitudes: list[np.ndarray], sparsity: float, unit: str,
-              budget: str) -> list[np.ndarray]:
+def _allocate(groups: Sequence[GroupView], magnitudes: list[np.ndarray], sparsity: float, unit: Unit,
+              budget: Budget) -> list[np.ndarray]:
     widths = [g.width for g in groups]
     if unit == "channels" and budget == "uniform":
         counts = budgets.keep_counts_uniform(widths, sparsity)
@@ -116,10 +131,12 @@ def _allocate(groups: Sequence[GroupView], magnitudes: list[np.ndarray], sparsit
 class GMPPolicy(Policy):
     config: GMPConfig
 
-    latency_model: LatencyModel | None = None  # budget="latency": set by the user on the Sparsifier's graph
-
-    def attach(self, groups: Sequence[GroupView]) -> None:
-        self.groups = list(groups)
+    def attach(self, groups: Sequence[GroupView], context: PolicyContext) -> None:
+        if self.config.budget == "latency" and (context.latency_model is None or context.cost_model is None):
+            raise SparsifyError("GMPConfig(budget='latency') needs a latency model: pass Sparsifier(model, inputs, "
+                                "..., latency_model=lambda graph: sparsify.measure.LatencyModel(graph, batch=..., "
+                                "device=..., step=...)) (or a LatencyModel built on the same model)")
+        self.groups, self.context = list(groups), context
         self.current = 0.0
         for g in self.groups:
             for v in g.vectors:
@@ -143,26 +160,24 @@ class GMPPolicy(Policy):
         self.current = sparsity
         if sparsity <= 0:
             return
-        c = self.config
-        exact = c.unit == "macs" and self.cost_model is not None  # budget_keeps bisects on the exact MACs
+        c, round_to = self.config, self.context.round_to
+        exact = c.unit == "macs" and self.context.cost_model is not None  # budget_keeps bisects on the exact MACs
         mags = [g.magnitude() for g in self.groups]  # once, not once per bisection step
         if c.budget == "latency":
             keeps = self._latency_keeps(sparsity, mags)
         else:
-            keeps = budget_keeps(self, sparsity, lambda s: allocate_keep(self.groups, s, c.unit, c.budget, c.round_to,
+            keeps = budget_keeps(self, sparsity, lambda s: allocate_keep(self.groups, s, c.unit, c.budget, round_to,
                                                                          meet_target=not exact, magnitudes=mags),
-                                 magnitudes=mags)
+                                 magnitudes=mags, unit=c.unit, round_to=round_to)
         with torch.no_grad():
             for g, keep in zip(self.groups, keeps, strict=True):
                 set_group_masks(g, keep)
 
     def _latency_keeps(self, sparsity: float, mags: list[np.ndarray]) -> list[np.ndarray]:
-        if self.latency_model is None or self.cost_model is None:
-            raise SparsifyError("GMPConfig(budget='latency') needs a latency model: after creating the Sparsifier, "
-                                "set sp.policy.latency_model = sparsify.measure.LatencyModel(sp.graph, batch=..., "
-                                "device=..., step=...) before the first update")
-        return allocate_by_latency(self.groups, mags, self.latency_model, self.cost_model, sparsity,
-                                   self.config.round_to or 1,
+        context = self.context
+        assert context.latency_model is not None and context.cost_model is not None  # attach checks
+        return allocate_by_latency(self.groups, mags, context.latency_model, context.cost_model, sparsity,
+                                   context.round_to or 1,
                                    importance_weight=self.config.latency_importance_weight,
                                    max_group_sparsity=self.config.max_group_sparsity)
 

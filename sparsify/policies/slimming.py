@@ -15,8 +15,17 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from sparsify.policies.allocation.budgets import Unit
 from sparsify.policies.allocation.macs_target import budget_keeps
-from sparsify.policies.base import GroupView, Mask, Policy, PolicyConfig, register_policy, set_group_masks
+from sparsify.policies.base import (
+    GroupView,
+    Mask,
+    Policy,
+    PolicyConfig,
+    PolicyContext,
+    register_policy,
+    set_group_masks,
+)
 from sparsify.policies.gradual_magnitude import allocate_keep
 
 
@@ -26,7 +35,7 @@ class SlimmingConfig(PolicyConfig):
     kind: Literal["slimming"] = "slimming"
     l1: float = Field(1e-4, ge=0, description="λ of the L1 penalty on γ (the paper uses 1e-4 / 1e-5)")
     sparsity: float = Field(0.5, gt=0, lt=1, description="fraction to remove at prune()")
-    unit: Literal["channels", "params", "macs"] = Field(
+    unit: Unit = Field(
         "channels", description="what `sparsity` counts; macs: the exact fraction of the network's MACs removed "
                                 "(second order, solved by bisection on the budget)")
     budget: Literal["global", "uniform", "erk"] = Field("global", description="global threshold as in the paper")
@@ -35,8 +44,8 @@ class SlimmingConfig(PolicyConfig):
 class SlimmingPolicy(Policy):
     config: SlimmingConfig
 
-    def attach(self, groups: Sequence[GroupView]) -> None:
-        self.groups = list(groups)
+    def attach(self, groups: Sequence[GroupView], context: PolicyContext) -> None:
+        self.groups, self.context = list(groups), context
         self.hooks = []
         for g in self.groups:
             for v in g.vectors:
@@ -54,7 +63,7 @@ class SlimmingPolicy(Policy):
         c = self.config
         mags = [g.magnitude() for g in self.groups]  # once, not once per bisection step
         keeps = budget_keeps(self, c.sparsity, lambda s: allocate_keep(self.groups, s, c.unit, c.budget,
-                                                                       magnitudes=mags), magnitudes=mags)
+                                                                       magnitudes=mags), magnitudes=mags, unit=c.unit)
         with torch.no_grad():
             for g, keep in zip(self.groups, keeps, strict=True):
                 set_group_masks(g, keep)

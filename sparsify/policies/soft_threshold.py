@@ -19,7 +19,7 @@ host's search runs while the queued steps execute, so training does not wait for
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -29,7 +29,8 @@ from torch import nn
 
 from sparsify.policies.allocation import budgets
 from sparsify.policies.allocation.str_controller import Snapshot, apply_planned, snapshot, track
-from sparsify.policies.base import Connectivity, GroupView, Policy, PolicyConfig, register_policy
+from sparsify.policies.base import GroupView, Policy, PolicyConfig, PolicyContext, register_policy
+from sparsify.prune.select import Connectivity, Magnitude
 
 
 class STRConfig(PolicyConfig):
@@ -107,8 +108,8 @@ class _SoftThresholdFn(torch.autograd.Function):
 class STRPolicy(Policy):
     config: STRConfig
 
-    def attach(self, groups: Sequence[GroupView]) -> None:
-        self.groups = list(groups)
+    def attach(self, groups: Sequence[GroupView], context: PolicyContext) -> None:
+        self.groups, self.context = list(groups), context
         self.transforms: list[SoftThreshold] = []
         for group in self.groups:
             shared = None
@@ -149,10 +150,6 @@ class STRPolicy(Policy):
                              torch.tensor([len(v) for v in vectors], device=device))
         return cache[device]
 
-    def effective_flat(self) -> torch.Tensor:
-        batched = self.batched_effective()
-        return batched[0].detach() if batched is not None else super().effective_flat()
-
     def step(self, step: int) -> None:
         c = self.config
         if c.target is None:
@@ -184,20 +181,21 @@ class STRPolicy(Policy):
         with torch.no_grad():
             return self.sparsity_of(self.keep_vectors())
 
-    def sparsity_of(self, keep: dict[int, np.ndarray],
-                    magnitude: Callable[[GroupView], np.ndarray] = GroupView.magnitude) -> float:
+    def sparsity_of(self, keep: dict[int, np.ndarray], magnitude: Magnitude | None = None) -> float:
         """Fraction of ``target_unit`` removed when the structures ``keep`` marks False go (after
-        ``prune()``'s rule that keeps the network connected, which needs the groups' ``magnitude``)."""
+        ``prune()``'s rule that keeps the network connected, which needs the groups' ``magnitude`` by
+        group id; by default ``GroupView.magnitude``)."""
         if "_connectivity" not in self.__dict__:
-            self._connectivity = Connectivity(self.groups)
-        keep, _ = self._connectivity.apply(keep, magnitude)
-        unit = self.config.target_unit
-        if unit == "macs" and self.cost_model is not None:
-            return 1.0 - self.cost_model.after(keep) / max(self.cost_model.total, 1.0)
+            self._connectivity = Connectivity([g.group for g in self.groups])
+            self._by_id = {g.id: g for g in self.groups}
+        keep, _ = self._connectivity.apply(keep, magnitude or (lambda gid: self._by_id[gid].magnitude()))
+        unit, cost_model = self.config.target_unit, self.context.cost_model
+        if unit == "macs" and cost_model is not None:
+            return 1.0 - cost_model.after(keep) / max(cost_model.total, 1.0)
         removed = total = 0.0
         for g in self.groups:
             cost = g.macs if unit == "macs" else (g.params if unit == "params" else None)
-            k = keep[g.vectors[0].group.id]
+            k = keep[g.id]
             removed += float((~k).sum() if cost is None else cost[~k].sum())
             total += float(g.width if cost is None else cost.sum())
         return removed / max(total, 1e-12)

@@ -34,21 +34,6 @@ class PruneReport:
     created_biases: dict[str, tuple[int, ...]] = field(default_factory=dict)  # bias folding created → its shape
 
 
-def protect_members(group: ChannelGroup, removed: np.ndarray, magnitude: np.ndarray | None = None
-                    ) -> tuple[np.ndarray, bool]:
-    """``removed`` minus, for every member it would empty (one branch of a concat), that member's
-    strongest structure by ``magnitude`` (its first if None). Returns (removed, whether it changed)."""
-    removed = np.asarray(removed, dtype=np.int64)
-    changed = False
-    for m in group.members:
-        mine = np.unique(m.structure_of)
-        if len(removed) and np.isin(mine, removed).all():
-            best = mine[np.argmax(magnitude[mine])] if magnitude is not None else mine[0]
-            removed = removed[removed != best]
-            changed = True
-    return removed, changed
-
-
 def _lookup(model: nn.Module, qualified: str) -> tuple[nn.Module, str]:
     module_name, _, attr = qualified.rpartition(".")
     return (model.get_submodule(module_name) if module_name else model), attr

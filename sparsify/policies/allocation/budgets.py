@@ -15,6 +15,9 @@ from typing import Literal, TypeVar
 import numpy as np
 
 __all__ = [
+    "Budget",
+    "ShapeBudget",
+    "Unit",
     "cubic_sparsity",
     "er_densities",
     "erk_densities",
@@ -24,6 +27,13 @@ __all__ = [
     "smallest_meeting",
 ]
 
+Unit = Literal["channels", "params", "macs"]
+"""What a sparsity target counts: structures, parameters or MACs."""
+Budget = Literal["uniform", "global", "erk", "latency"]
+"""How a target splits across groups: one common fraction, one global importance ranking, ERK densities over
+the producing weight shapes, or where removing saves the most estimated time (policies/allocation/latency_budget)."""
+ShapeBudget = Literal["uniform", "erk"]
+"""The budgets that read no weight values (a width plan on a meta model)."""
 Normalize = Literal["none", "mean", "max"]
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")

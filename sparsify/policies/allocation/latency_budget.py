@@ -15,9 +15,9 @@ larger values protect strong channels more. The chunk of a group is its weakest 
 stops once the target is met: ``fraction`` of the exact MACs (:class:`sparsify.graph.cost.MacsModel`, to one
 chunk) or of the estimated latency.
 
-With a Sparsifier: ``GMPConfig(unit="macs", budget="latency", round_to=8)`` and, before the first
-update, ``sp.policy.latency_model = LatencyModel(sp.graph, ...)`` (``round_to`` is the step; see
-docs/sparsifier.md).
+With a Sparsifier: ``Sparsifier(model, x, config=SparsifierConfig(adapter=..., policy=GMPConfig(unit="macs",
+budget="latency"), round_to=8), latency_model=lambda graph: LatencyModel(graph, ...))`` (``round_to`` is the
+step; see docs/sparsifier.md).
 """
 
 from __future__ import annotations

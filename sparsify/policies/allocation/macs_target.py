@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from sparsify.graph.cost import MacsModel
+from sparsify.policies.allocation.budgets import Unit
 from sparsify.policies.base import GroupView, Policy
 
 _STEPS = 40
@@ -29,7 +30,7 @@ def keeps_for_macs(groups: Sequence[GroupView], cost_model: MacsModel, fraction_
     same-shaped layers at once, so its steps can overshoot the target by several percent)."""
     if not 0 < fraction_removed < 1:
         raise ValueError(f"fraction_removed must be in (0, 1), got {fraction_removed}")
-    ids = [g.vectors[0].group.id for g in groups]
+    ids = [g.id for g in groups]
 
     def removed(keeps: list[np.ndarray]) -> float:
         return 1.0 - cost_model.after(dict(zip(ids, keeps, strict=True))) / cost_model.total
@@ -84,13 +85,16 @@ def _one_at_a_time(short: list[np.ndarray], enough: list[np.ndarray], magnitudes
 
 
 def budget_keeps(policy: Policy, sparsity: float, allocate: Callable[[float], list[np.ndarray]],
-                 magnitudes: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
-    """The policy's keep vectors for ``sparsity``: with ``unit="macs"`` and a cost model (any policy
-    attached by a Sparsifier), ``sparsity`` is the exact fraction of the network's MACs removed."""
-    if getattr(policy.config, "unit", None) == "macs" and policy.cost_model is not None:
-        round_to = getattr(policy.config, "round_to", None) or 1
+                 magnitudes: Sequence[np.ndarray] | None = None, *, unit: Unit,
+                 round_to: int | None = None) -> list[np.ndarray]:
+    """The policy's keep vectors for ``sparsity`` of ``unit``: with ``unit="macs"`` and a cost model in the
+    policy's context (any policy attached by a Sparsifier), ``sparsity`` is the exact fraction of the
+    network's MACs removed. ``round_to``: the multiple ``allocate`` rounds widths to (None: it does not)."""
+    cost_model = policy.context.cost_model
+    if unit == "macs" and cost_model is not None:
+        round_to = round_to or 1
         try:  # with round_to > 1, single structures would break the multiples: no one-at-a-time step
-            return keeps_for_macs(policy.groups, policy.cost_model, sparsity, allocate, refine=round_to == 1,
+            return keeps_for_macs(policy.groups, cost_model, sparsity, allocate, refine=round_to == 1,
                                   magnitudes=magnitudes)
         except ValueError as exc:
             if round_to > 1:

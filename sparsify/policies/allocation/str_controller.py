@@ -12,14 +12,37 @@ otherwise empty weak layers. The search runs on host copies (one device→host c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
-if TYPE_CHECKING:
-    from sparsify.policies.soft_threshold import STRPolicy
+from sparsify.policies.base import GroupView
+from sparsify.prune.select import Magnitude
+
+
+class ControllerSettings(Protocol):
+    threshold_fn: str  # "sigmoid" or "exp"
+    max_vector_sparsity: float
+
+
+class Controlled(Protocol):
+    """What the controller reads and writes on a soft-threshold policy (``STRPolicy``)."""
+
+    groups: list[GroupView]
+    transforms: Sequence[nn.Module]  # each with a threshold parameter ``s`` of shape (1,)
+
+    @property
+    def config(self) -> ControllerSettings: ...
+
+    def flat_structures(self) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def keep_from_nonzero(self, nonzero: np.ndarray) -> dict[int, np.ndarray]: ...
+
+    def sparsity_of(self, keep: dict[int, np.ndarray], magnitude: Magnitude | None = None) -> float: ...
 
 _SPAN = 30.0  # the bisection searches δ in [−_SPAN, _SPAN] (exp: a factor e^±30 on every threshold)
 _ITERATIONS = 30
@@ -77,7 +100,7 @@ class Snapshot:
             self.ready.synchronize()
 
 
-def snapshot(policy: STRPolicy, desired: float, apply_at: int = 0) -> Snapshot:
+def snapshot(policy: Controlled, desired: float, apply_at: int = 0) -> Snapshot:
     """Start copying the vectors and thresholds to the host; on CUDA the copy runs behind the queued work."""
     with torch.no_grad():
         raw = [v.raw().detach().flatten() for g in policy.groups for v in g.vectors]
@@ -93,7 +116,7 @@ def snapshot(policy: STRPolicy, desired: float, apply_at: int = 0) -> Snapshot:
     return Snapshot(host, [len(r) for r in raw], desired, apply_at, ready)
 
 
-def plan_shift(policy: STRPolicy, snap: Snapshot) -> tuple[float, torch.Tensor, torch.Tensor]:
+def plan_shift(policy: Controlled, snap: Snapshot) -> tuple[float, torch.Tensor, torch.Tensor]:
     """The common shift δ found on the snapshot, the per-transform bound on the new thresholds
     (float64, host) and the new ``s`` values it gives from the snapshot's ``s`` (in ``s``'s dtype)."""
     snap.wait()
@@ -112,7 +135,7 @@ def plan_shift(policy: STRPolicy, snap: Snapshot) -> tuple[float, torch.Tensor, 
     structure, bounds = policy.flat_structures()
     strongest = np.zeros(bounds[-1])
     np.maximum.at(strongest, structure, magnitude.double().numpy())
-    group_magnitude = {id(g): strongest[a:b] for g, a, b in zip(policy.groups, bounds[:-1], bounds[1:], strict=True)}
+    group_magnitude = {g.id: strongest[a:b] for g, a, b in zip(policy.groups, bounds[:-1], bounds[1:], strict=True)}
 
     def parameters_at(delta: float) -> torch.Tensor:
         return threshold_parameter(fn, torch.minimum(threshold(fn, s + delta), bound)).to(s_dtype)
@@ -120,7 +143,7 @@ def plan_shift(policy: STRPolicy, snap: Snapshot) -> tuple[float, torch.Tensor, 
     def sparsity_at(delta: float) -> float:
         tau = threshold(fn, parameters_at(delta)).to(dtype)  # as the device computes it: g(s) in s's dtype
         keep = policy.keep_from_nonzero((magnitude > tau[entry_owner]).numpy())
-        return policy.sparsity_of(keep, lambda g: group_magnitude[id(g)])
+        return policy.sparsity_of(keep, group_magnitude.__getitem__)
 
     lo, hi = -_SPAN, _SPAN
     if sparsity_at(lo) >= snap.desired:
@@ -132,13 +155,13 @@ def plan_shift(policy: STRPolicy, snap: Snapshot) -> tuple[float, torch.Tensor, 
     return hi, cap, parameters_at(hi)
 
 
-def _write(policy: STRPolicy, values: torch.Tensor) -> None:
+def _write(policy: Controlled, values: torch.Tensor) -> None:
     with torch.no_grad():
         for t, value in zip(policy.transforms, values.split(1), strict=True):
             t.s.copy_(value)
 
 
-def track(policy: STRPolicy, desired: float) -> None:
+def track(policy: Controlled, desired: float) -> None:
     """Bring the soft model to at least ``desired`` sparsity with one common threshold shift, now (one
     device→host copy and wait; see the module docstring)."""
     *_, new_s = plan_shift(policy, snapshot(policy, desired))
@@ -146,7 +169,7 @@ def track(policy: STRPolicy, desired: float) -> None:
     _write(policy, new_s.to(device))
 
 
-def apply_planned(policy: STRPolicy, snap: Snapshot) -> None:
+def apply_planned(policy: Controlled, snap: Snapshot) -> None:
     """A deferred update: the shift planned on ``snap`` applied to the thresholds as they are *now* (the
     loss has moved them since the snapshot), computed on their device, so the host never waits for it:
     each new threshold is g(s + δ), kept under the bound max(g(s), cap)."""
