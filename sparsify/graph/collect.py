@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch.fx as fx
 
 from sparsify.graph.builder import GraphFacts, OpContext, Space, value_infos
@@ -14,6 +17,7 @@ def collect_facts(traced: TracedModel) -> GraphFacts:
     facts = GraphFacts()
     gm = traced.graph_module
     parameter_spaces: list[tuple[Space, fx.Node]] = []
+    deferred: set[str] = set()  # nodes whose rule left their couplings to a later node
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             ctx = OpContext(traced, facts, node, "input")
@@ -38,7 +42,7 @@ def collect_facts(traced: TracedModel) -> GraphFacts:
                     for d in range(info.ndim):
                         ctx.block(ctx._space_of_key(key, d, info), "model output")
         else:
-            _apply_rule(traced, facts, node)
+            _apply_rule(traced, facts, node, deferred)
     _block_undeclared_parameter_dims(facts, parameter_spaces)
     for space in list(facts.widths):
         if space not in facts.defined:
@@ -50,14 +54,13 @@ def collect_facts(traced: TracedModel) -> GraphFacts:
     return facts
 
 
-def _apply_rule(traced: TracedModel, facts: GraphFacts, node: fx.Node) -> None:
+def _apply_rule(traced: TracedModel, facts: GraphFacts, node: fx.Node, deferred: set[str]) -> None:
     rule = find_rule(node, traced.graph_module)
     kind = rule.kind if rule else "none"
     facts.rule_of[node.name] = kind
-    ctx = OpContext(traced, facts, node, kind)
-    touches_tensor = bool(value_infos(traced.values.get(node.name), node.name)) or any(
-        value_infos(traced.values.get(a.name), a.name) for a in node.all_input_nodes
-    )
+    ctx = _FailClosedContext(traced, facts, node, kind, deferred)
+    makes_tensor = bool(value_infos(traced.values.get(node.name), node.name))
+    touches_tensor = makes_tensor or any(value_infos(traced.values.get(a.name), a.name) for a in node.all_input_nodes)
     if rule is None:
         if touches_tensor:
             ctx.block_all(
@@ -65,10 +68,85 @@ def _apply_rule(traced: TracedModel, facts: GraphFacts, node: fx.Node) -> None:
                 "Fix: register one with sparsify.extend.register_op_rule(...) (see docs/op_rules.md)"
             )
         return
+    before = _Declared.of(facts)
     try:
         rule.fn(ctx)
     except Exception as exc:  # a rule that cannot handle this call must fail closed
-        ctx.block_all(f"op rule {kind!r} failed on {ctx.describe()}: {type(exc).__name__}: {exc}")
+        reason = f"op rule {kind!r} failed on {ctx.describe()}: {type(exc).__name__}: {exc}"
+        for space in before.undo_couplings(facts):
+            ctx.block(space, reason)
+        ctx.block_all(reason)
+        return
+    if not ctx.asked_for_spaces and makes_tensor:
+        deferred.add(node.name)
+
+
+class _FailClosedContext(OpContext):
+    """The context rules get while facts are collected. Its ``block_all`` (a rule failing closed, an
+    op without a rule, a rule that raised) blocks every channel space whose coupling to this node is
+    unknown: the dims of the node's inputs and outputs, and upstream of them, through every node whose
+    rule *deferred* its couplings to this one, the values of those nodes and of the first node that
+    declared its own. A rule defers when it returns without asking for a single channel space: the
+    interior of a layout chain (view → transpose → … ) is analysed as one function by the chain's
+    exit, so if the exit fails, nothing ties the chain's input (the projection that produces the
+    channels) to anything blocked, and that projection would stay a prunable group whose slice
+    offsets and head sizes pruning then breaks. Blocking the whole connected component would not reach
+    it: the missing couplings are exactly the ones that would have connected it."""
+
+    def __init__(self, traced: TracedModel, facts: GraphFacts, node: fx.Node, rule_kind: str,
+                 deferred: set[str]) -> None:
+        super().__init__(traced, facts, node, rule_kind)
+        self.deferred = deferred
+        self.asked_for_spaces = False
+
+    def space(self, arg: Any, dim: int, element: int | tuple[int, ...] | None = None) -> Space | None:
+        self.asked_for_spaces = True
+        return super().space(arg, dim, element)
+
+    def _space_of_key(self, key: str, d: int, info: TensorInfo) -> Space | None:
+        self.asked_for_spaces = True
+        return super()._space_of_key(key, d, info)
+
+    def block_all(self, reason: str) -> None:
+        super().block_all(reason)
+        stack = [a for a in self.node.all_input_nodes if a.name in self.deferred]
+        seen: set[str] = set()
+        while stack:
+            node = stack.pop()
+            if node.name in seen:
+                continue
+            seen.add(node.name)
+            why = f"{reason} (upstream, through '{node.name}', whose channel mapping that op would have declared)"
+            for n in (node, *node.all_input_nodes):
+                self._block_value(n, why)
+            stack.extend(a for a in node.all_input_nodes if a.name in self.deferred)
+
+    def _block_value(self, node: fx.Node, reason: str) -> None:
+        for key, info in value_infos(self.traced.values.get(node.name), node.name):
+            for d in range(info.ndim):
+                self.block(self._space_of_key(key, d, info), reason)
+
+
+@dataclass(frozen=True)
+class _Declared:
+    """How many couplings had been declared before a rule ran."""
+
+    same: int
+    pairs: int
+    merges: int
+
+    @classmethod
+    def of(cls, facts: GraphFacts) -> _Declared:
+        return cls(len(facts.same), len(facts.pairs), len(facts.merges))
+
+    def undo_couplings(self, facts: GraphFacts) -> set[Space]:
+        """Drop the couplings declared since; a rule that raised may have declared them half-way (or
+        from garbage). Returns the spaces they touched, which become barriers with the rule's inputs."""
+        touched = {s for pair in facts.same[self.same:] for s in pair}
+        touched |= {s for a, b, _, _ in facts.pairs[self.pairs:] for s in (a, b)}
+        touched |= {s for m in facts.merges[self.merges:] for s in (m.out, *m.factors)}
+        del facts.same[self.same:], facts.pairs[self.pairs:], facts.merges[self.merges:]
+        return touched
 
 
 def _block_undeclared_parameter_dims(facts: GraphFacts, parameter_spaces: list[tuple[Space, fx.Node]]) -> None:

@@ -218,7 +218,9 @@ def _couple_interior_splits(ctx: OpContext, exit_node: fx.Node, root: fx.Node) -
 def _couple_split(ctx: OpContext, root: fx.Node, idx: torch.Tensor, free_dims: set[int], where: str,
                   hard: set[int] | None, splits: bool = True) -> None:
     """For each dim of ``root`` spread over several dims of ``idx``, the channels sharing a
-    coordinate along the one free (not hard-coded) dim among them are one structure."""
+    coordinate along the one free (not hard-coded) dim among them are one structure. Only the channels
+    that ``idx`` holds are coupled: where a slice (``qkv[..., :q_width]``) keeps part of the dim, the
+    other channels are not in this output and this split says nothing about them."""
     in_shape = ctx.traced.values[root.name].shape
     for i, g in enumerate(_coords(in_shape, idx)):
         if in_shape[i] <= 1:
@@ -238,10 +240,16 @@ def _couple_split(ctx: OpContext, root: fx.Node, idx: torch.Tensor, free_dims: s
             continue
         position = torch.arange(idx.shape[free[0]]).reshape(
             [-1 if j == free[0] else 1 for j in range(idx.ndim)]).expand(idx.shape)
-        free_coord = np.empty(in_shape[i], dtype=np.int64)
-        free_coord[g.reshape(-1).numpy()] = position.reshape(-1).numpy()
-        _, first = np.unique(free_coord, return_index=True)
-        ctx.pairs(space, space, first[free_coord], np.arange(in_shape[i]))
+        channel, coord = g.reshape(-1).numpy(), position.reshape(-1).numpy()
+        ctx.pairs(space, space, _lowest_channel_at(coord, channel), channel)
+
+
+def _lowest_channel_at(coord: np.ndarray, channel: np.ndarray) -> np.ndarray:
+    """For every element, the lowest channel among the elements with the same free coordinate (a
+    channel held at two coordinates, as after a repeat, joins both)."""
+    lowest = np.full(int(coord.max(initial=0)) + 1, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(lowest, coord, channel)
+    return lowest[coord]
 
 
 def _block_one_head_splits(ctx: OpContext, exit_node: fx.Node, root: fx.Node) -> None:
@@ -383,7 +391,7 @@ def _head_split(ctx: OpContext, exit_node: fx.Node, root: fx.Node, idx: torch.Te
         return set(), f"{where} splits only some of its channels"
     position = torch.arange(split_idx.shape[free[0]]).reshape(
         [-1 if j == free[0] else 1 for j in range(split_idx.ndim)]).expand(split_idx.shape)
-    head_of = np.empty(width, dtype=np.int64)
+    head_of = np.full(width, -1, dtype=np.int64)  # every channel is written: all are in ``seen``
     head_of[g.reshape(-1).numpy()] = position.reshape(-1).numpy()
     # the free factor is the head_dim when the head count is hard-coded (view(b, s, heads, -1)): the
     # structures are then head_dim slots, slot j of every head removed together (uniform head_dim)
