@@ -15,7 +15,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SKIP_DIRS = {"build", "dist", "data", "node_modules", "__pycache__"}
 TEXT_SUFFIXES = {".md", ".py", ".toml", ".sh", ".cfg", ".txt", ".yml", ".yaml", ".json"}
-OUTSIDE_REFERENCE = re.compile(r"(?:\.\./)+" + "shared" + r"\b|/work/" + "shared" + r"\b")
+OUTSIDE_REFERENCE = re.compile(  # "../shared", "/work/shared", or a path join such as ROOT.parent / "shared"
+    r"(?:\.\./)+" + "shared" + r"\b|/work/" + "shared" + r"\b|\.parent\s*/\s*[\"']" + "shared" + r"[\"']"
+)
 
 _FENCE = re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.MULTILINE | re.DOTALL)
 _INLINE_CODE = re.compile(r"(`+)(?:(?!\1).)+?\1", re.DOTALL)
@@ -120,6 +122,10 @@ def test_checker_finds_dead_links_and_anchors(tmp_path: Path) -> None:
 def test_checker_finds_outside_references(tmp_path: Path) -> None:
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "a.py").write_text('x = 1\npath = "../' + 'shared/data/x.npz"\n')
+    (tmp_path / "pkg" / "b.py").write_text('DATA = ROOT.parent / "' + 'shared" / "x.npz"\nOK = ROOT / "shared_x"\n')
     (tmp_path / ".venv").mkdir()
     (tmp_path / ".venv" / "b.py").write_text('"../' + 'shared/ignored"\n')
-    assert outside_references(tmp_path) == ['pkg/a.py:2: path = "../' + 'shared/data/x.npz"']
+    assert outside_references(tmp_path) == [
+        'pkg/a.py:2: path = "../' + 'shared/data/x.npz"',
+        'pkg/b.py:1: DATA = ROOT.parent / "' + 'shared" / "x.npz"',
+    ]

@@ -24,7 +24,7 @@ def load_cifar10(path: str | Path, limit: int | None = None, cache: str | Path |
     """uint8 images (N, 3, 32, 32) and labels for both splits; ``limit`` keeps N random images of each."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: copy ../shared/data/cifar10_jpeg.npz there or pass --data")
+        raise FileNotFoundError(f"{path} not found: put cifar10_jpeg.npz (CIFAR-10, JPEG arrays) there or pass --data")
     cache_file = Path(cache) / f"cifar10_u8_{limit or 'all'}.npz" if cache else None
     if cache_file is not None and cache_file.exists():
         with np.load(cache_file) as z:
