@@ -207,6 +207,23 @@ def test_taylor_with_and_without_gradients() -> None:
         assert (model(x) - soft).abs().max().item() <= 1e-10
 
 
+def test_one_shot_apply_plan_keeps_the_highest_taylor_scores() -> None:
+    from sparsify import apply_plan, make_plan
+
+    model, x = residual_cnn(torch.float64)
+    randomize_(model).eval()
+    config = TorchPruningConfig(criterion="taylor")
+    _, _, vectors = _scored(model, x, config)  # gradients of one backward: what apply_plan's adapter reads
+    scores = {v.name: v.raw().double().numpy() for v in vectors}
+    plan = make_plan(model, x, 0.5, unit="channels")
+    result = apply_plan(model, x, plan, importance=config)
+    assert result.removed and set(result.removed) <= set(scores)
+    for name, removed in result.removed.items():
+        lowest = np.argsort(scores[name], kind="stable")[: len(removed)]
+        assert sorted(removed.tolist()) == sorted(lowest.tolist()), name
+    assert model.layer1.conv1.out_channels == 4
+
+
 @pytest.mark.parametrize("policy", ["str", "slimming"])
 def test_learned_policies_are_refused(policy) -> None:
     model, x = residual_cnn(torch.float64)
