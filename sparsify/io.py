@@ -1,7 +1,8 @@
-"""Save a pruned model as its pruning plan plus weights, and load it back into the original architecture.
+"""Save a pruned model as its prune record plus weights, and load it back into the original architecture.
 
 ``save`` writes ``<path>/model.safetensors`` (the state dict; tensors shared under several names are
-stored once and their aliases recorded) and ``<path>/plan.json`` (a ``PruningPlan``). ``load`` builds
+stored once and their aliases recorded) and ``<path>/plan.json`` (a ``PruneRecord``: every removal plan
+applied, in order; the file keeps its name so saved models stay loadable). ``load`` builds
 the unpruned model, replays every prune step by group name, creates the biases that folding created
 and loads the weights strictly: the result equals the saved model bit for bit.
 """
@@ -17,12 +18,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from sparsify._utils import owner_of
 from sparsify.errors import SparsifyError
 from sparsify.graph.channel_graph import build_channel_graph
 from sparsify.prune.surgery import PruneReport, prune_channels
 
 WEIGHTS_FILE = "model.safetensors"
-PLAN_FILE = "plan.json"
+RECORD_FILE = "plan.json"  # the name of format version 1
 FORMAT_VERSION = 1
 
 
@@ -79,7 +81,7 @@ class PruneStep(BaseModel):
     created_biases: dict[str, list[int]] = Field(default_factory=dict, description="bias name → shape after the step")
 
 
-class PruningPlan(BaseModel):
+class PruneRecord(BaseModel):
     """Everything ``load`` needs besides the weights to turn the original architecture into the pruned one."""
 
     model_config = ConfigDict(extra="forbid")
@@ -90,7 +92,7 @@ class PruningPlan(BaseModel):
     aliases: dict[str, str] = Field(default_factory=dict, description="state-dict key → key its tensor is stored as")
 
     @classmethod
-    def from_reports(cls, reports: Sequence[PruneReport], example_inputs: Any) -> PruningPlan:
+    def from_reports(cls, reports: Sequence[PruneReport], example_inputs: Any) -> PruneRecord:
         from sparsify._version import __version__
 
         steps = [PruneStep(removed=dict(r.plan), widths={k: r.widths[k][0] for k in r.plan},
@@ -146,49 +148,48 @@ def save(model: nn.Module, path: str | Path, reports: Any, example_inputs: Any) 
     """
     from safetensors.torch import save_file
 
-    plan = PruningPlan.from_reports(_as_reports(reports), example_inputs)
-    tensors, plan.aliases = _dedupe(model.state_dict())
+    record = PruneRecord.from_reports(_as_reports(reports), example_inputs)
+    tensors, record.aliases = _dedupe(model.state_dict())
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.cpu() if v.device.type != "cpu" else v for k, v in tensors.items()},
               str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-    (directory / PLAN_FILE).write_text(plan.model_dump_json(indent=1))
+    (directory / RECORD_FILE).write_text(record.model_dump_json(indent=1))
     return directory
 
 
-def load_plan(path: str | Path) -> PruningPlan:
+def load_record(path: str | Path) -> PruneRecord:
     """Read ``<path>/plan.json``."""
-    file = Path(path) / PLAN_FILE
+    file = Path(path) / RECORD_FILE
     if not file.is_file():
         raise LoadError(f"{file} not found: is {path} a directory written by sparsify.save()?")
     try:
-        return PruningPlan.model_validate(json.loads(file.read_text()))
+        return PruneRecord.model_validate(json.loads(file.read_text()))
     except ValueError as exc:
-        raise LoadError(f"{file} is not a valid sparsify pruning plan: {exc}") from exc
+        raise LoadError(f"{file} is not a valid sparsify prune record: {exc}") from exc
 
 
 def _create_bias(model: nn.Module, name: str, shape: Sequence[int]) -> None:
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name) if module_name else model
+    module, attr = owner_of(model, name)
     if getattr(module, attr, None) is not None:
-        raise LoadError(f"the plan says folding created '{name}', but the model built by build_fn already has it: "
-                        "pass the build_fn of the original (unpruned) model")
+        raise LoadError(f"the prune record says folding created '{name}', but the model built by build_fn already "
+                        "has it: pass the build_fn of the original (unpruned) model")
     ref = next(iter(module.parameters()), None)
     kwargs = {"dtype": ref.dtype, "device": ref.device} if ref is not None else {}
     module.register_parameter(attr, nn.Parameter(torch.zeros(tuple(shape), **kwargs)))
 
 
-def _replay(model: nn.Module, plan: PruningPlan, device: torch.device | str | None) -> None:
-    for i, step in enumerate(plan.steps):
+def _replay(model: nn.Module, record: PruneRecord, device: torch.device | str | None) -> None:
+    for i, step in enumerate(record.steps):
         try:
-            cg = build_channel_graph(model, plan.example_inputs.build(device))
+            cg = build_channel_graph(model, record.example_inputs.build(device))
         except SparsifyError as exc:
             raise LoadError(f"step {i + 1}: the model from build_fn does not accept the recorded example inputs "
                             f"({exc}); pass the build_fn that builds the original, unpruned architecture") from exc
         widths = {g.name: g.width for g in cg.groups}
         for name, removed in step.removed.items():
             if name not in widths:
-                raise LoadError(f"step {i + 1}: channel group '{name}' of the plan is not in the model built by "
+                raise LoadError(f"step {i + 1}: channel group '{name}' of the record is not in the model built by "
                                 f"build_fn (it has {sorted(widths)[:10]} …): pass the build_fn that builds the "
                                 "original, unpruned architecture")
             saved = step.widths.get(name, widths[name])
@@ -209,8 +210,8 @@ def _check_fits(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
         w = weights[name]
         if w.shape != t.shape or w.dtype != t.dtype:
             raise LoadError(f"'{name}' is {tuple(w.shape)} {w.dtype} in the saved weights but "
-                            f"{tuple(t.shape)} {t.dtype} after replaying the plan: the weights do not belong to "
-                            "this plan, or build_fn builds another architecture or dtype")
+                            f"{tuple(t.shape)} {t.dtype} after replaying the record: the weights do not belong to "
+                            "this record, or build_fn builds another architecture or dtype")
     extra = sorted(set(weights) - set(expected))
     if extra:
         raise LoadError(f"the saved weights have '{extra[0]}', which the replayed model lacks")
@@ -219,10 +220,10 @@ def _check_fits(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
 def load(build_fn: Callable[[], nn.Module], path: str | Path, *, device: torch.device | str | None = None
          ) -> nn.Module:
     """Rebuild a model saved by ``save``: ``build_fn()`` must return the original, unpruned architecture
-    (any weights); the plan is replayed on it and the saved weights loaded strictly."""
+    (any weights); its prune record is replayed on it and the saved weights loaded strictly."""
     from safetensors.torch import load_file
 
-    plan = load_plan(path)
+    record = load_record(path)
     weights_file = Path(path) / WEIGHTS_FILE
     if not weights_file.is_file():
         raise LoadError(f"{weights_file} not found: is {path} a directory written by sparsify.save()?")
@@ -231,9 +232,9 @@ def load(build_fn: Callable[[], nn.Module], path: str | Path, *, device: torch.d
         model.to(device)
     else:
         device = next((t.device for t in [*model.parameters(), *model.buffers()]), None)
-    _replay(model, plan, device)
+    _replay(model, record, device)
     weights = load_file(str(weights_file), device=str(device) if device is not None else "cpu")
-    for alias, target in plan.aliases.items():
+    for alias, target in record.aliases.items():
         if target not in weights:
             raise LoadError(f"'{alias}' is recorded as an alias of '{target}', which the saved weights lack")
         weights[alias] = weights[target]

@@ -16,7 +16,7 @@ from torch import nn
 
 import sparsify
 from sparsify import GMPConfig, Sparsifier, SparsifyError, build_channel_graph, prune_channels
-from sparsify.io import LoadError, PruningPlan
+from sparsify.io import LoadError, PruneRecord, load_record
 from sparsify.testing.models import TiedLM
 from sparsify.testing.oracle import random_plan, soft_zero_
 
@@ -84,7 +84,7 @@ def test_resnet18_round_trip(tv: ModuleType, tmp_path: Path) -> None:
     report = prune_channels(cg, plan)
     assert report.plan and not report.created_biases
     _round_trip(model, lambda: tv.models.resnet18(num_classes=10), [report], x, tmp_path)
-    saved = PruningPlan.model_validate_json((tmp_path / "plan.json").read_text())
+    saved = PruneRecord.model_validate_json((tmp_path / "plan.json").read_text())
     assert saved.steps[0].removed == report.plan and saved.example_inputs.tensors[0].shape == [1, 3, 64, 64]
 
 
@@ -93,6 +93,10 @@ def test_bias_created_by_folding_round_trips(tmp_path: Path) -> None:
     assert report.created_biases == {"fc2.bias": (3,)} and report.plan == {"fc1": [1, 5]}
     loaded = _round_trip(model, MLP, report, x, tmp_path)
     assert loaded.fc2.bias is not None and loaded.fc1.out_features == 6
+    record = load_record(tmp_path)
+    assert isinstance(record, PruneRecord) and record.steps[0].created_biases == {"fc2.bias": [3]}
+    with pytest.raises(LoadError, match="not found"):
+        load_record(tmp_path / "missing")
 
 
 def test_sparsifier_then_second_prune_round_trips(tmp_path: Path) -> None:
@@ -119,7 +123,7 @@ def test_tied_weights_and_token_ids_round_trip(tmp_path: Path) -> None:
     assert report.plan
     loaded = _round_trip(model, TiedLM, report, {"ids": ids}, tmp_path)
     assert loaded.head.weight is loaded.embed.weight
-    saved = PruningPlan.model_validate_json((tmp_path / "plan.json").read_text())
+    saved = PruneRecord.model_validate_json((tmp_path / "plan.json").read_text())
     assert saved.aliases == {"head.weight": "embed.weight"}
     assert saved.example_inputs.names == ["ids"] and saved.example_inputs.tensors[0].dtype == "int64"
 
