@@ -165,9 +165,10 @@ class TorchPruningAdapter(FilterNormAdapter):
     def vectors(self, cg: ChannelGraph) -> list[ImportanceVector]:
         groups = cg.prunable_groups()
         graph, why = self._dependency_graph(cg)
+        names = {m: n for n, m in cg.model.named_modules()}
         out = []
         for group in groups:
-            roots, reason = (None, why) if graph is None else self._roots(cg.model, graph, group)
+            roots, reason = (None, why) if graph is None else self._roots(cg.model, graph, group, names)
             if roots is None:
                 self.skipped[group.name] = reason
                 continue
@@ -194,10 +195,10 @@ class TorchPruningAdapter(FilterNormAdapter):
                 m.training = mode
         return graph, ""
 
-    def _roots(self, model: nn.Module, graph: Any, group: ChannelGroup) -> tuple[list[Root] | None, str]:
+    def _roots(self, model: nn.Module, graph: Any, group: ChannelGroup, names: dict[nn.Module, str]
+               ) -> tuple[list[Root] | None, str]:
         if group.kind != "channel":
             return None, f"its structures are {group.kind}s; Torch-Pruning scores single channels"
-        names = {m: n for n, m in model.named_modules()}
         ours = {(m.module, _side(m)) for m in group.members if m.role != "other"
                 and isinstance(_module(model, m), _SCORED)}
         covered = np.zeros(group.width, dtype=bool)
