@@ -7,10 +7,10 @@ sparsify for every arm) and keep training the pruned network for the remaining e
 decoded once and kept and augmented on the GPU. One run = one arm at one ratio; results are JSON
 files in ``--out``; ``--report`` prints the table and draws accuracy against MACs.
 
-    python benchmarks/cifar.py --arm str_bn --ratio 2 --model resnet56 --epochs 40 --prune-epoch 30
-    python benchmarks/cifar.py --parallel dense str_bn:2 str_bn:4 gmp_erk:2 ...   # several runs at once
-    python benchmarks/cifar.py --report --out out/cifar
-    torchrun --nproc-per-node 2 benchmarks/cifar.py --arm str_bn --ratio 2   # DDP: same global batch
+    python -m benchmarks.cifar --arm str_bn --ratio 2 --model resnet56 --epochs 40 --prune-epoch 30
+    python -m benchmarks.cifar --parallel dense str_bn:2 str_bn:4 gmp_erk:2 ...   # several runs at once
+    python -m benchmarks.cifar --report --out out/cifar
+    torchrun --nproc-per-node 2 -m benchmarks.cifar --arm str_bn --ratio 2   # DDP: same global batch
 
 Under torchrun (DDP: NCCL on GPUs, gloo on CPUs) every rank takes its slice of the same global
 batch, the Sparsifier is created on the plain model and the model is wrapped afterwards; before
@@ -31,13 +31,13 @@ import time
 from pathlib import Path
 
 import torch
-from cifar_lib.arms import ARMS, macs_of
-from cifar_lib.data import DeviceLoader, load_cifar10
-from cifar_lib.models import build
-from cifar_lib.train import Recipe, Trainer
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.cifar_lib.arms import ARMS, macs_of
+from benchmarks.cifar_lib.data import DeviceLoader, load_cifar10
+from benchmarks.cifar_lib.models import build
+from benchmarks.cifar_lib.train import Recipe, Trainer
 from sparsify import recalibrate_batchnorm
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data" / "cifar10_jpeg.npz"
@@ -229,7 +229,7 @@ def parallel(args: argparse.Namespace, specs: list[str]) -> None:
     procs = []
     for spec in specs:
         arm, _, ratio = spec.partition(":")
-        cmd = [sys.executable, __file__, "--arm", arm, "--ratio", ratio or "2", *_passthrough(args)]
+        cmd = [sys.executable, "-m", "benchmarks.cifar", "--arm", arm, "--ratio", ratio or "2", *_passthrough(args)]
         log = open(Path(args.out) / f"{arm}_{ratio or 'dense'}.log", "w")
         procs.append((spec, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
     for spec, p, log in procs:

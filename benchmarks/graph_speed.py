@@ -12,7 +12,7 @@ For each model and repeat (a fresh model each time, built outside the timed regi
 Medians of ``--repeats`` runs are printed as a table and written as JSON. A model one side cannot
 handle shows ``unsupported: <reason>`` (ours) or ``failed: <reason>`` (TP) instead of timings.
 
-    python benchmarks/graph_speed.py --models resnet50 vit_b_16 --repeats 3 --out /tmp/graph_speed.json
+    python -m benchmarks.graph_speed --models resnet50 vit_b_16 --repeats 3 --out /tmp/graph_speed.json
 """
 
 from __future__ import annotations

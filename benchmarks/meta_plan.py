@@ -11,7 +11,7 @@ own. Children:
 * ``apply``: the plan (as JSON) applied to a real small LLaMA with the same 32 layer names
   (hidden 128, MLP 344, 4/2 heads), keep ratios, magnitude and Wanda importance.
 
-    python benchmarks/meta_plan.py --out /tmp/meta_plan.json [--layers 32 --hidden 4096 --mlp 11008]
+    python -m benchmarks.meta_plan --out /tmp/meta_plan.json [--layers 32 --hidden 4096 --mlp 11008]
 """
 
 from __future__ import annotations
@@ -175,8 +175,8 @@ def _run_child(name: str, argv: list[str]) -> dict[str, Any]:
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, __file__, "--child", name, *argv], capture_output=True, text=True,
-                          env=env, check=False)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.meta_plan", "--child", name, *argv],
+                          capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         return {"error": proc.stderr[-2000:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -31,8 +31,8 @@ leaf whose inner width is tied to embed_dim, the residual width is inexact under
 restricted to the same layers). ``--vit-heads`` adds ``ours+latency+heads``: the attention swapped for
 ``ExplicitMultiheadAttention`` first, so whole heads are prunable too.
 
-    python benchmarks/speed.py --out /tmp/speed.json                       # GPU defaults
-    python benchmarks/speed.py --device cpu --models resnet18 --batch 2 --size 64 --iters 3   # smoke test
+    python -m benchmarks.speed --out /tmp/speed.json                       # GPU defaults
+    python -m benchmarks.speed --device cpu --models resnet18 --batch 2 --size 64 --iters 3   # smoke test
 """
 
 from __future__ import annotations

@@ -4,15 +4,13 @@ On a GPU every op is at least one kernel launch, and a CUDA-graphed step replays
 count is a device-independent proxy for the Sparsifier's step overhead. Counted with a
 TorchDispatchMode on the CPU.
 
-    PYTHONPATH=. python benchmarks/step_ops.py --model resnet56
+    python -m benchmarks.step_ops --model resnet56
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import Counter
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar_lib.models import build
-
+from benchmarks.cifar_lib.models import build
 from sparsify import GMPConfig, Sparsifier, STRConfig
 
 

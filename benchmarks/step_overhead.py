@@ -4,7 +4,7 @@ Same model, batch, precision and optimizer; the Sparsifier's policy transforms r
 forward (parametrizations) and ``sp.step()`` runs after each optimizer step. Prints a table and
 writes JSON. Goal (CIFAR benchmark issue): ≤ 1.05× the dense step for STR-BN.
 
-    python benchmarks/step_overhead.py --model resnet18 --batch 256 --size 32 --steps 50 --out /tmp/step_overhead.json
+    python -m benchmarks.step_overhead --model resnet18 --batch 256 --size 32 --steps 50 --out /tmp/step_overhead.json
 """
 
 from __future__ import annotations

@@ -18,8 +18,7 @@ def cifar(tmp_path_factory):
     data = next((p for p in DATA if p.exists()), None)
     if data is None:
         pytest.skip("cifar10_jpeg.npz not found (../shared/data)")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import cifar as bench
+    from benchmarks import cifar as bench
 
     return bench, data, tmp_path_factory.mktemp("cifar")
 
@@ -94,7 +93,7 @@ def test_ddp_run_on_two_cpu_processes(cifar, tmp_path: Path) -> None:
     _, data, out = cifar
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           str(ROOT / "benchmarks" / "cifar.py"), "--arm", "str_bn", "--device", "cpu", "--model", "resnet20",
+           "-m", "benchmarks.cifar", "--arm", "str_bn", "--device", "cpu", "--model", "resnet20",
            "--limit", "128", "--batch", "64",
            "--epochs", "2", "--prune-epoch", "1", "--no-graphs", "--fp32", "--data", str(data),
            "--cache", str(out / "cache"), "--out", str(tmp_path), "--eval-every", "1"]

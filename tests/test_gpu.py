@@ -76,13 +76,9 @@ def test_cifar_harness_graphed_steps_equal_eager(arm: str, monkeypatch: pytest.M
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from cifar_lib.arms import ARMS
-    from cifar_lib.models import build
-    from cifar_lib.train import Recipe, Trainer
+    from benchmarks.cifar_lib.arms import ARMS
+    from benchmarks.cifar_lib.models import build
+    from benchmarks.cifar_lib.train import Recipe, Trainer
 
     class Batches:
         batch, world = 64, 1

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from cifar_lib.data import DeviceLoader
+from benchmarks.cifar_lib.data import DeviceLoader
 
 
 @dataclass
