@@ -1,6 +1,6 @@
 """Long fuzzing profile: the property test of tests/test_fuzz.py over many architectures.
 
-    PYTHONPATH=. python benchmarks/fuzz_long.py --examples 10000 [--json fuzz_long.json]
+    python -m benchmarks.fuzz_long --examples 10000 [--json fuzz_long.json]
 
 (equivalently ``SPARSIFY_FUZZ_EXAMPLES=10000 pytest tests/test_fuzz.py``). Prints a table of outcomes
 and writes JSON; a failure stops the run, prints hypothesis' minimal spec, and exits non-zero.
@@ -19,9 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sparsify.testing.fuzz import Spec, architectures
-from tests.test_fuzz import check_spec
+from sparsify.testing.fuzz import Spec, architectures, check_spec
 
 
 def main() -> int:

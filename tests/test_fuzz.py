@@ -1,14 +1,18 @@
 """Property test: random small CNN DAGs (sparsify.testing.fuzz) pruned by the exactness oracle.
 
 ``SPARSIFY_FUZZ_EXAMPLES`` sets the number of architectures (default 150, about 10 s); the long
-profile is ``benchmarks/fuzz_long.py``. Bugs the fuzzer found are kept below as strict xfails with
+profile is ``python -m benchmarks.fuzz_long``; the property itself is
+``sparsify.testing.fuzz.check_spec``. Bugs the fuzzer found are kept below as strict xfails with
 their minimal specs; the property test steers around them (see ``_empties_a_member`` and
 ``singleton_heads=False``) so that it keeps finding new ones.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from typing import Any
 
 import numpy as np
@@ -18,28 +22,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from sparsify import build_channel_graph, prune_channels
-from sparsify.errors import InexactPruneError, PruneError, TraceError
-from sparsify.testing.fuzz import Spec, architectures, build
-from sparsify.testing.oracle import check_exactness, randomize_
+from sparsify.errors import PruneError
+from sparsify.testing.fuzz import Spec, architectures, build, check_spec
 
 EXAMPLES = int(os.environ.get("SPARSIFY_FUZZ_EXAMPLES", "300"))
-FRACTION = 0.5
-
-
-def check_spec(spec: Spec, keep_bias: bool, seed: int = 0) -> str:
-    """Run the oracle on ``spec`` in float64 and assert exactness; returns what happened."""
-    model, x = build(spec, torch.float64)
-    randomize_(model, seed)
-    try:
-        r = check_exactness(model, x, FRACTION, seed, keep_bias=keep_bias)
-    except TraceError:
-        return "trace error"
-    except InexactPruneError:
-        if keep_bias:
-            return "inexact (keep_bias)"
-        raise
-    assert r.max_abs_diff <= 1e-9 * (1 + r.output_scale), (r.max_abs_diff, r.output_scale, spec)
-    return f"pruned {min(r.groups_pruned, 3)}{'+' if r.groups_pruned >= 3 else ''} groups"
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
@@ -95,3 +81,26 @@ def test_regression_singleton_group_view_is_a_barrier(dyn: bool) -> None:
     stem = next(g for g in cg.groups if any(m.tensor == "layers.1.weight" and m.role == "out" for m in g.members))
     assert not stem.prunable and "constant" in stem.why_not()
     check_spec(spec, keep_bias=False)
+
+
+# ----- the shipped module without the dev extra ----------------------------------------------------
+_WITHOUT_HYPOTHESIS = """
+import json
+import sys
+sys.modules["hypothesis"] = None  # import hypothesis now raises ImportError
+from sparsify.testing.fuzz import architectures, check_spec
+print(check_spec(json.loads(sys.argv[1]), keep_bias=False))
+try:
+    architectures()
+except ImportError as exc:
+    print("ImportError:", exc)
+"""
+
+
+def test_fuzz_module_imports_and_checks_without_hypothesis() -> None:
+    """sparsify.testing.fuzz imports and runs check_spec with hypothesis hidden; architectures() then
+    says how to install it."""
+    out = subprocess.run([sys.executable, "-c", _WITHOUT_HYPOTHESIS, json.dumps(CHUNK_BRANCH)], capture_output=True,
+                         text=True, timeout=300, check=True).stdout
+    assert out.splitlines()[0].startswith("pruned"), out
+    assert "pip install 'sparsify-structured[dev]'" in out

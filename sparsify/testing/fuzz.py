@@ -13,16 +13,25 @@ Layer kinds (``op``): ``conv`` (kernel 1/3, padding, stride 1/2, dense/depthwise
 ``y``), ``cat``, ``chunk`` (chunk(2), process one half, cat), ``shuffle`` (view/transpose/view),
 ``heads`` (view into ``g`` heads, a per-head op, view back), ``pool`` (2×2 max/avg) and ``head``
 (adaptive average pool or flatten with spatial size, then linear).
+
+``check_spec(spec, keep_bias)`` is the property: the oracle on one spec. Only ``architectures()``
+needs hypothesis (a dev extra); the rest imports and runs without it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from hypothesis import strategies as st
 from torch import nn
+
+from sparsify.errors import InexactPruneError, TraceError
+from sparsify.testing.oracle import check_exactness, randomize_
+
+if TYPE_CHECKING:
+    from hypothesis import strategies as st
 
 Spec = list[dict[str, Any]]
 Shape = tuple[int, int]  # (channels, spatial size; images are square)
@@ -31,6 +40,7 @@ MAX_CHANNELS = 16
 MAX_SIZE = 8
 MAX_LAYERS = 7  # plus input and head: at most 8 computing nodes
 BATCH = 2
+FRACTION = 0.5  # of every prunable group's structures zeroed by check_spec
 
 OPS = ("conv", "act", "norm", "add", "cat", "gate", "chunk", "shuffle", "heads", "pool")
 _WEIGHTED_OPS = ("conv",) * 3 + OPS[1:] + ("norm", "add")  # convs make prunable groups; draw them more often
@@ -83,12 +93,24 @@ def shapes(spec: Spec) -> list[Shape]:
 
 
 # ----- strategy ----------------------------------------------------------------------------------
+def _strategies() -> ModuleType:
+    """``hypothesis.strategies``, or an ImportError that says how to install it."""
+    try:
+        from hypothesis import strategies
+    except ImportError as exc:
+        raise ImportError("sparsify.testing.fuzz.architectures() needs hypothesis, a development extra: "
+                          "pip install 'sparsify-structured[dev]'") from exc
+    return strategies
+
+
 def _pick(draw: st.DrawFn, n: int, label: str) -> int:
     """An earlier node: the latest half of the time (a chain is the simplest DAG, and shrinks to it)."""
+    st = _strategies()
     return n - 1 - (draw(st.integers(0, n - 1), label=label) if draw(st.booleans(), label=label) else 0)
 
 
 def _draw_layer(draw: st.DrawFn, out: list[Shape], singleton_heads: bool) -> dict[str, Any] | None:
+    st = _strategies()
     n = len(out)
     op = "conv" if n == 1 else draw(st.sampled_from(_WEIGHTED_OPS), label="op")  # layer 1 is a conv stem
     x = _pick(draw, n, "x")
@@ -152,10 +174,14 @@ def _draw_layer(draw: st.DrawFn, out: list[Shape], singleton_heads: bool) -> dic
     raise AssertionError(op)
 
 
-@st.composite
-def architectures(draw: st.DrawFn, max_layers: int = MAX_LAYERS, singleton_heads: bool = True) -> Spec:
-    """A random spec: input, a conv stem and up to ``max_layers - 1`` more layers over earlier nodes, a
-    linear head. ``singleton_heads=False`` never views C channels as C groups of one."""
+def architectures(max_layers: int = MAX_LAYERS, singleton_heads: bool = True) -> st.SearchStrategy[Spec]:
+    """A hypothesis strategy of random specs: input, a conv stem and up to ``max_layers - 1`` more layers
+    over earlier nodes, a linear head. ``singleton_heads=False`` never views C channels as C groups of one."""
+    return _strategies().composite(_draw_spec)(max_layers, singleton_heads)
+
+
+def _draw_spec(draw: st.DrawFn, max_layers: int, singleton_heads: bool) -> Spec:
+    st = _strategies()
     spec: Spec = [{"op": "input", "channels": draw(st.integers(1, 6), label="in_channels"),
                    "size": draw(st.integers(2, MAX_SIZE), label="size")}]
     out = shapes([*spec, {}])
@@ -289,3 +315,23 @@ def build(spec: Spec, dtype: torch.dtype = torch.float64, seed: int = 0) -> tupl
     model = FuzzNet(spec).to(dtype)
     c, s = spec[0]["channels"], spec[0]["size"]
     return model, torch.randn(BATCH, c, s, s, dtype=dtype)
+
+
+def check_spec(spec: Spec, keep_bias: bool, seed: int = 0) -> str:
+    """Run the oracle on ``spec`` in float64 (``FRACTION`` of every exact group zeroed and pruned) and raise
+    AssertionError unless the pruned model computes what the soft one did; returns what happened, e.g.
+    ``"pruned 2 groups"`` or ``"trace error"`` (for hypothesis' ``event``)."""
+    model, x = build(spec, torch.float64)
+    randomize_(model, seed)
+    try:
+        r = check_exactness(model, x, FRACTION, seed, keep_bias=keep_bias)
+    except TraceError:
+        return "trace error"
+    except InexactPruneError:
+        if keep_bias:
+            return "inexact (keep_bias)"
+        raise
+    if r.max_abs_diff > 1e-9 * (1 + r.output_scale):
+        raise AssertionError(f"pruning changed the outputs by {r.max_abs_diff:.3g} (scale {r.output_scale:.3g}, "
+                             f"keep_bias={keep_bias}, seed={seed}): {spec}")
+    return f"pruned {min(r.groups_pruned, 3)}{'+' if r.groups_pruned >= 3 else ''} groups"
