@@ -1,0 +1,373 @@
+"""Small models for the op rules and adapters that ``sparsify.testing.models`` does not exercise.
+
+Each builder returns ``(model, example_inputs)`` in the requested dtype, like the builders there, and
+names in its docstring the rules (or adapter) it is for. Every model also has an exact prunable group
+next to the op under test, so that the exactness oracle prunes something through or around it.
+``export_only(builder)`` wraps a model so that fx cannot trace it and the torch.export front end
+(ATen-level graphs, the ``aten_*`` rules) is used instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from sparsify._compat import import_torchvision
+
+Example = tuple[nn.Module, Any]
+
+
+def _image(dtype: torch.dtype, channels: int = 3, size: int = 6) -> torch.Tensor:
+    return torch.randn(2, channels, size, size, dtype=dtype)
+
+
+class ExportOnly(nn.Module):
+    """Runs ``inner`` behind a check on the input's rank: Python control flow on a traced value, which
+    torch.fx cannot trace and torch.export (which sees real shapes) can."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any) -> Any:
+        if args[0].ndim < 1:
+            raise ValueError("expected a batched input")
+        return self.inner(*args)
+
+
+def export_only(builder: Callable[..., Example]) -> Callable[..., Example]:
+    """The builder's model behind :class:`ExportOnly` (traced by torch.export, not fx)."""
+
+    def build(dtype: torch.dtype = torch.float32) -> Example:
+        model, inputs = builder(dtype)
+        return ExportOnly(model), inputs
+
+    build.__name__ = f"export_only_{builder.__name__}"
+    return build
+
+
+# ----- attention -----------------------------------------------------------------------------------
+class HeadsAttention(nn.Module):
+    """Self-attention written out: q/k/v/o linears, view into heads (``view(b, s, -1, head_dim)``: the head
+    count follows the width) + transpose,
+    F.scaled_dot_product_attention (``eager=False``) or matmul → softmax → matmul, merge, then a GELU MLP.
+
+    Rules: linear, layout, scaled_dot_product_attention (or matmul, softmax). Adapter: heads."""
+
+    def __init__(self, dim: int = 8, heads: int = 2, head_dim: int = 4, eager: bool = False) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.eager = heads, head_dim, eager
+        self.q, self.k, self.v = (nn.Linear(dim, heads * head_dim) for _ in range(3))
+        self.o = nn.Linear(heads * head_dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 12), nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = (p(x).view(b, s, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        if self.eager:
+            y = torch.softmax(q @ k.transpose(-1, -2) * self.head_dim ** -0.5, dim=-1) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v)
+        h = x + self.o(y.transpose(1, 2).reshape(b, s, -1))
+        return self.fc2(F.gelu(self.fc1(h))).mean(1)
+
+
+def heads_attention(dtype: torch.dtype = torch.float32, eager: bool = False) -> Example:
+    return HeadsAttention(eager=eager).to(dtype), torch.randn(2, 5, 8, dtype=dtype)
+
+
+def eager_attention(dtype: torch.dtype = torch.float32) -> Example:
+    """:class:`HeadsAttention` with matmul → softmax → matmul."""
+    return heads_attention(dtype, eager=True)
+
+
+class MHABlock(nn.Module):
+    """nn.MultiheadAttention (a barrier) between two linears, then an MLP head.
+
+    Rules: attention_barrier, linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc1, self.fc2 = nn.Linear(8, 10), nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        return self.fc2(F.relu(self.fc1(h))).mean(1)
+
+
+def mha_block(dtype: torch.dtype = torch.float32) -> Example:
+    return MHABlock().to(dtype), torch.randn(2, 5, 4, dtype=dtype)
+
+
+# ----- recurrent -----------------------------------------------------------------------------------
+class Recurrent(nn.Module):
+    """Linear → ``cls`` (nn.LSTM, nn.GRU or nn.RNN; batch first) → Linear on every step.
+
+    Rules: lstm / gru / rnn (rnn_aten under export). Adapter: rnn_units."""
+
+    def __init__(self, cls: type[nn.RNNBase] = nn.LSTM) -> None:
+        super().__init__()
+        self.pre = nn.Linear(5, 7)
+        self.rnn = cls(7, 6, batch_first=True)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.pre(x))
+        return self.fc(out)
+
+
+def lstm_net(dtype: torch.dtype = torch.float32, cls: type[nn.RNNBase] = nn.LSTM) -> Example:
+    return Recurrent(cls).to(dtype), torch.randn(2, 4, 5, dtype=dtype)
+
+
+def gru_net(dtype: torch.dtype = torch.float32) -> Example:
+    return lstm_net(dtype, nn.GRU)
+
+
+def rnn_net(dtype: torch.dtype = torch.float32) -> Example:
+    return lstm_net(dtype, nn.RNN)
+
+
+class CellLoop(nn.Module):
+    """``cls`` (nn.GRUCell, nn.LSTMCell or nn.RNNCell) over 3 time steps (no state first), the hidden
+    states stacked, plus ``zeros_like``.
+
+    Rules: gru_cell / lstm_cell / rnn_cell (rnn_cell_aten under export), stack, zeros."""
+
+    def __init__(self, cls: type[nn.RNNCellBase] = nn.GRUCell) -> None:
+        super().__init__()
+        self.pre = nn.Linear(5, 7)
+        self.cell = cls(7, 6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, state, outs = self.pre(x), None, []
+        for t in range(3):
+            state = self.cell(x[:, t], state)
+            h = state[0] if isinstance(self.cell, nn.LSTMCell) else state  # (h, c) or h
+            outs.append(h + torch.zeros_like(h))
+        return self.fc(torch.stack(outs, 1))
+
+
+def cell_loop(dtype: torch.dtype = torch.float32, cls: type[nn.RNNCellBase] = nn.GRUCell) -> Example:
+    return CellLoop(cls).to(dtype), torch.randn(2, 3, 5, dtype=dtype)
+
+
+def lstm_cell_loop(dtype: torch.dtype = torch.float32) -> Example:
+    return cell_loop(dtype, nn.LSTMCell)
+
+
+def rnn_cell_loop(dtype: torch.dtype = torch.float32) -> Example:
+    return cell_loop(dtype, nn.RNNCell)
+
+
+class PackedLSTM(nn.Module):
+    """Padded batch → pack_padded_sequence (unsorted lengths) → nn.LSTM → pad_packed_sequence → Linear.
+
+    Rules: pack_padded_sequence, pad_packed_sequence, rnn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(5, 7)
+        self.rnn = nn.LSTM(7, 6, batch_first=True)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(pack_padded_sequence(self.pre(x), lengths, batch_first=True, enforce_sorted=False))
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return self.fc(out)
+
+
+def packed_lstm(dtype: torch.dtype = torch.float32) -> Example:
+    return PackedLSTM().to(dtype), (torch.randn(3, 4, 5, dtype=dtype), torch.tensor([2, 4, 3]))
+
+
+# ----- assorted layers -----------------------------------------------------------------------------
+class AssortedLayers(nn.Module):
+    """conv → PReLU → LocalResponseNorm → ZeroPad2d → conv → F.pad → conv → softmax over space →
+    F.layer_norm over the last dim → Linear head.
+
+    Rules: prelu, local_response_norm, pad, softmax, layer_norm_functional (and conv, linear)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.act = nn.Conv2d(3, 6, 3, padding=1), nn.PReLU(6)
+        self.lrn, self.pad = nn.LocalResponseNorm(2), nn.ZeroPad2d(1)
+        self.conv2, self.conv3 = nn.Conv2d(6, 8, 3), nn.Conv2d(8, 5, 1)
+        self.fc = nn.Linear(5 * 36, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(self.pad(self.lrn(self.act(self.conv1(x)))))
+        h = self.conv3(F.relu(F.pad(h, (1, 1, 1, 1))))[..., 1:-1, 1:-1]
+        h = F.softmax(h.flatten(2), dim=-1)
+        return self.fc(F.layer_norm(h, (36,)).flatten(1))
+
+
+def assorted_layers(dtype: torch.dtype = torch.float32) -> Example:
+    return AssortedLayers().to(dtype), _image(dtype)
+
+
+class PoolNet(nn.Module):
+    """conv → ReLU → max pool → conv → adaptive average pool → Linear (no BatchNorm: under torch.export
+    its ATen op has no rule).
+
+    Rules: pool (aten_pool under export), conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.fc = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 5, 1), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.b(F.max_pool2d(F.relu(self.a(x)), 2))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(h), 1), 1))
+
+
+def pool_net(dtype: torch.dtype = torch.float32) -> Example:
+    return PoolNet().to(dtype), _image(dtype)
+
+
+class EinsumNet(nn.Module):
+    """A conv pair, then torch.einsum (opaque: a barrier) on a third conv's output.
+
+    Rules: opaque, conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 4, 1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c(F.relu(self.b(F.relu(self.a(x)))))
+        return torch.einsum("bchw,bdhw->bcd", h, h).flatten(1)
+
+
+def einsum_net(dtype: torch.dtype = torch.float32) -> Example:
+    return EinsumNet().to(dtype), _image(dtype, size=4)
+
+
+class AddmmNet(nn.Module):
+    """Linear → ReLU → torch.addmm with a weight parameter (under export: aten.addmm).
+
+    Rules: aten_addmm, aten_linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 8)
+        self.weight = nn.Parameter(torch.randn(8, 3))
+        self.bias = nn.Parameter(torch.randn(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, F.relu(self.fc(x)), self.weight)
+
+
+def addmm_net(dtype: torch.dtype = torch.float32) -> Example:
+    return AddmmNet().to(dtype), torch.randn(2, 5, dtype=dtype)
+
+
+class CastNet(nn.Module):
+    """Linear → ReLU → ``.to(dtype)`` (under export: aten._assert_tensor_metadata) → Linear.
+
+    Rules: aten_shape_query."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)).to(self.fc2.weight.dtype))
+
+
+def cast_net(dtype: torch.dtype = torch.float32) -> Example:
+    return CastNet().to(dtype), torch.randn(2, 5, dtype=dtype)
+
+
+class FactorPair(nn.Module):
+    """Linear → ReLU → a plain factor pair W = B·A (Linear A, Dropout, Linear B) → ReLU → Linear.
+
+    Adapter: low_rank (``factor_pairs``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.a, self.drop, self.b = nn.Linear(5, 8), nn.Linear(8, 4), nn.Dropout(0.1), nn.Linear(4, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.b(self.drop(self.a(F.relu(self.fc(x)))))))
+
+
+def factor_pair(dtype: torch.dtype = torch.float32) -> Example:
+    return FactorPair().to(dtype), torch.randn(2, 5, dtype=dtype)
+
+
+# ----- torchvision ops (imported when built) -------------------------------------------------------
+def swin_stage(dtype: torch.dtype = torch.float32) -> Example:
+    """Linear embedding → torchvision SwinTransformerBlock (shifted 2×2 windows) → PatchMerging → Linear.
+
+    Rules: windowed_attention (a barrier), patch_merging_pad, stochastic_depth, layer_norm."""
+    import_torchvision()
+    from torchvision.models.swin_transformer import PatchMerging, SwinTransformerBlock
+
+    class SwinStage(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(3, 8)
+            self.block = SwinTransformerBlock(8, 2, [2, 2], [1, 1], stochastic_depth_prob=0.0)
+            self.merge = PatchMerging(8)
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.merge(self.block(self.embed(x.permute(0, 2, 3, 1)))).mean((1, 2)))
+
+    return SwinStage().to(dtype), _image(dtype, size=4)
+
+
+def stochastic_depth_net(dtype: torch.dtype = torch.float32) -> Example:
+    """conv → residual conv through torchvision.ops.StochasticDepth → Linear, returned in a
+    GoogLeNetOutputs named tuple.
+
+    Rules: stochastic_depth, output_tuple (a barrier on the outputs), conv."""
+    import_torchvision()
+    from torchvision.models.googlenet import GoogLeNetOutputs
+    from torchvision.ops import StochasticDepth
+
+    class StochasticDepthNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.fc = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 6, 3, padding=1), nn.Linear(6, 3)
+            self.drop_path = StochasticDepth(0.5, "row")
+
+        def forward(self, x: torch.Tensor) -> GoogLeNetOutputs:
+            h = F.relu(self.a(x))
+            h = h + self.drop_path(self.b(h))
+            return GoogLeNetOutputs(self.fc(h.mean((2, 3))), None, None)
+
+    return StochasticDepthNet().to(dtype), _image(dtype, size=4)
+
+
+MODELS: dict[str, Callable[..., Example]] = {
+    "heads_attention": heads_attention,
+    "eager_attention": eager_attention,
+    "mha_block": mha_block,
+    "lstm_net": lstm_net,
+    "gru_net": gru_net,
+    "rnn_net": rnn_net,
+    "cell_loop": cell_loop,
+    "lstm_cell_loop": lstm_cell_loop,
+    "rnn_cell_loop": rnn_cell_loop,
+    "packed_lstm": packed_lstm,
+    "assorted_layers": assorted_layers,
+    "pool_net": pool_net,
+    "einsum_net": einsum_net,
+    "addmm_net": addmm_net,
+    "cast_net": cast_net,
+    "factor_pair": factor_pair,
+    "swin_stage": swin_stage,
+    "stochastic_depth_net": stochastic_depth_net,
+}
