@@ -9,6 +9,7 @@ vector) are the classes of channels that must be removed together.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +101,18 @@ class ChannelGraph:
             if g.id == key or g.name == key:
                 return g
         raise KeyError(f"no channel group {key!r}; known: {[g.name for g in self.groups][:20]} …")
+
+    def signature_rows(self) -> list[tuple[Any, ...]]:
+        """Every group as plain data, in order: (name, width, kind, prunable, exact, members as
+        (tensor, dim, role, derived_from, structure of each index), blocked reasons, inexact reasons).
+        Two builds of the same model must give equal rows (see :meth:`signature`)."""
+        return [(g.name, g.width, g.kind, g.prunable, g.exact,
+                 tuple((m.tensor, m.dim, m.role, m.derived_from, tuple(m.structure_of.tolist())) for m in g.members),
+                 tuple(g.blocked), tuple(g.inexact)) for g in self.groups]
+
+    def signature(self) -> str:
+        """A stable hash of :meth:`signature_rows`: equal for equal channel groups, in any process."""
+        return hashlib.sha256(repr(self.signature_rows()).encode()).hexdigest()
 
 
 def build_channel_graph(model: nn.Module, example_inputs: Any) -> ChannelGraph:

@@ -698,3 +698,30 @@ MODELS: dict[str, Callable[..., Example]] = {
     "split_net": split_net,
     "channel_reduce_net": channel_reduce_net,
 }
+
+
+# ----- fused q|k|v projection split by slicing (issue #21) ----------------------------------------
+class FusedQKVSliceNet(nn.Module):
+    """One linear makes q|k|v; each is sliced out (``qkv[..., :16]``), viewed into heads and
+    transposed, as in Phi-3. Each view splits only the channels its slice keeps, so the layout rule
+    must couple just those (the others are not in that output). Not in ``MODELS``: the head split of
+    a slice is refused (a barrier), so the projection is not prunable; the model checks that this is
+    decided the same way every time."""
+
+    def __init__(self, width: int = 16, head_dim: int = 4) -> None:
+        super().__init__()
+        self.width, self.head_dim = width, head_dim
+        self.qkv = nn.Linear(width, 3 * width)
+        self.o = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, w = x.shape[0], x.shape[1], self.width
+        qkv = self.qkv(x)
+        q, k, v = (qkv[..., i * w:(i + 1) * w].view(b, s, -1, self.head_dim).transpose(1, 2) for i in range(3))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, w)
+        return self.o(out)
+
+
+def fused_qkv_slice_net(dtype: torch.dtype = torch.float32) -> Example:
+    torch.manual_seed(0)
+    return FusedQKVSliceNet().to(dtype), torch.randn(2, 5, 16, dtype=dtype)
