@@ -2,8 +2,10 @@
 
 ``make_plan`` needs only shapes (it runs on a model built on the ``meta`` device: a LLaMA-7B plan
 costs seconds and well under a gigabyte); ``apply_plan`` picks the structures to keep on a real
-model by importance (filter magnitude or Wanda-style activations) and prunes them with the
-transactional surgery. A plan is a pydantic model: ``plan.to_json()`` / ``WidthPlan.from_json``.
+model by importance (any registered adapter kind: filter norms, Wanda-style activations, ...), turns
+them into a removal plan with ``sparsify.prune.select.removal_plan`` (as ``Sparsifier.prune`` does)
+and prunes with the transactional surgery. A plan is a pydantic model: ``plan.to_json()`` /
+``WidthPlan.from_json``.
 
     >>> with torch.device("meta"):
     ...     big = LlamaForCausalLM(config_7b)
@@ -18,20 +20,30 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from sparsify._utils import is_meta
+from sparsify.adapters import ADAPTERS, AdapterConfig, make_adapter
+from sparsify.adapters.activation import ActivationAdapter
 from sparsify.errors import InexactPruneError, SparsifyError
 from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup, build_channel_graph
 from sparsify.graph.cost import module_macs, structure_costs
 from sparsify.policies.allocation import budgets
-from sparsify.prune.surgery import PruneReport, protect_members, prune_channels
+from sparsify.policies.allocation.budgets import ShapeBudget, Unit
+from sparsify.policies.base import producer_shape, structure_magnitude, top_k_keep
+from sparsify.prune.select import removal_plan
+from sparsify.prune.surgery import PruneReport, prune_channels
 
-Importance = Literal["magnitude", "filter_norm", "activation", "wanda", "index"]
+Importance = str | AdapterConfig | Callable[[ChannelGraph, ChannelGroup], Any]
+"""An adapter kind (``"filter_norm"``, ``"activation"``, any registered one) or its config; ``"index"`` (the first
+structures: reads no values, for meta models); or a function ``(graph, group) -> one value per structure``."""
+INDEX = "index"
+_ALIASES = {"magnitude": "filter_norm"}  # the name older scripts (benchmarks/meta_plan.py) use
 
 
 class GroupPlan(BaseModel):
@@ -55,8 +67,8 @@ class WidthPlan(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     model: str = Field(description="class name of the planned model")
     sparsity: float = Field(ge=0, le=1, description="target fraction of `unit` removed from the planned groups")
-    unit: Literal["channels", "params", "macs"] = Field(description="what `sparsity` counts")
-    budget: Literal["uniform", "erk"] = Field(description="how the target splits across groups")
+    unit: Unit = Field(description="what `sparsity` counts")
+    budget: ShapeBudget = Field(description="how the target splits across groups")
     groups: list[GroupPlan] = Field(description="one entry per planned group")
     params: dict[str, float] = Field(default_factory=dict, description="first-order params: total, in groups, "
                                      "removed")
@@ -87,16 +99,8 @@ def _planned_groups(cg: ChannelGraph, kinds: Iterable[str] | None, include_inexa
     return [g for g in cg.prunable_groups() if (include_inexact or g.exact) and (kinds is None or g.kind in kinds)]
 
 
-def _producer_shape(cg: ChannelGraph, group: ChannelGroup) -> tuple[int, ...]:
-    producer = next((m for m in group.members if m.role in ("out", "value")), group.members[0])
-    module_name, _, attr = producer.tensor.rpartition(".")
-    owner = cg.model.get_submodule(module_name) if module_name else cg.model
-    return tuple(getattr(owner, attr).shape)
-
-
-def make_plan(model: nn.Module, example_inputs: Any, sparsity: float, *,
-              unit: Literal["channels", "params", "macs"] = "params",
-              budget: Literal["uniform", "erk"] = "uniform", kinds: Iterable[str] | None = None,
+def make_plan(model: nn.Module, example_inputs: Any, sparsity: float, *, unit: Unit = "params",
+              budget: ShapeBudget = "uniform", kinds: Iterable[str] | None = None,
               include_inexact: bool = False, min_keep: int = 1, graph: ChannelGraph | None = None,
               timings: dict[str, float] | None = None) -> WidthPlan:
     """Plan the width of every prunable group for removing ``sparsity`` of ``unit``.
@@ -111,8 +115,8 @@ def make_plan(model: nn.Module, example_inputs: Any, sparsity: float, *,
     """
     if not 0.0 <= sparsity < 1.0:
         raise SparsifyError(f"sparsity must be in [0, 1), got {sparsity}")
-    if unit not in ("channels", "params", "macs") or budget not in ("uniform", "erk"):
-        raise SparsifyError(f"unit must be 'channels', 'params' or 'macs' and budget 'uniform' or 'erk' (a plan "
+    if unit not in get_args(Unit) or budget not in get_args(ShapeBudget):
+        raise SparsifyError(f"unit must be one of {get_args(Unit)} and budget one of {get_args(ShapeBudget)} (a plan "
                             f"reads no weight values, so no 'global' ranking); got unit={unit!r}, budget={budget!r}")
     clock = time.perf_counter()
     cg = graph if graph is not None else build_channel_graph(model, example_inputs)
@@ -134,7 +138,7 @@ def make_plan(model: nn.Module, example_inputs: Any, sparsity: float, *,
     else:
         cost = [np.ones(g.width) if unit == "channels" else c[0 if unit == "params" else 1]
                 for g, c in zip(groups, costs, strict=True)]
-        shapes = {i: _producer_shape(cg, g) for i, g in enumerate(groups)} if budget == "erk" else None
+        shapes = {i: producer_shape(cg, g) for i, g in enumerate(groups)} if budget == "erk" else None
         keep = budgets.keep_counts_for_cost(zeros, cost, sparsity, budget, erk_shapes=shapes, min_keep=min_keep)
     plans = [GroupPlan(name=g.name, kind=g.kind, width=g.width, keep=int(k), exact=g.exact)
              for g, k in zip(groups, keep, strict=True)]
@@ -163,18 +167,15 @@ class PlanResult:
     removed: dict[str, np.ndarray] = field(default_factory=dict)  # group name → removed structure indices
 
 
-def _on_meta(model: nn.Module) -> bool:
-    return any(t.is_meta for t in [*model.parameters(), *model.buffers()])
-
-
-def group_importance(cg: ChannelGraph, groups: list[ChannelGroup], importance: Importance | Callable[..., Any],
+def group_importance(cg: ChannelGraph, groups: list[ChannelGroup], importance: Importance,
                      calibration: Iterable[Any] | None = None) -> dict[int, np.ndarray]:
     """Per group id, one importance value per structure (higher = keep).
 
-    ``magnitude`` (= ``filter_norm``): L2 norm of the producing filters; ``activation`` (= ``wanda``):
-    Σ |W[:, s]|·‖X_s‖ over the consuming layers, on ``calibration`` batches (required); ``index``:
-    keep the first structures (reads no values: for meta models). A callable gets ``(cg, group)``
-    and returns a vector of ``group.width`` values.
+    An adapter kind or config: per structure, the largest |value| of the adapter's importance vectors
+    over it (``filter_norm``: norm of the producing filters; ``activation``: Wanda's Σ |W[:, s]|·‖X_s‖
+    on ``calibration`` batches, required; ``"magnitude"`` is an alias of ``filter_norm``). ``"index"``
+    keeps the first structures (reads no values: for meta models). A callable gets ``(cg, group)`` and
+    returns ``group.width`` values.
     """
     if callable(importance):
         out = {}
@@ -185,51 +186,57 @@ def group_importance(cg: ChannelGraph, groups: list[ChannelGroup], importance: I
                                     f"'{g.name}' of width {g.width}; return one finite value per structure")
             out[g.id] = v
         return out
-    if importance == "index":
+    if importance == INDEX:
         return {g.id: -np.arange(g.width, dtype=np.float64) for g in groups}
-    if importance not in ("magnitude", "filter_norm", "activation", "wanda"):
-        raise SparsifyError(f"unknown importance {importance!r}; use 'magnitude', 'activation' (Wanda), 'index' "
-                            "or a callable (cg, group) -> vector")
-    if _on_meta(cg.model):
-        raise SparsifyError(f"importance={importance!r} reads weight values, but the model is on the meta device "
+    config = _adapter_config(importance)
+    if is_meta(cg.model):
+        raise SparsifyError(f"importance={config.kind!r} reads weight values, but the model is on the meta device "
                             "(no data). Apply the plan to a model with real weights, or use importance='index' to "
                             "prune the architecture only.")
-    if importance in ("magnitude", "filter_norm"):
-        from sparsify.adapters.filter_norm import FilterNormAdapter, FilterNormConfig
-
-        adapter: Any = FilterNormAdapter(FilterNormConfig())
-    else:
-        from sparsify.adapters.activation import ActivationAdapter, ActivationConfig
-
-        adapter = ActivationAdapter(ActivationConfig(include_inexact=True))
+    adapter = make_adapter(config)
+    calibrated = isinstance(adapter, ActivationAdapter)  # its statistics come from `calibration`, not the example
     wanted = {g.id for g in groups}
-    found = adapter.vectors(cg, calibrate=False) if importance in ("activation", "wanda") else adapter.vectors(cg)
-    vectors = {v.group.id: v for v in found if v.group.id in wanted}
-    missing = [g.name for g in groups if g.id not in vectors]
+    vectors = [v for v in (adapter.vectors(cg, calibrate=False) if calibrated else adapter.vectors(cg))
+               if v.group.id in wanted]
+    covered = {v.group.id for v in vectors}
+    missing = [g.name for g in groups if g.id not in covered]
     if missing:
-        raise SparsifyError(f"importance={importance!r} does not cover groups {missing[:5]}: "
-                            f"{[adapter.skipped.get(n, '?') for n in missing[:5]]}. Use importance='magnitude' "
+        raise SparsifyError(f"importance={config.kind!r} does not cover groups {missing[:5]}: "
+                            f"{[adapter.skipped.get(n, '?') for n in missing[:5]]}. Use importance='filter_norm' "
                             "or leave those groups out of the plan.")
-    if importance in ("activation", "wanda"):
+    if calibrated:
         if calibration is None:
-            raise SparsifyError("importance='activation' needs calibration batches (an iterable of model inputs)")
-        adapter.calibrate(cg.model, calibration, vectors=list(vectors.values()))
-    with torch.no_grad():
-        return {gid: v.raw().detach().double().cpu().numpy() for gid, v in vectors.items()}
+            raise SparsifyError(f"importance={config.kind!r} needs calibration batches (an iterable of model inputs)")
+        adapter.calibrate(cg.model, calibration, vectors=vectors)
+    return {g.id: structure_magnitude(g.width, [v for v in vectors if v.group.id == g.id]) for g in groups}
 
 
-def apply_plan(model: nn.Module, example_inputs: Any, plan: WidthPlan, importance: Importance | Callable[..., Any]
-               = "magnitude", *, calibration: Iterable[Any] | None = None,
-               match: Literal["auto", "ratio", "count"] = "auto", optimizer: torch.optim.Optimizer | None = None,
-               allow_inexact: bool = False, graph: ChannelGraph | None = None) -> PlanResult:
+def _adapter_config(importance: str | AdapterConfig) -> AdapterConfig:
+    if isinstance(importance, AdapterConfig):
+        return importance
+    kind = _ALIASES.get(importance, importance)
+    if not isinstance(kind, str) or kind not in ADAPTERS:
+        raise SparsifyError(f"unknown importance {importance!r}; use an adapter kind ({ADAPTERS.list()}) or its "
+                            "config, 'index', or a callable (graph, group) -> vector")
+    return ADAPTERS.config_class(kind)()
+
+
+def apply_plan(model: nn.Module, example_inputs: Any, plan: WidthPlan, importance: Importance = "filter_norm", *,
+               calibration: Iterable[Any] | None = None, match: Literal["auto", "ratio", "count"] = "auto",
+               optimizer: torch.optim.Optimizer | None = None, allow_inexact: bool = False,
+               round_to: int | None = None, graph: ChannelGraph | None = None) -> PlanResult:
     """Prune ``model`` to ``plan``'s widths, keeping each group's most important structures.
 
     Groups are matched by name (same architecture family and layer names: e.g. a plan made on a
     LLaMA-7B-shaped meta model applied to a small LLaMA with the same layer count). ``match``:
     ``count`` keeps ``plan.keep`` structures (widths must equal), ``ratio`` keeps
     ``round(keep/width · width)`` of the real group, ``auto`` uses the count where widths agree.
-    The surgery is transactional: on any error the model is left unchanged. Removing structures
-    that are not zero changes the function (one-shot pruning); the removed set is in the result.
+    ``importance``: see :data:`Importance` (calibration defaults to the example inputs). A member layer
+    the plan would empty (one branch of a concat) keeps its strongest structure; with ``round_to``
+    every pruned layer keeps a multiple of ``round_to`` channels (the strongest removed structures come
+    back), as in ``Sparsifier.prune``. The surgery is transactional: on any error the model is left
+    unchanged. Removing structures that are not zero changes the function (one-shot pruning); the
+    removed set is in the result.
     """
     cg = graph if graph is not None else build_channel_graph(model, example_inputs)
     by_name = {g.name: g for g in cg.groups}
@@ -261,13 +268,8 @@ def apply_plan(model: nn.Module, example_inputs: Any, plan: WidthPlan, importanc
     if calibration is None:
         calibration = [example_inputs]
     scores = group_importance(cg, [g for g, _ in chosen], importance, calibration)
-    removal: dict[int, np.ndarray] = {}
-    for g, k in chosen:
-        order = np.argsort(-scores[g.id], kind="stable")
-        removed = np.sort(order[k:])
-        removed, _ = protect_members(g, removed, scores[g.id])
-        if len(removed):
-            removal[g.id] = removed
+    keep = {g.id: top_k_keep(scores[g.id], k) for g, k in chosen}
+    removal, _ = removal_plan(cg, keep, scores.__getitem__, round_to=round_to)
     surgery = prune_channels(cg, removal, allow_inexact=allow_inexact, optimizer=optimizer)
     names = {g.id: g.name for g, _ in chosen}
     return PlanResult(model, surgery, {g.name: g.width - len(removal.get(g.id, ())) for g, _ in chosen},

@@ -76,7 +76,7 @@ def test_meta_architecture_prune_and_value_guards(meta_graph) -> None:
     plan = make_plan(model, ids, 0.25, kinds={"channel"})
     before = sum(p.numel() for p in model.parameters())
     with pytest.raises(SparsifyError, match="meta device"):
-        apply_plan(model, ids, plan, importance="magnitude")
+        apply_plan(model, ids, plan, importance="filter_norm")
     cg = build_channel_graph(model, ids)
     with pytest.raises(PruneError, match="meta device"):
         prune_channels(cg, {plan.groups[0].name: [0]}, verify_atol=1e-3)
@@ -87,7 +87,7 @@ def test_meta_architecture_prune_and_value_guards(meta_graph) -> None:
     assert all(np.array_equal(s, np.arange(516, 688)) for s in result.removed.values())
 
 
-@pytest.mark.parametrize("importance", ["magnitude", "activation"])
+@pytest.mark.parametrize("importance", ["filter_norm", "activation"])
 def test_plan_from_meta_applies_to_a_small_real_llama_exactly(meta_graph, importance: str) -> None:
     meta, cg_meta = meta_graph
     plan = WidthPlan.from_json(make_plan(meta, None, 0.5, graph=cg_meta, unit="channels").to_json())
