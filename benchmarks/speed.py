@@ -58,7 +58,7 @@ import torch_pruning as tp  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from sparsify import FilterNormConfig, GMPConfig, Sparsifier  # noqa: E402
+from sparsify import FilterNormConfig, GMPConfig, Sparsifier, SparsifierConfig  # noqa: E402
 from sparsify.deploy import deploy  # noqa: E402
 from sparsify.graph.cost import is_weight_key, module_macs, product_weight  # noqa: E402
 from sparsify.graph.trace import trace  # noqa: E402
@@ -154,9 +154,8 @@ def prune_ours(dense: nn.Module, x: torch.Tensor, ratio: float, round_to: int | 
     """GMP with ``unit="macs"`` (exact MACs, the policy bisects its budget), one update, prune."""
     fraction = WeightMacs(dense, x).layer_fraction(ratio)
     model = copy.deepcopy(dense)
-    sp = Sparsifier(model, x, FilterNormConfig(p=p),
-                    GMPConfig(sparsity=fraction, unit="macs", budget=budget, start_step=0, end_step=1,
-                              update_every=1, round_to=round_to))
+    policy = GMPConfig(sparsity=fraction, unit="macs", budget=budget, start_step=0, end_step=1, update_every=1)
+    sp = Sparsifier(model, x, config=SparsifierConfig(adapter=FilterNormConfig(p=p), policy=policy, round_to=round_to))
     sp.step()  # end_step=1: the final sparsity, once
     sp.prune()
     return model, {"gmp_sparsity": round(fraction, 5)}
@@ -181,16 +180,22 @@ def prune_latency(dense: nn.Module, x: torch.Tensor, ratio: float, round_to: int
         explicit_multihead_attention_(model)
     fraction = WeightMacs(model, x).layer_fraction(ratio)
     cap = getattr(args, "max_group_sparsity", 1.0)
-    sp = Sparsifier(model, x, FilterNormConfig(p=args.p),
-                    GMPConfig(sparsity=fraction, unit="macs", budget="latency", start_step=0, end_step=1,
-                              update_every=1, round_to=round_to, latency_importance_weight=weight,
-                              max_group_sparsity=cap))
+    policy = GMPConfig(sparsity=fraction, unit="macs", budget="latency", start_step=0, end_step=1, update_every=1,
+                       latency_importance_weight=weight, max_group_sparsity=cap)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.dtype]
-    start = time.perf_counter()
-    sp.policy.latency_model = lat = LatencyModel(
-        sp.graph, batch=batch, device=args.device, dtype=dtype, step=round_to, grid_points=args.latency_points,
-        iters=min(10, args.iters), warmup=min(3, args.warmup), cache=cache)
-    timing_s = time.perf_counter() - start
+    timing: dict[str, float] = {}
+
+    def latency_model(graph: Any) -> LatencyModel:
+        start = time.perf_counter()
+        lat = LatencyModel(graph, batch=batch, device=args.device, dtype=dtype, step=round_to,
+                           grid_points=args.latency_points, iters=min(10, args.iters), warmup=min(3, args.warmup),
+                           cache=cache)
+        timing["s"] = time.perf_counter() - start
+        return lat
+
+    sp = Sparsifier(model, x, config=SparsifierConfig(adapter=FilterNormConfig(p=args.p), policy=policy,
+                                                      round_to=round_to), latency_model=latency_model)
+    lat, timing_s = sp.policy.context.latency_model, timing["s"]
     sp.step()
     keep = sp.policy.keep_vectors()
     estimate = lat.reduction(keep)
