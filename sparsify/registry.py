@@ -1,12 +1,14 @@
-"""One small generic registry used for op rules, adapters and policies."""
+"""Registries: a generic name → object map (op rules), and the plugin kind of it (adapters, policies)."""
 
 from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Generic, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar, overload
 
 T = TypeVar("T")
+C = TypeVar("C", bound=type)
 
 _KIND = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -33,21 +35,6 @@ class Registry(Generic[T]):
         self._items[kind] = item
         return item
 
-    def register_plugin(self, kind: str, config_cls: type, impl_cls: type, base: type, *,
-                        override: bool = False) -> None:
-        """Register a (config class, implementation) pair after checking that they fit together."""
-        self.check_kind(kind)
-        fields = getattr(config_cls, "model_fields", {})
-        default_kind = fields["kind"].default if "kind" in fields else None
-        if default_kind != kind:
-            raise ValueError(f"{config_cls.__name__}.kind must default to {kind!r} (got {default_kind!r}); "
-                             f"declare `kind: Literal[{kind!r}] = {kind!r}`.")
-        if not (isinstance(impl_cls, type) and issubclass(impl_cls, base)):
-            name = getattr(impl_cls, "__name__", impl_cls)
-            raise TypeError(f"{name} must subclass {base.__module__}.{base.__name__}")
-        impl_cls.kind = kind
-        self.register(kind, (config_cls, impl_cls), override=override)
-
     def get(self, kind: str) -> T:
         try:
             return self._items[kind]
@@ -64,3 +51,47 @@ class Registry(Generic[T]):
 
     def items(self) -> list[tuple[str, T]]:
         return sorted(self._items.items())
+
+
+class PluginRegistry(Registry[tuple[type, type]]):
+    """Kinds bound to a (pydantic config class, implementation class) pair; ``make(config)`` builds one.
+
+    ``register_plugin`` is also a class decorator: ``@register_adapter("my_kind", MyConfig)`` above the class.
+    """
+
+    def __init__(self, what: str, hint: str, base: type) -> None:
+        super().__init__(what, hint)
+        self.base = base
+
+    @overload
+    def register_plugin(self, kind: str, config_cls: type, impl_cls: None = None, *,
+                        override: bool = False) -> Callable[[C], C]: ...
+
+    @overload
+    def register_plugin(self, kind: str, config_cls: type, impl_cls: C, *, override: bool = False) -> C: ...
+
+    def register_plugin(self, kind: str, config_cls: type, impl_cls: Any = None, *, override: bool = False) -> Any:
+        """Register ``impl_cls`` (a subclass of the base) for ``kind`` with its config class; without
+        ``impl_cls``, return a class decorator that does it. Returns the implementation class."""
+        if impl_cls is None:
+            return lambda cls: self.register_plugin(kind, config_cls, cls, override=override)
+        self.check_kind(kind)
+        fields = getattr(config_cls, "model_fields", {})
+        default_kind = fields["kind"].default if "kind" in fields else None
+        if default_kind != kind:
+            raise ValueError(f"{config_cls.__name__}.kind must default to {kind!r} (got {default_kind!r}); "
+                             f"declare `kind: Literal[{kind!r}] = {kind!r}`.")
+        if not (isinstance(impl_cls, type) and issubclass(impl_cls, self.base)):
+            name = getattr(impl_cls, "__name__", impl_cls)
+            raise TypeError(f"{name} must subclass {self.base.__module__}.{self.base.__name__}")
+        impl_cls.kind = kind
+        self.register(kind, (config_cls, impl_cls), override=override)
+        return impl_cls
+
+    def config_class(self, kind: str) -> type:
+        return self.get(kind)[0]
+
+    def make(self, config: Any) -> Any:
+        """The implementation registered for ``config.kind``, built from ``config``."""
+        _, cls = self.get(config.kind)
+        return cls(config)

@@ -13,7 +13,8 @@ from torch import nn
 from sparsify._utils import get_tensor
 from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup, build_channel_graph
 from sparsify.graph.trace import as_args
-from sparsify.prune.surgery import PruneReport, protect_members, prune_channels
+from sparsify.prune.select import protect_members
+from sparsify.prune.surgery import PruneReport, prune_channels
 
 PRODUCING_ROLES = ("out", "scale", "value")
 
