@@ -1,5 +1,8 @@
 """Teach sparsify a custom module: without a rule its channels are a barrier; with one they prune exactly.
 
+One call, ``sparsify.extend.register_module_type(cls, rule=..., leaf=..., synced_sizes=..., sync=...)``,
+binds everything about a module type.
+
 Run: python examples/custom_op_rule.py
 """
 
@@ -18,6 +21,7 @@ class ScaledTanh(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
+        self.channels = channels
         self.scale = nn.Parameter(torch.rand(channels) + 0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -34,16 +38,22 @@ def scaled_tanh_rule(ctx: sparsify.graph.builder.OpContext) -> None:
     ctx.member(ctx.out(1), ctx.module_name, "scale", 0, "scale")
 
 
+def sync_scaled_tanh(module: ScaledTanh, old_attributes: dict) -> None:
+    """After pruning: ``channels`` follows the sliced ``scale``."""
+    module.channels = module.scale.shape[0]
+
+
 def main() -> float:
     x = torch.randn(2, 3, 10, 10)
-    sparsify.extend.register_leaf_module(ScaledTanh)
     model = build()
     model(x)  # materialise the lazy layer
+    sparsify.extend.register_module_type(ScaledTanh, leaf=True)  # one node in the graph, no rule yet
     blocked = [g for g in sparsify.build_channel_graph(model, x).groups if "ScaledTanh" in g.why_not()]
     print("without a rule:", blocked[0].why_not() if blocked else "?")
-    if "scaled_tanh" not in sparsify.graph.rules.OP_RULES:
-        sparsify.extend.register_op_rule("scaled_tanh", scaled_tanh_rule, modules=[ScaledTanh])
+    # the rule and the attribute sync (normally given in the same call as leaf=True)
+    sparsify.extend.register_module_type(ScaledTanh, rule=scaled_tanh_rule, sync=sync_scaled_tanh)
     result = check_exactness(model.double(), x.double())
+    assert model[1].channels == model[1].scale.shape[0]
     print(f"with the rule: pruned {result.groups_pruned} groups, max |difference| = {result.max_abs_diff:.1e}")
     return result.max_abs_diff
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sparsify import build_channel_graph
+from sparsify.hf.families import FAMILIES, register_family
 from sparsify.testing.oracle import check_exactness
 
 transformers = pytest.importorskip("transformers")
@@ -34,3 +35,13 @@ def test_llama_mlp_groups_are_prunable_and_exact() -> None:
     assert model.model.layers[0].self_attn.k_proj.out_features == 16  # one of the two KV heads (head_dim 16)
     assert model.model.layers[0].mlp.gate_proj.out_features == 64
     assert model.model.layers[0].mlp.down_proj.in_features == 64
+
+
+def test_families_registry_explains_and_refuses_duplicates() -> None:
+    assert {"bert", "gpt2", "llama"} <= set(FAMILIES.list())
+    with pytest.raises(KeyError, match=r"unknown model family kind 'phi3'.*'gpt2'.*register_family"):
+        FAMILIES.get("phi3")
+    with pytest.raises(ValueError, match=r"already registered.*override=True"):
+        register_family("gpt2", FAMILIES.get("bert"))
+    with pytest.raises(TypeError, match=r"must be a sparsify\.hf\.Family"):
+        register_family("my-model", object())

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify import build_channel_graph, hf
+from sparsify.extend import register_module_type
 from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup
-from sparsify.graph.rules.layout import register_synced_sizes
 from sparsify.testing.oracle import check_exactness
 
 transformers = pytest.importorskip("transformers")
@@ -138,7 +138,7 @@ class SyncedHeadView(HeadView):
     attention is): its -1 still says that the written head_dim is the factor that stays."""
 
 
-register_synced_sizes(SyncedHeadView)
+register_module_type(SyncedHeadView, synced_sizes=True)
 
 
 def _v_groups(cg: ChannelGraph) -> list[ChannelGroup]:

@@ -13,9 +13,9 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from sparsify import Sparsifier, SparsifyError, build_channel_graph, prune_channels
 from sparsify.errors import InexactPruneError, PruneError
+from sparsify.extend import register_module_type
 from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup
 from sparsify.graph.cost import module_macs
-from sparsify.graph.rules.layout import register_synced_sizes
 from sparsify.testing.oracle import check_exactness, randomize_
 
 TOL = 1e-9
@@ -62,7 +62,7 @@ class GRULoop(nn.Module):
         return self.fc(torch.stack(outs, 1))
 
 
-register_synced_sizes(GRULoop)
+register_module_type(GRULoop, synced_sizes=True)
 
 
 class LSTMFromSyncedZeros(nn.Module):
@@ -79,7 +79,7 @@ class LSTMFromSyncedZeros(nn.Module):
         return self.fc(out)
 
 
-register_synced_sizes(LSTMFromSyncedZeros)
+register_module_type(LSTMFromSyncedZeros, synced_sizes=True)
 
 
 class StackedCells(nn.Module):

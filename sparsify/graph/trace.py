@@ -19,24 +19,34 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from sparsify.errors import TraceError
+from sparsify.registry import TypeRegistry
 
-_LEAF_MODULES: set[type[nn.Module]] = set()
-_AUTOWRAP_FUNCTIONS: set[Callable[..., Any]] = set()
+#: Module types fx keeps as single nodes (class or dotted name; subclasses too).
+LEAF_MODULES: TypeRegistry[bool] = TypeRegistry(
+    "leaf module registration", "Declare one with sparsify.extend.register_module_type(cls, leaf=True).")
+#: Free functions whose calls fx records as single nodes (object or dotted name).
+AUTOWRAP_FUNCTIONS: TypeRegistry[Callable[..., Any]] = TypeRegistry(
+    "autowrap registration", "Declare one with sparsify.extend.register_autowrap_function(fn).")
 
 
-def register_leaf_module(cls: type[nn.Module]) -> type[nn.Module]:
-    """Keep modules of ``cls`` as single graph nodes instead of tracing through them.
+def register_leaf_module(cls: type[nn.Module] | str) -> type[nn.Module] | str:
+    """Keep modules of ``cls`` (a class or dotted name) as single graph nodes instead of tracing through them.
 
     Use it for modules that fx cannot trace (data-dependent control flow); the module then needs an
-    op rule (``register_op_rule``) or its channels are treated as a barrier. Usable as a decorator.
+    op rule or its channels are treated as a barrier: ``sparsify.extend.register_module_type(cls,
+    leaf=True, rule=fn)`` does both. Usable as a decorator.
     """
-    _LEAF_MODULES.add(cls)
+    if not isinstance(cls, str) and not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_leaf_module: cls must be an nn.Module class or a dotted name, got {cls!r}.")
+    LEAF_MODULES.register(cls, True)
     return cls
 
 
 def register_autowrap_function(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Record calls of the free function ``fn`` as single graph nodes."""
-    _AUTOWRAP_FUNCTIONS.add(fn)
+    if not callable(fn):
+        raise TypeError(f"register_autowrap_function: fn must be a function, got {fn!r}.")
+    AUTOWRAP_FUNCTIONS.register(fn, fn)
     return fn
 
 
@@ -69,14 +79,15 @@ class TracedModel:
 
 class _Tracer(fx.Tracer):
     def __init__(self) -> None:
-        super().__init__(autowrap_functions=tuple(_AUTOWRAP_FUNCTIONS))
-        for fn in _AUTOWRAP_FUNCTIONS:  # also calls written through their module (nn.utils.rnn.pack_padded_sequence)
+        functions = [fn for _, fn in AUTOWRAP_FUNCTIONS.items()]
+        super().__init__(autowrap_functions=tuple(functions))
+        for fn in functions:  # also calls written through their module (nn.utils.rnn.pack_padded_sequence)
             module = sys.modules.get(getattr(fn, "__module__", None) or "")
             if module is not None and module not in self._autowrap_search:
                 self._autowrap_search.append(module)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, tuple(_LEAF_MODULES)):
+        if LEAF_MODULES.find(type(m)):
             return True
         if parametrize.is_parametrized(m):  # judge by the class parametrize derived from
             base = type(m).__bases__[0]

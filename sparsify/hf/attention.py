@@ -44,10 +44,9 @@ from transformers.models.gpt2 import modeling_gpt2
 from transformers.models.llama import modeling_llama
 
 from sparsify.errors import SparsifyError
-from sparsify.graph.rules import layout
+from sparsify.graph.module_types import register_module_type
 from sparsify.hf.resize import resize_conv1d as _conv1d
 from sparsify.hf.resize import resize_linear as _linear
-from sparsify.prune.attributes import register_attribute_sync
 
 #: rope types whose inverse frequencies change with the sequence length (not a fixed buffer)
 _DYNAMIC_ROPE = ("dynamic", "longrope")
@@ -155,7 +154,6 @@ class UnusedRotaryEmbedding(modeling_llama.LlamaRotaryEmbedding):
 
 
 SLOT_CLASSES = (SlotLlamaAttention, SlotGPT2Attention, SlotBertSelfAttention)
-layout.register_synced_sizes(*SLOT_CLASSES)
 
 
 def _per_head(what: str, width: int, heads: int) -> int:
@@ -164,14 +162,12 @@ def _per_head(what: str, width: int, heads: int) -> int:
     return width // heads
 
 
-# ----- attribute syncs: head_dim / v_head_dim follow the weights after pruning --------------------------
-@register_attribute_sync(SlotLlamaAttention)
+# ----- module types: synced sizes, and attribute syncs (head_dim / v_head_dim follow the weights) -------
 def _sync_llama(m: SlotLlamaAttention, old: dict[str, Any]) -> None:
     m.head_dim = m.q_proj.weight.shape[0] // m.num_heads
     m.v_head_dim = m.v_proj.weight.shape[0] // m.num_kv_heads
 
 
-@register_attribute_sync(SlotGPT2Attention)
 def _sync_gpt2(m: SlotGPT2Attention, old: dict[str, Any]) -> None:
     v = m.c_proj.weight.shape[0]  # Conv1D weight: (in, out)
     qk = (m.c_attn.weight.shape[1] - v) // (2 * m.num_heads)
@@ -183,11 +179,15 @@ def _sync_gpt2(m: SlotGPT2Attention, old: dict[str, Any]) -> None:
     m.split_size = m.embed_dim = v
 
 
-@register_attribute_sync(SlotBertSelfAttention)
 def _sync_bert(m: SlotBertSelfAttention, old: dict[str, Any]) -> None:
     m.attention_head_size = m.query.weight.shape[0] // m.num_attention_heads
     m.v_head_dim = m.value.weight.shape[0] // m.num_attention_heads
     m.all_head_size = m.value.weight.shape[0]
+
+
+register_module_type(SlotLlamaAttention, synced_sizes=True, sync=_sync_llama)
+register_module_type(SlotGPT2Attention, synced_sizes=True, sync=_sync_gpt2)
+register_module_type(SlotBertSelfAttention, synced_sizes=True, sync=_sync_bert)
 
 
 # ----- reading and resizing (sparsify.hf) -----------------------------------------------------------

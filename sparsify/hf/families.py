@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from sparsify.errors import SparsifyError
 from sparsify.hf.resize import resize_conv1d as _conv1d
 from sparsify.hf.resize import resize_linear as _linear
 from sparsify.io import LoadError
+from sparsify.registry import Registry
 
 RECORD = "sparsify_layer_widths"
 HEAD_DIMS = "sparsify_head_dims"  # per-layer attention of models with explicit_attention_ (head_dim slots)
@@ -56,14 +58,18 @@ class Family:
     resize: Callable[[nn.Module, Widths, Any], None]
 
 
-FAMILIES: dict[str, Family] = {}
+#: Model families by ``config.model_type`` (Hugging Face spells some with hyphens: ``xlm-roberta``).
+FAMILIES: Registry[Family] = Registry("model family", "Describe it with sparsify.hf.register_family(model_type, "
+                                      "Family(...)).", pattern=re.compile(r"^[a-z][a-z0-9_-]*$"))
 
 
-def register_family(model_type: str, family: Family) -> None:
-    """Teach ``sync_config``/``from_pretrained`` a model family (``config.model_type``)."""
-    if model_type in FAMILIES:
-        raise ValueError(f"a family for model_type {model_type!r} is already registered")
-    FAMILIES[model_type] = family
+def register_family(model_type: str, family: Family, *, override: bool = False) -> None:
+    """Teach ``sync_config``/``from_pretrained`` a model family (``config.model_type``); a registered
+    ``model_type`` raises ``ValueError`` unless ``override=True``."""
+    if not isinstance(family, Family):
+        raise TypeError(f"register_family({model_type!r}, family): family must be a sparsify.hf.Family, "
+                        f"got {type(family).__name__}.")
+    FAMILIES.register(model_type, family, override=override)
 
 
 # ----- tensors ---------------------------------------------------------------------------------
@@ -280,9 +286,9 @@ def _family(config: Any) -> Family:
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         raise SparsifyError(f"sparsify.hf does not know the layout of model_type {model_type!r} (known: "
-                            f"{sorted(FAMILIES)}); describe it with sparsify.hf.register_family(model_type, "
+                            f"{FAMILIES.list()}); describe it with sparsify.hf.register_family(model_type, "
                             "Family(...))")
-    return FAMILIES[model_type]
+    return FAMILIES.get(model_type)
 
 
 def _layers(model: nn.Module, family: Family) -> nn.ModuleList:

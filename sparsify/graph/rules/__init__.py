@@ -1,5 +1,8 @@
-"""Op rules: how each op couples the channels of its inputs, outputs and parameters."""
+"""Op rules: how each op couples the channels of its inputs, outputs and parameters.
 
+Importing this package registers the built-in rules (the registry is ``sparsify.graph.op_rules``)."""
+
+from sparsify.graph.op_rules import OP_RULES, OpRule, find_rule, list_op_rules, register_op_rule
 from sparsify.graph.rules import (  # noqa: F401
     aten,
     attention,  # SDPA and attention heads; wraps the matmul rule
@@ -11,6 +14,5 @@ from sparsify.graph.rules import (  # noqa: F401
     structural,
     torchvision_ops,
 )
-from sparsify.graph.rules.registry import OP_RULES, OpRule, find_rule, register_op_rule
 
-__all__ = ["OP_RULES", "OpRule", "find_rule", "register_op_rule"]
+__all__ = ["OP_RULES", "OpRule", "find_rule", "list_op_rules", "register_op_rule"]

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 
 from sparsify.graph.builder import OpContext
+from sparsify.graph.op_rules import register_op_rule
 from sparsify.graph.rules import elementwise, layers, layout, structural
 from sparsify.graph.rules.common import couple_dims
-from sparsify.graph.rules.registry import register_op_rule
 
 aten = torch.ops.aten
 

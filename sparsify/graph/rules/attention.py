@@ -13,8 +13,8 @@ see ``head_dim.py``). Softmax over keys keeps the sequence dims out of it.
 
 This module registers the SDPA rule (``F.scaled_dot_product_attention`` and its ATen overload), a
 matmul rule that labels the heads of eager attention (matmul → softmax → matmul), ``aten.addmm``
-(Hugging Face ``Conv1D``), and declares which Hugging Face modules compute their view sizes from
-shapes or synced attributes (see ``layout.register_synced_sizes``).
+(Hugging Face ``Conv1D``). Which Hugging Face modules compute their view sizes from shapes or
+synced attributes is declared in ``sparsify.hf.syncs``.
 """
 
 from __future__ import annotations
@@ -28,26 +28,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from sparsify.graph.builder import OpContext, Space
+from sparsify.graph.op_rules import register_op_rule
 from sparsify.graph.rules import layout, structural
 from sparsify.graph.rules.common import couple_elementwise
-from sparsify.graph.rules.registry import register_op_rule
 
 aten = torch.ops.aten
-
-#: Hugging Face modules whose forward() computes every view/reshape/split size from tensor shapes or
-#: from attributes that ``sparsify.prune.attributes`` keeps in sync (GPT-2's ``split_size``, Conv1D's
-#: ``nf``). Checked by reading their code (transformers 5); another class stays conservative.
-HF_SYNCED_SIZES = (
-    "transformers.models.llama.modeling_llama.LlamaAttention",
-    "transformers.models.mistral.modeling_mistral.MistralAttention",
-    "transformers.models.qwen2.modeling_qwen2.Qwen2Attention",
-    "transformers.models.qwen3.modeling_qwen3.Qwen3Attention",
-    "transformers.models.gpt2.modeling_gpt2.GPT2Attention",
-    "transformers.models.gpt2.modeling_gpt2.GPT2Model",
-    "transformers.pytorch_utils.Conv1D",
-    "transformers.models.bert.modeling_bert.BertSelfAttention",
-)
-layout.register_synced_sizes(*HF_SYNCED_SIZES)
 
 
 def _repeated(ctx: OpContext, node: Any, dim: int) -> bool:

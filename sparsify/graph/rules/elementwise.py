@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.graph.builder import OpContext
+from sparsify.graph.op_rules import register_op_rule
 from sparsify.graph.rules.common import couple_elementwise
-from sparsify.graph.rules.registry import register_op_rule
+from sparsify.graph.rules.head_dim import mark_width_reads
 
 _ACTIVATION_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
@@ -71,8 +72,6 @@ register_op_rule(
 def shape_query(ctx: OpContext) -> None:
     """Reads only metadata (shape, dim, dtype): no channel coupling; a size computed with (not just
     passed to views) marks its dim inexact."""
-    from sparsify.graph.rules.head_dim import mark_width_reads
-
     mark_width_reads(ctx)
 
 

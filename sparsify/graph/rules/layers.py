@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.graph.builder import OpContext, Space
+from sparsify.graph.op_rules import register_op_rule
 from sparsify.graph.rules.common import couple_dims, couple_elementwise, module_param_members
-from sparsify.graph.rules.registry import register_op_rule
 
 
 def _grouped_pairs(ctx: OpContext, x_space: Space | None, out_space: Space | None, groups: int) -> None:

@@ -11,7 +11,8 @@ a constant head count (``view(b, s, heads, -1)``) the roles swap: head_dim slots
 A size written in the model's code (``x.reshape(n, 768, -1)``) makes its dim a barrier, since
 pruning would not update the constant. ``torch.export`` writes every size as a constant; modules
 whose code computes its sizes from tensor shapes or from attributes that sparsify keeps in sync
-(Hugging Face attention, ``Conv1D``) are declared with :func:`register_synced_sizes`.
+(Hugging Face attention, ``Conv1D``) are declared with
+``sparsify.extend.register_module_type(cls, synced_sizes=True)``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import torch.fx as fx
 from torch import nn
 
 from sparsify.graph.builder import OpContext, value_infos
-from sparsify.graph.rules.registry import find_rule, register_op_rule
+from sparsify.graph.module_types import sizes_are_synced
+from sparsify.graph.op_rules import find_rule, register_op_rule
+from sparsify.graph.rules.common import couple_slice
 from sparsify.graph.trace import TensorInfo
 
 _SIZE_TAKING = {"view", "reshape", "expand", "unflatten", "repeat", "broadcast_to"}
@@ -37,30 +40,6 @@ LAYOUT_FUNCTIONS = (torch.flatten, torch.reshape, torch.permute, torch.transpose
 LAYOUT_METHODS = ("view", "reshape", "flatten", "permute", "transpose", "swapaxes", "contiguous",
                   "squeeze", "unsqueeze", "expand", "t", "movedim", "unflatten", "broadcast_to")
 LAYOUT_MODULES = (nn.Flatten, nn.Unflatten, nn.ChannelShuffle)
-
-_SYNCED_SIZES: set[str] = set()
-
-
-def _dotted(cls: Any) -> str:
-    return cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
-
-
-def register_synced_sizes(*classes: type[nn.Module] | str) -> None:
-    """Declare that the code of these module classes (objects or dotted names) computes every size it
-    passes to view/reshape/expand/split from tensor shapes, or reads it from an attribute kept in sync
-    with the weights (by a ``register_attribute_sync``). Their constant sizes in a graph (torch.export
-    writes all sizes as constants) are then not treated as hard-coded."""
-    _SYNCED_SIZES.update(_dotted(c) for c in classes)
-
-
-def sizes_are_synced(node: fx.Node) -> bool:
-    """Whether ``node`` runs in the code of a module registered with :func:`register_synced_sizes`."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return False
-    _, cls = list(stack.values())[-1]
-    return _dotted(cls) in _SYNCED_SIZES
-
 
 def _is_layout(node: fx.Node, ctx: OpContext) -> bool:
     if node.op == "call_function" and node.target is operator.getitem:
@@ -125,7 +104,7 @@ def _literals(ctx: OpContext, node: fx.Node) -> set[int]:
 
 def _input_index(ctx: OpContext, node: fx.Node) -> tuple[fx.Node, torch.Tensor, set[int], set[int]]:
     """(chain root, index tensor of ``node``'s input elements in the root, size literals on the way,
-    those of them that are hard-coded: not in a module registered with ``register_synced_sizes``)."""
+    those of them that are hard-coded: not in a module type declared with synced sizes)."""
     parent = node.args[0]
     if not isinstance(parent, fx.Node):
         raise _Unsupported("a layout op whose input is not a traced tensor")
@@ -414,10 +393,8 @@ def _head_split(ctx: OpContext, exit_node: fx.Node, root: fx.Node, idx: torch.Te
     a = h[tuple(index)].numpy()  # head at each position of the head dim
     counts = np.bincount(a, minlength=heads)
     if slots and counts.min() == 0 and counts.max() == 1:  # a block of head_dim slots (rotary halves)
-        from sparsify.graph.rules.head_dim import couple_slice
-
-        why = couple_slice(ctx, exit_node, ctx.space(root, i), head_of, np.unique(head_of, return_index=True)[1],
-                           a, heads)
+        first = np.unique(head_of, return_index=True)[1]
+        why = couple_slice(ctx, _chain(ctx, exit_node), ctx.space(root, i), head_of, first, a, heads)
         if why:
             return set(), f"dim {jh} {why}"
     elif counts.min() == 0 or counts.max() != counts.min():
@@ -508,14 +485,12 @@ def _one_head_block(ctx: OpContext, exit_node: fx.Node, root: fx.Node, i: int, a
     """A block ``[k·d/n, (k+1)·d/n)`` sliced from an unsplit dim of d channels in a module with synced
     sizes: the rotary half of a single-head tensor (one key/value head, ``view(b, s, 1, -1)``), which
     no head split reaches. Couples channel c with the channels at its position in the other blocks
-    (as ``head_dim.couple_slice`` does for head_dim slots); False (nothing coupled) otherwise."""
+    (as ``common.couple_slice`` does for head_dim slots); False (nothing coupled) otherwise."""
     if not sizes_are_synced(exit_node):
         return False
-    from sparsify.graph.rules.head_dim import couple_slice
-
     width = ctx.traced.values[root.name].shape[i]
     slot = np.arange(width)
-    return couple_slice(ctx, exit_node, ctx.space(root, i), slot, slot, a, width) == ""
+    return couple_slice(ctx, _chain(ctx, exit_node), ctx.space(root, i), slot, slot, a, width) == ""
 
 
 def _uniform_repeat(line: np.ndarray, width: int) -> bool:

@@ -14,8 +14,8 @@ h_j(t) = z·h_j(t−1) = 0; a plain RNN gives tanh(0) = relu(0) = 0 — provided
 An initial state passed to the module is therefore coupled with the units: computed inside the
 model (by a layer, from an ``nn.Parameter``, another RNN's final state) it is zeroed with them; a
 model input, or a tensor made by an op without a rule or by ``torch.zeros(n, b, 64)`` with constant
-sizes, blocks them (zeros made in a module declared with ``layout.register_synced_sizes`` follow
-pruning: ``rules/rnn_cells.py``).
+sizes, blocks them (zeros made in a module declared with ``register_module_type(cls, synced_sizes=True)``
+follow pruning: ``rules/rnn_cells.py``).
 
 With ``proj_size`` P the hidden units are internal (``weight_hr_l{k}`` columns consume them, c_n
 indexes them) and the P projected channels form a second group: rows of ``weight_hr_l{k}``,
@@ -31,7 +31,7 @@ import torch.fx as fx
 from torch import nn
 
 from sparsify.graph.builder import OpContext, Space
-from sparsify.graph.rules.registry import register_op_rule
+from sparsify.graph.module_types import register_module_type
 from sparsify.graph.trace import TensorInfo
 
 #: Gate blocks per ``RNNBase.mode``: rows of weight_ih/weight_hh are ``gates × hidden_size``.
@@ -160,7 +160,10 @@ def _initial_states(ctx: OpContext, hx, targets: list[Space], batch: Space | Non
             ctx.block(target, f"{what}: its initial state '{node.name}' is made by zeros() with sizes written as "
                               f"constants, which pruning cannot resize. {fix} Or make the zeros with sizes read "
                               "from the RNN (self.rnn.hidden_size) in a module declared with "
-                              "sparsify.graph.rules.layout.register_synced_sizes(YourModule).")
+                              "sparsify.extend.register_module_type(YourModule, synced_sizes=True).")
 
 
-register_op_rule("rnn", rnn, modules=(nn.RNN, nn.LSTM, nn.GRU))
+# their forward makes zero states of self.hidden_size (proj_size), which the attribute sync
+# (sparsify.prune.attributes) keeps up to date
+for _cls in (nn.RNN, nn.LSTM, nn.GRU):
+    register_module_type(_cls, rule=rnn, synced_sizes=True)

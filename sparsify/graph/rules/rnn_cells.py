@@ -13,9 +13,9 @@ starts at 0. A state passed to the first call therefore joins the units: compute
 model it is zeroed with them; from a model input, a constant, or ``torch.zeros`` with a width
 written as a constant it blocks them (with the reason and the fix). ``hx=None`` starts from zeros of
 the right width, and so do zeros whose sizes the code reads from synced attributes: those made
-inside the cells' own forward (``hidden_size`` is re-derived after pruning) or in a module
-registered with ``sparsify.graph.rules.layout.register_synced_sizes`` (e.g. a forward that calls
-``torch.zeros(b, self.cell.hidden_size)``).
+inside the cells' own forward (``hidden_size`` is re-derived after pruning) or in a module type
+declared with ``sparsify.extend.register_module_type(cls, synced_sizes=True)`` (e.g. a forward that
+calls ``torch.zeros(b, self.cell.hidden_size)``).
 
 Also here: the ATen RNN ops of ``torch.export`` graphs (``aten.lstm.input``, ``aten.gru.input``, …:
 the nn.LSTM/GRU/RNN rule applied to the module their flat weight list belongs to), ``torch.stack``
@@ -35,12 +35,11 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from sparsify.graph.builder import OpContext, Space
+from sparsify.graph.module_types import class_has_synced_sizes, register_module_type, sizes_are_synced
+from sparsify.graph.op_rules import register_op_rule
 from sparsify.graph.rules.common import couple_elementwise
-from sparsify.graph.rules.layout import _SYNCED_SIZES, _dotted, register_synced_sizes, sizes_are_synced
-from sparsify.graph.rules.registry import register_op_rule
 from sparsify.graph.rules.rnn import _modulo, declare, is_packed
 from sparsify.graph.trace import TensorInfo, register_autowrap_function
-from sparsify.prune.attributes import register_attribute_sync
 
 aten = torch.ops.aten
 
@@ -126,7 +125,7 @@ def _initial_state(ctx: OpContext, state: Any, element: int | None, units: Space
         ctx.block(units, f"{ctx.describe()}: its initial state {problem}. Fix: pass hx=None on the first call "
                          "(the cell then starts from zeros of its current width), make the zeros with a width "
                          "read from the cell (torch.zeros(b, self.cell.hidden_size)) in a module declared with "
-                         "sparsify.graph.rules.layout.register_synced_sizes(YourModule), or compute the state "
+                         "sparsify.extend.register_module_type(YourModule, synced_sizes=True), or compute the state "
                          "inside the model (a layer, an nn.Parameter).")
 
 
@@ -147,7 +146,7 @@ def _fixed_width(ctx: OpContext, node: fx.Node, feature: Space | None) -> str:
 def zeros(ctx: OpContext) -> None:
     """torch.zeros / new_zeros / zeros_like: all-zero values, which any slicing keeps exact. Its sizes
     follow pruning only when the code reads them from tensors or synced attributes: zeros made in a
-    module registered with ``register_synced_sizes`` (and in the RNN cells' own forward) have free dims;
+    module type declared with synced sizes (and in the RNN cells' own forward) have free dims;
     others have their dims fixed."""
     out = ctx.out_info
     if out is None:
@@ -171,7 +170,7 @@ def _synced(ctx: OpContext) -> bool:
     module stack for the root module's own code, so there the root model's class is asked."""
     if ctx.node.meta.get("nn_module_stack"):
         return sizes_are_synced(ctx.node)
-    return _dotted(type(ctx.traced.model)) in _SYNCED_SIZES
+    return class_has_synced_sizes(type(ctx.traced.model))
 
 
 def stack(ctx: OpContext) -> None:
@@ -238,18 +237,18 @@ def rnn_aten(ctx: OpContext) -> None:
     declare(ctx, m, module_name, x, hx, 1, 2 if lstm else None)
 
 
-@register_attribute_sync(nn.RNNCellBase)
 def _sync_cell(m: nn.RNNCellBase, old: dict[str, Any]) -> None:
     m.hidden_size = m.weight_hh.shape[1]
     m.input_size = m.weight_ih.shape[1]
 
 
-# their forward makes zero states of self.hidden_size (proj_size), which the attribute syncs keep up to date
-register_synced_sizes(nn.LSTMCell, nn.GRUCell, nn.RNNCell, nn.LSTM, nn.GRU, nn.RNN)
+# the cells: their forward makes zero states of self.hidden_size, which the attribute sync keeps up to date
+for _cls in (nn.LSTMCell, nn.GRUCell, nn.RNNCell):
+    register_module_type(_cls, rule=cell, synced_sizes=True)
+register_module_type(nn.RNNCellBase, sync=_sync_cell)
+register_op_rule("rnn_cell_aten", cell, functions=tuple(k for k in CELL_GATES if not isinstance(k, type)))
 register_op_rule("rnn_aten", rnn_aten, functions=(aten.lstm.input, aten.gru.input, aten.rnn_tanh.input,
                                                   aten.rnn_relu.input))
-register_op_rule("rnn_cell", cell, modules=(nn.LSTMCell, nn.GRUCell, nn.RNNCell),
-                 functions=tuple(k for k in CELL_GATES if not isinstance(k, type)))
 register_op_rule("zeros", zeros, functions=(torch.zeros, torch.zeros_like, aten.zeros.default, aten.new_zeros.default,
                                             aten.zeros_like.default), methods=("new_zeros",))
 register_op_rule("stack", stack, functions=(torch.stack, aten.stack.default))

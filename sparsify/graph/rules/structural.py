@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.graph.builder import OpContext
+from sparsify.graph.module_types import sizes_are_synced
+from sparsify.graph.op_rules import register_op_rule
 from sparsify.graph.rules.common import couple_elementwise
-from sparsify.graph.rules.layout import sizes_are_synced
-from sparsify.graph.rules.registry import register_op_rule
 
 
 def cat(ctx: OpContext) -> None:
@@ -47,7 +47,7 @@ def split(ctx: OpContext) -> None:
     Every part must keep the same width after pruning, so channel j of each part is one structure.
     That holds for a number of parts (chunk, tensor_split into n) and a part size computed from
     shapes; a split into unequal parts or parts of a hard-coded size is a barrier. Exception: a list
-    of part sizes inside a module registered with ``register_synced_sizes`` (the module keeps them in
+    of part sizes inside a module type declared with synced sizes (the module keeps them in
     sync with the weights): each part then shrinks on its own.
     """
     x = ctx.node.args[0]
@@ -89,7 +89,7 @@ def split(ctx: OpContext) -> None:
 
 def _independent_parts(ctx: OpContext, x: fx.Node, ndim: int, dim: int, widths: list[int]) -> None:
     """A split into a list of part sizes that the module keeps in sync with the weights (a module
-    registered with ``register_synced_sizes``, e.g. GPT-2 q|k|v of different head_dims): each part
+    declared with synced sizes, e.g. GPT-2 q|k|v of different head_dims): each part
     shrinks on its own."""
     offset = 0
     for k, w in enumerate(widths):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from sparsify.graph.builder import OpContext
+from sparsify.graph.op_rules import register_op_rule
 from sparsify.graph.rules.common import couple_elementwise
-from sparsify.graph.rules.registry import register_op_rule
 
 
 def stochastic_depth(ctx: OpContext) -> None:
