@@ -1,8 +1,8 @@
-"""Long fuzzing profile: the property test of tests/test_fuzz.py over many architectures.
+"""Long fuzzing profile: the property test of tests/testing/test_fuzz.py over many architectures.
 
     python -m benchmarks.fuzz_long --examples 10000 [--json fuzz_long.json]
 
-(equivalently ``SPARSIFY_FUZZ_EXAMPLES=10000 pytest tests/test_fuzz.py``). Prints a table of outcomes
+(equivalently ``SPARSIFY_FUZZ_EXAMPLES=10000 pytest tests/testing/test_fuzz.py``). Prints a table of outcomes
 and writes JSON; a failure stops the run, prints hypothesis' minimal spec, and exits non-zero.
 """
 

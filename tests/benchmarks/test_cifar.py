@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = [ROOT / "data" / "cifar10_jpeg.npz", ROOT.parent / "shared" / "data" / "cifar10_jpeg.npz"]
+ROOT = Path(__file__).resolve().parents[2]
+DATA = [Path(p) for p in [os.environ.get("SPARSIFY_CIFAR10", "")] if p] + [ROOT / "data" / "cifar10_jpeg.npz"]
 
 
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory):
     data = next((p for p in DATA if p.exists()), None)
     if data is None:
-        pytest.skip("cifar10_jpeg.npz not found (../shared/data)")
+        pytest.skip("cifar10_jpeg.npz not found: set SPARSIFY_CIFAR10=/path/to/it or put it in data/")
     from benchmarks import cifar as bench
 
     return bench, data, tmp_path_factory.mktemp("cifar")

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "transformer_str.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "transformer_str.py"
 TINY = {"dense_steps": 30, "sparse_steps": 20, "finetune_steps": 5, "hidden": 32, "layers": 2, "seq": 32,
         "batch": 8, "lr": 1e-2, "latency_repeats": 2, "sample_tokens": 12}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lstm_language_model.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lstm_language_model.py"
 
 
 def test_lstm_language_model_example() -> None:

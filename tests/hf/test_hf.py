@@ -28,7 +28,7 @@ def test_llama_mlp_groups_are_prunable_and_exact() -> None:
     assert {"model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight"} <= members
     hidden = cg.group("model.embed_tokens (+9)")
     assert hidden.prunable and not hidden.exact and "mean" in hidden.inexact[0]
-    heads = [g for g in cg.groups if "q_proj" in g.name]  # one group of 2 KV groups per layer (tests/test_attention.py)
+    heads = [g for g in cg.groups if "q_proj" in g.name]  # one group of 2 KV groups per layer (rules/test_attention)
     assert len(heads) == 2 and all(g.prunable and g.exact and g.kind == "kv_group" and g.width == 2 for g in heads)
     result = check_exactness(model, ids)
     assert result.groups_pruned == 4 and result.max_abs_diff <= 1e-10

@@ -5,6 +5,7 @@ slots go, and hit by a GMP ``unit="macs"`` target."""
 from __future__ import annotations
 
 import copy
+import importlib
 from typing import Any
 
 import numpy as np
@@ -259,9 +260,7 @@ class Mixed(nn.Module):
 
 def test_speed_benchmark_counts_each_attention_once() -> None:
     pytest.importorskip("torch_pruning")
-    from test_speed_bench import _load
-
-    bench = _load()
+    bench = importlib.import_module("benchmarks.speed")
     dense, x = Mixed().double().eval(), torch.randn(2, L, E, dtype=torch.float64)
     leaf = 4 * L * E * E + 2 * L * L * E
     assert bench.attention_macs(dense, x) == leaf  # the explicit block's products are module_macs' now
