@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
 from rich.table import Table
 from torch import nn
 from torch.nn.utils import parametrize
@@ -60,6 +62,12 @@ class SparsityReport:
         for g in self.groups:
             t.add_row(g.name, str(g.width), str(g.zeros), f"{g.params:,.0f}", f"{g.macs:,.0f}")
         return t
+
+    def __str__(self) -> str:
+        """The table as plain text, so that ``print(sp.report())`` shows it."""
+        console = Console(file=io.StringIO(), width=120, color_system=None)
+        console.print(self.table())
+        return console.file.getvalue().rstrip("\n")
 
 
 @dataclass

@@ -323,3 +323,12 @@ def test_resume_restores_str_thresholds() -> None:
     assert sp2.policy.thresholds() == sp.policy.thresholds()
     assert sp.policy.thresholds()["bn1"] != pytest.approx(float(torch.sigmoid(torch.tensor(-3.0))))
     assert torch.equal(_outputs(model2), _outputs(model))
+
+
+def test_report_prints_as_a_text_table() -> None:
+    """``print(sp.report())`` shows the rendered table, not ``<rich.table.Table object …>``."""
+    model = SmallCNN()
+    sp = Sparsifier(model, _data()[0][:2], "bn_gamma", STRConfig(s_init=-2.0))
+    text = str(sp.report())
+    assert "rich.table" not in text and "sparsity:" in text and "MACs in zeros" in text
+    assert all(g.name in text for g in sp.report().groups)

@@ -9,17 +9,19 @@ channels. On GPUs, multiples of 8 (tensor cores) and of the kernels' tile sizes 
 tend to win; on CPUs rounding rarely matters.
 
     table = width_latency_table("conv1x1", device="cuda")
-    print(table.table()); SparsifierConfig(..., round_to=table.suggested)
+    print(table); SparsifierConfig(..., round_to=table.suggested)
 """
 
 from __future__ import annotations
 
+import io
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from rich.console import Console
 from rich.table import Table
 from torch import nn
 
@@ -50,6 +52,12 @@ class WidthTable:
         for r, s in self.scores.items():
             t.add_row(str(r), f"{s:.4f}", f"{s / base:.3f}×" if base else "")
         return t
+
+    def __str__(self) -> str:
+        """The table as plain text, so that ``print(table)`` shows it."""
+        console = Console(file=io.StringIO(), width=120, color_system=None)
+        console.print(self.table())
+        return console.file.getvalue().rstrip("\n")
 
     def to_dict(self) -> dict[str, Any]:
         return {"op": self.op, "device": self.device, "settings": self.settings,
