@@ -18,6 +18,7 @@ from sparsify.errors import InexactPruneError, PruneError
 from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup
 from sparsify.prune.attributes import modules_to_sync, sync_attributes
 from sparsify.prune.fold import BiasFold, check_sinks, plan_folds
+from sparsify.prune.plan_values import check_plan_key, structure_indices
 
 
 @dataclass
@@ -41,20 +42,32 @@ def _lookup(model: nn.Module, qualified: str) -> tuple[nn.Module, str]:
 
 def _validate(cg: ChannelGraph, plan: Mapping[int | str, Sequence[int]], allow_inexact: bool
               ) -> dict[int, tuple[ChannelGroup, np.ndarray]]:
+    if not isinstance(cg, ChannelGraph):
+        raise PruneError(f"prune_channels takes a ChannelGraph (build_channel_graph(model, example_inputs)), "
+                         f"got {type(cg).__name__}")
     if cg.stale:
         raise PruneError("this ChannelGraph was already used to prune its model; its indices are out "
                          "of date. Build a new one with build_channel_graph(model, example_inputs).")
+    if not isinstance(plan, Mapping):
+        raise PruneError(f"the plan must be a dict {{group id or name: structure indices}}, got "
+                         f"{type(plan).__name__}")
     resolved: dict[int, tuple[ChannelGroup, np.ndarray]] = {}
+    seen: set[int] = set()
     for key, structures in plan.items():
-        group = cg.group(key)
-        s = np.unique(np.asarray(list(structures), dtype=np.int64))
+        try:
+            group = cg.group(check_plan_key(key))
+        except KeyError:
+            raise PruneError(f"the plan names channel group {key!r}, which this graph does not have; its groups "
+                             f"are {[g.name for g in cg.groups][:12]} … (ids 0..{len(cg.groups) - 1}; "
+                             "`sparsify inspect` lists them)") from None
+        if group.id in seen:
+            raise PruneError(f"the plan names group '{group.name}' twice (by id and by name); merge the entries")
+        seen.add(group.id)
+        s = structure_indices(group.name, group.width, structures)
         if len(s) == 0:
             continue
         if not group.prunable:
             raise PruneError(f"group '{group.name}' is not prunable: {group.why_not()}")
-        if s.min() < 0 or s.max() >= group.width:
-            raise PruneError(f"group '{group.name}' has {group.width} structures; got indices outside "
-                             f"[0, {group.width}): {s[(s < 0) | (s >= group.width)][:5].tolist()}")
         if len(s) == group.width:
             raise PruneError(f"removing all {group.width} structures of group '{group.name}' would "
                              "disconnect the network; keep at least one.")

@@ -209,10 +209,12 @@ def test_untraceable_model_names_the_fix() -> None:
         build_channel_graph(DataDependent(), torch.randn(2, 4))
 
 
-def test_structure_indices_accept_numpy_and_duplicates() -> None:
+def test_structure_indices_accept_numpy_and_refuse_duplicates() -> None:
     model = Net()
     cg = build_channel_graph(model, torch.randn(2, 3, 8, 8))
     g = _group_of(cg, "fc1")
-    report = prune_channels(cg, {g.id: np.array([3, 3, 4])})
+    with pytest.raises(PruneError, match=r"lists indices \[3\] more than once"):
+        prune_channels(cg, {g.id: np.array([3, 3, 4])})
+    report = prune_channels(cg, {g.id: np.array([3, 4])})
     assert report.removed[g.name] == 2
     assert model.fc1.out_features == 14 and model.fc2.in_features == 14
