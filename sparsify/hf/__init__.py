@@ -3,16 +3,16 @@
 ``sparsify.hf.attention`` (the explicit-attention modules) imports transformers; this package face does not.
 """
 
-from sparsify.hf.families import HEAD_DIMS as HEAD_DIMS
-from sparsify.hf.families import RECORD as RECORD
 from sparsify.hf.families import Family as Family
-from sparsify.hf.families import explicit_attention_ as explicit_attention_
-from sparsify.hf.families import from_pretrained as from_pretrained
-from sparsify.hf.families import head_dims as head_dims
-from sparsify.hf.families import layer_widths as layer_widths
 from sparsify.hf.families import register_family as register_family
-from sparsify.hf.families import save_pretrained as save_pretrained
-from sparsify.hf.families import sync_config as sync_config
+from sparsify.hf.pretrained import HEAD_DIMS as HEAD_DIMS
+from sparsify.hf.pretrained import RECORD as RECORD
+from sparsify.hf.pretrained import explicit_attention_ as explicit_attention_
+from sparsify.hf.pretrained import from_pretrained as from_pretrained
+from sparsify.hf.pretrained import head_dims as head_dims
+from sparsify.hf.pretrained import layer_widths as layer_widths
+from sparsify.hf.pretrained import save_pretrained as save_pretrained
+from sparsify.hf.pretrained import sync_config as sync_config
 
 __all__ = [
     "HEAD_DIMS",
