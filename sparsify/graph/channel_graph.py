@@ -16,6 +16,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 from torch import nn
+from torch.nn.utils import parametrize
 
 from sparsify.graph.builder import GraphFacts, MemberSpec, Space
 from sparsify.graph.collect import collect_facts
@@ -121,7 +122,50 @@ def build_channel_graph(model: nn.Module, example_inputs: Any) -> ChannelGraph:
     facts = collect_facts(traced)
     _couple_shared_members(facts)
     graph, groups = _group(facts)
+    _block_foreign_parametrizations(model, groups)
     return ChannelGraph(traced, facts, graph, groups)
+
+
+def foreign_parametrizations(model: nn.Module) -> dict[str, str]:
+    """Qualified tensor name → the parametrizations on it (``weight_norm``, ``spectral_norm``,
+    ``orthogonal``, torch.ao's ``FakeSparsity``, a user's own), for tensors parametrized by anything
+    that is not sparsify's own (a live Sparsifier's masks and thresholds)."""
+    out = {}
+    for module_name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for attr, plist in module.parametrizations.items():
+            foreign = [type(p).__name__ for p in plist if not type(p).__module__.startswith("sparsify.")]
+            if foreign:
+                out[f"{module_name}.{attr}" if module_name else attr] = " → ".join(foreign)
+    return out
+
+
+def _block_foreign_parametrizations(model: nn.Module, groups: list[ChannelGroup]) -> None:
+    """A group with a member under someone else's parametrization is a barrier. Slicing what the
+    parametrization computes is impossible (it is recomputed from its originals), and slicing the
+    originals is exact only for element-wise ones: weight_norm's norm over the input dims,
+    spectral_norm's σ and orthogonal's matrix all change when a dim is sliced, and a user's own is
+    opaque. So these channels are refused before anything is touched, with the fix."""
+    foreign = foreign_parametrizations(model)
+    if not foreign:
+        return
+    changed = False
+    for g in groups:
+        for m in g.members:
+            if m.tensor in foreign:
+                module, _, attr = m.tensor.rpartition(".")
+                g.blocked.append(
+                    f"{m.tensor} is parametrized ({foreign[m.tensor]}; torch.nn.utils.parametrize), which sparsify "
+                    f"cannot slice exactly. Fix: torch.nn.utils.parametrize.remove_parametrizations("
+                    f"model.get_submodule({module!r}), {attr!r}, leave_parametrized=True) before sparsifying, "
+                    "and parametrize the pruned model again")
+                changed = True
+                break
+    if changed:
+        groups.sort(key=lambda g: (not g.prunable, g.id))
+        for i, g in enumerate(groups):
+            g.id = i
 
 
 def _couple_shared_members(facts: GraphFacts) -> None:

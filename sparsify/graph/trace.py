@@ -141,6 +141,7 @@ def trace(model: nn.Module, example_inputs: Any) -> TracedModel:
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}.")
+    check_unwrapped(model)
     args, kwargs = as_args(example_inputs)
     devices = sorted({str(t.device) for t in [*model.parameters(), *model.buffers()]})
     if len(devices) > 1:
@@ -178,6 +179,29 @@ def trace(model: nn.Module, example_inputs: Any) -> TracedModel:
         for m, mode in modes.items():
             m.training = mode
     return TracedModel(model, gm, values, flat)
+
+
+def _wrapper_fix(module: nn.Module) -> str | None:
+    """How to get at the plain model inside a wrapper module, or None if ``module`` is no wrapper."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return ("a TorchScript module has no Python forward to trace or prune: sparsify the eager model, "
+                "then torch.jit.script/trace the pruned one")
+    if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return (f"use the wrapped model, `.module`, and wrap the pruned model again"
+                f"{' (see sparsify.distributed)' if isinstance(module, nn.parallel.DistributedDataParallel) else ''}")
+    if type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod"):
+        return "use the model torch.compile wrapped, `._orig_mod`, and call torch.compile on the pruned model"
+    return None
+
+
+def check_unwrapped(model: nn.Module) -> None:
+    """Raise TraceError if ``model`` or a submodule is a wrapper (DataParallel, DistributedDataParallel,
+    ``torch.compile``'s OptimizedModule, TorchScript) that hides the model's layers; say how to unwrap."""
+    for name, module in model.named_modules():
+        fix = _wrapper_fix(module)
+        if fix is not None:
+            where = f"submodule {name!r} of {type(model).__name__}" if name else "the model"
+            raise TraceError(f"{where} is {type(module).__name__}, a wrapper that sparsify cannot see through: {fix}.")
 
 
 def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.GraphModule:

@@ -47,7 +47,8 @@ _export = {name: extra.export_only(b) for name, b in (("pool_net", extra.pool_ne
                                                      ("addmm_net", extra.addmm_net),
                                                      ("cast_net", extra.cast_net),
                                                      ("lstm_net", extra.lstm_net),
-                                                     ("cell_loop", extra.cell_loop))}
+                                                     ("cell_loop", extra.cell_loop),
+                                                     ("residual_cnn", zoo.residual_cnn))}
 
 RULE_MODELS: dict[str, Builder] = {
     # fx front end
@@ -77,6 +78,7 @@ RULE_MODELS: dict[str, Builder] = {
     "aten_matmul": _export["eager_attention"], "aten_softmax": _export["eager_attention"],
     "aten_addmm": _export["addmm_net"], "aten_shape_query": _export["cast_net"],
     "rnn_aten": _export["lstm_net"], "rnn_cell_aten": _export["cell_loop"],
+    "aten_batch_norm": _export["residual_cnn"],
 }
 
 

@@ -1,7 +1,7 @@
 """ATen overloads, as they appear in graphs from ``torch.export`` (Hugging Face models).
 
-They reuse the rules of the torch functions with the same signatures; only ``embedding`` (weight
-first) needs its own.
+They reuse the rules of the torch functions with the same signatures; ``embedding`` (weight first)
+and the batch norms (affine before statistics; the ``_native`` ones return a tuple) need their own.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from sparsify.graph.builder import OpContext
 from sparsify.graph.op_rules import register_op_rule
 from sparsify.graph.rules import elementwise, layers, layout, structural
 from sparsify.graph.rules.common import couple_dims
+from sparsify.graph.trace import TensorInfo
 
 aten = torch.ops.aten
 
@@ -35,6 +36,28 @@ def embedding(ctx: OpContext) -> None:
         ctx.block_all(f"{ctx.describe()}: the embedding table is computed, not a parameter")
 
 
+def batch_norm(ctx: OpContext) -> None:
+    """aten.batch_norm / native_batch_norm / _native_batch_norm_legit(_no_training)(input, weight, bias,
+    running_mean, running_var, ...): per-channel affine and statistics on channel dim 1 of the output
+    (of its element 0 where the op returns (output, save_mean, save_invstd))."""
+    x = ctx.node.args[0]
+    xi = ctx.info(x)
+    element = None if isinstance(ctx.value(ctx.node), TensorInfo) else 0
+    if xi is None:
+        return
+    for d in range(xi.ndim):
+        ctx.same(ctx.space(x, d), ctx.out(d, element))
+    space = ctx.out(1, element)
+    for index, name, role in ((1, "weight", "scale"), (2, "bias", "bias"),
+                              (3, "running_mean", "stat"), (4, "running_var", "stat")):
+        arg = ctx.arg(index, name)
+        if arg is not None and not ctx.param_member(arg, 0, space, role):
+            ctx.block(space, f"{ctx.describe()}: {name} is computed, not a parameter")
+
+
+register_op_rule("aten_batch_norm", batch_norm, functions=_overloads(
+    aten.batch_norm, aten.native_batch_norm, aten._native_batch_norm_legit,
+    aten._native_batch_norm_legit_no_training))
 register_op_rule("aten_embedding", embedding, functions=_overloads(aten.embedding))
 register_op_rule("aten_unary", elementwise.unary, functions=_overloads(
     aten.relu, aten.relu6 if hasattr(aten, "relu6") else aten.relu_, aten.gelu, aten.silu, aten.sigmoid,
