@@ -24,7 +24,7 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from sparsify._utils import is_meta
@@ -56,6 +56,13 @@ class GroupPlan(BaseModel):
     keep: int = Field(ge=1, description="structures to keep in the planned model")
     exact: bool = Field(True, description="whether removing all-zero structures leaves the function unchanged")
 
+    @model_validator(mode="after")
+    def _keep_fits(self) -> GroupPlan:
+        if self.keep > self.width:
+            raise ValueError(f"group '{self.name}' keeps {self.keep} structures but has only {self.width}; "
+                             "keep must be between 1 and width")
+        return self
+
     @property
     def ratio(self) -> float:
         return self.keep / self.width
@@ -74,6 +81,14 @@ class WidthPlan(BaseModel):
                                      "removed")
     macs: dict[str, float] = Field(default_factory=dict, description="first-order MACs per example: total, removed")
 
+    @model_validator(mode="after")
+    def _unique_names(self) -> WidthPlan:
+        names = [g.name for g in self.groups]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"the plan lists groups {twice[:5]} more than once; give each group one entry")
+        return self
+
     def to_json(self, path: str | Path | None = None) -> str:
         text = self.model_dump_json(indent=1)
         if path is not None:
@@ -84,6 +99,9 @@ class WidthPlan(BaseModel):
     def from_json(cls, text_or_path: str | Path) -> WidthPlan:
         text = str(text_or_path)
         if not text.lstrip().startswith("{"):
+            if not Path(text).is_file():
+                raise SparsifyError(f"WidthPlan.from_json: {text!r:.200} is neither JSON text nor an existing file; "
+                                    "pass plan.to_json() output or the path it was written to")
             text = Path(text).read_text()
         return cls.model_validate_json(text)
 
@@ -238,6 +256,15 @@ def apply_plan(model: nn.Module, example_inputs: Any, plan: WidthPlan, importanc
     unchanged. Removing structures that are not zero changes the function (one-shot pruning); the
     removed set is in the result.
     """
+    if not isinstance(plan, WidthPlan):
+        fix = (" A dict {group: indices to remove} is a removal plan: prune it with "
+               "sparsify.prune_channels(graph, plan)." if isinstance(plan, dict) else "")
+        raise SparsifyError(f"apply_plan takes a WidthPlan (from make_plan or WidthPlan.from_json), got "
+                            f"{type(plan).__name__}.{fix}")
+    if match not in ("auto", "ratio", "count"):
+        raise SparsifyError(f"match must be 'auto', 'ratio' or 'count', got {match!r}")
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise SparsifyError(f"round_to must be a positive int (e.g. 8) or None, got {round_to!r}")
     cg = graph if graph is not None else build_channel_graph(model, example_inputs)
     by_name = {g.name: g for g in cg.groups}
     unknown = [p.name for p in plan.groups if p.name not in by_name]

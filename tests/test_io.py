@@ -140,6 +140,11 @@ def test_load_errors(tmp_path: Path) -> None:
     weights = load_file(str(tmp_path / "model.safetensors"))
     weights["fc2.weight"] = torch.zeros(3, 7)
     save_file(weights, str(tmp_path / "model.safetensors"))
+    with pytest.raises(LoadError, match=r"'fc2\.weight' .* does not match the sha256"):
+        sparsify.load(MLP, tmp_path)
+    record = json.loads((tmp_path / "plan.json").read_text())
+    del record["checksums"]  # as written before checksums existed: the shape check still speaks
+    (tmp_path / "plan.json").write_text(json.dumps(record))
     with pytest.raises(LoadError, match=r"'fc2\.weight' is \(3, 7\)"):
         sparsify.load(MLP, tmp_path)
     (tmp_path / "model.safetensors").unlink()

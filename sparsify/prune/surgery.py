@@ -6,6 +6,7 @@ anything fails part-way.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ from sparsify.errors import InexactPruneError, PruneError
 from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup
 from sparsify.prune.attributes import modules_to_sync, sync_attributes
 from sparsify.prune.fold import BiasFold, check_sinks, plan_folds
+from sparsify.prune.guards import check_model_matches, check_optimizer
 from sparsify.prune.plan_values import check_plan_key, structure_indices
 
 
@@ -33,6 +35,10 @@ class PruneReport:
     notes: list[str] = field(default_factory=list)
     plan: dict[str, list[int]] = field(default_factory=dict)  # group name → removed structure indices (sorted)
     created_biases: dict[str, tuple[int, ...]] = field(default_factory=dict)  # bias folding created → its shape
+
+
+#: Every PruneReport applied to a live model in this process, in order (sparsify.save checks its reports against it).
+PRUNE_HISTORY: weakref.WeakKeyDictionary[nn.Module, list[PruneReport]] = weakref.WeakKeyDictionary()
 
 
 def _lookup(model: nn.Module, qualified: str) -> tuple[nn.Module, str]:
@@ -99,6 +105,8 @@ def prune_channels(
     """
     resolved = _validate(cg, plan, allow_inexact)
     model = cg.model
+    check_model_matches(model, [g for g, _ in resolved.values()])
+    check_optimizer(model, optimizer, [m.tensor for g, _ in resolved.values() for m in g.members])
     on_meta = any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     if on_meta and verify_atol is not None:
         raise PruneError("verify_atol compares outputs, but the model is on the meta device (no values); "
@@ -164,7 +172,7 @@ def prune_channels(
             _check_same(reference, _eval_outputs(cg), verify_atol)
         tx.commit_optimizer()
     cg.stale = True
-    return PruneReport(
+    report = PruneReport(
         removed={g.name: len(s) for g, s in resolved.values()},
         widths={g.name: (g.width, g.width - len(s)) for g, s in resolved.values()},
         params_before=params_before,
@@ -174,6 +182,8 @@ def prune_channels(
         plan={g.name: s.tolist() for g, s in resolved.values()},
         created_biases={name: tuple(_get(model, name).shape) for name in created_biases},
     )
+    PRUNE_HISTORY.setdefault(model, []).append(report)
+    return report
 
 
 def _dead_structures(model: nn.Module, group: ChannelGroup, structures: np.ndarray) -> np.ndarray:
