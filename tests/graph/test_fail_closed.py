@@ -11,7 +11,7 @@ from torch import nn
 from sparsify import build_channel_graph
 from sparsify.extend import register_op_rule
 from sparsify.graph.channel_graph import ChannelGraph
-from sparsify.graph.rules import layout
+from sparsify.graph.rules import layout, layout_chain
 
 
 class HeadChain(nn.Module):
@@ -57,7 +57,7 @@ def test_a_layout_rule_failing_closed_inside_blocks_the_producing_projection(mon
     def cannot_run(*args: object, **kwargs: object) -> None:
         raise ValueError("cannot run on an index tensor")
 
-    monkeypatch.setattr(layout, "_apply", cannot_run)  # caught inside the layout rule, which calls block_all
+    monkeypatch.setattr(layout_chain, "_apply", cannot_run)  # caught inside the layout rule, which calls block_all
     group = _group_of(_graph(), "proj.weight")
     assert not group.prunable and "could not be analysed" in group.why_not()
 

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 
 from sparsify.graph.builder import OpContext, Space
 from sparsify.graph.op_rules import register_op_rule
-from sparsify.graph.rules import layout, structural
+from sparsify.graph.rules import structural
 from sparsify.graph.rules.common import couple_elementwise
+from sparsify.graph.rules.layout_chain import index_tensor, is_layout
 
 aten = torch.ops.aten
 
@@ -38,10 +39,10 @@ aten = torch.ops.aten
 def _repeated(ctx: OpContext, node: Any, dim: int) -> bool:
     """Whether positions of ``node``'s dim ``dim`` repeat the same elements of a layout chain's root
     (``repeat_kv``: several query heads read one KV head)."""
-    if not isinstance(node, fx.Node) or not layout._is_layout(node, ctx):
+    if not isinstance(node, fx.Node) or not is_layout(node, ctx):
         return False
     try:
-        _, idx, _, _ = layout._index_tensor(ctx, node)
+        _, idx, _, _ = index_tensor(ctx, node)
     except Exception:  # a chain the layout rule cannot replay is not a repeat we know
         return False
     rows = idx.movedim(dim, 0).reshape(idx.shape[dim], -1)

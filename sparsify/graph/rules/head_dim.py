@@ -31,7 +31,7 @@ import torch.fx as fx
 
 from sparsify.graph.builder import OpContext
 from sparsify.graph.op_rules import find_rule
-from sparsify.graph.rules import layout
+from sparsify.graph.rules.layout_chain import is_layout
 
 _SHAPE_ARITHMETIC = (operator.floordiv, operator.mul, operator.add, operator.sub, operator.mod, operator.neg)
 _SIZED_RULES = ("layout", "layout_aten", "split")
@@ -40,7 +40,7 @@ _SHAPE_CHECKS = (torch._assert, operator.eq, operator.ne, operator.lt, operator.
 
 def _sizes_op(ctx: OpContext, node: fx.Node) -> bool:
     """An op whose rule judges the sizes passed to it (views, slices, split): a computed size is fine there."""
-    if layout._is_layout(node, ctx):
+    if is_layout(node, ctx):
         return True
     rule = find_rule(node, ctx.traced.graph_module)
     return rule is not None and rule.kind in _SIZED_RULES
