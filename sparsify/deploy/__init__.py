@@ -1,10 +1,10 @@
 """Make a (pruned) model ready for inference: BN folded, conv+bias+ReLU(+add) fused, channels_last, compiled."""
 
-from sparsify.deploy.fold_bn import deploy as deploy
 from sparsify.deploy.fold_bn import find_conv_bn_pairs as find_conv_bn_pairs
 from sparsify.deploy.fold_bn import fold_batchnorm as fold_batchnorm
 from sparsify.deploy.fusion import find_conv_activations as find_conv_activations
 from sparsify.deploy.fusion import fuse_conv_activations as fuse_conv_activations
+from sparsify.deploy.pipeline import deploy as deploy
 from sparsify.deploy.stem import space_to_depth_stems_ as space_to_depth_stems_
 
 __all__ = [
