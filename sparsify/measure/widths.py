@@ -1,4 +1,4 @@
-"""Latency measurement, and which channel widths run fast on the current device.
+"""Which channel widths run fast on the current device (the timing itself is in ``measure/timing.py``).
 
 ``width_latency_table`` times one layer (a 1×1 or 3×3 convolution, or a linear layer, with as many
 input as output channels) at every width of a range and suggests the ``round_to`` that makes pruned
