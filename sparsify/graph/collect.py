@@ -63,10 +63,14 @@ def _apply_rule(traced: TracedModel, facts: GraphFacts, node: fx.Node, deferred:
     touches_tensor = makes_tensor or any(value_infos(traced.values.get(a.name), a.name) for a in node.all_input_nodes)
     if rule is None:
         if touches_tensor:
-            ctx.block_all(
-                f"no op rule for {ctx.describe()}; its channels are not prunable. "
-                "Fix: register one with sparsify.extend.register_op_rule(...) (see docs/op_rules.md)"
-            )
+            if node.op == "call_module":
+                cls = type(traced.graph_module.get_submodule(str(node.target))).__name__
+                fix = f"sparsify.extend.register_module_type({cls}, rule=fn)"
+            else:
+                where = "methods=" if node.op == "call_method" else "functions="
+                fix = f"sparsify.extend.register_op_rule(kind, fn, {where}...)"
+            ctx.block_all(f"no op rule for {ctx.describe()}; its channels are not prunable. "
+                          f"Fix: register one with {fix} (see docs/op_rules.md)")
         return
     before = _Declared.of(facts)
     try:

@@ -1,7 +1,7 @@
 """Modules sparsify puts into models: low-rank layers, explicit attention, fused conv+ReLU, space-to-depth stems.
 
-Each module registers what the graph and the pruner need to know about it (leaf, attribute sync) where
-it is defined; the adapters (:mod:`sparsify.adapters`) and deploy passes (:mod:`sparsify.deploy`) use them.
+Each module type is registered where it is defined, in one ``register_module_type`` call (leaf, attribute
+sync); the adapters (:mod:`sparsify.adapters`) and deploy passes (:mod:`sparsify.deploy`) use them.
 """
 
 from sparsify.nn.attention import ExplicitMultiheadAttention as ExplicitMultiheadAttention

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.errors import SparsifyError
-from sparsify.prune.attributes import register_attribute_sync
+from sparsify.graph.module_types import register_module_type
 
 __all__ = ["ExplicitMultiheadAttention", "explicit_multihead_attention_"]
 
@@ -62,9 +62,11 @@ class ExplicitMultiheadAttention(nn.Module):
         return (y if self.batch_first else y.transpose(0, 1)), None
 
 
-@register_attribute_sync(ExplicitMultiheadAttention)
 def _explicit_mha(m: ExplicitMultiheadAttention, old: dict) -> None:
     m.num_heads = m.q_proj.out_features // m.head_dim
+
+
+register_module_type(ExplicitMultiheadAttention, sync=_explicit_mha)
 
 
 def explicit_multihead_attention_(model: nn.Module) -> nn.Module:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsify.graph.trace import register_leaf_module
+from sparsify.graph.module_types import register_module_type
 from sparsify.measure.timing import cuda_autocast_dtype
 
 __all__ = ["ConvAddReLU", "ConvReLU", "cudnn_padding"]
@@ -134,5 +134,5 @@ def _output_shape(x: torch.Tensor, conv: nn.Conv2d, padding: tuple[int, ...] | N
 
 
 # the sparsify tracer keeps them as single nodes: a deployed model traces (and deploys) again
-register_leaf_module(ConvReLU)
-register_leaf_module(ConvAddReLU)
+register_module_type(ConvReLU, leaf=True)
+register_module_type(ConvAddReLU, leaf=True)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify._utils import set_submodule
-from sparsify.prune.attributes import register_attribute_sync
+from sparsify.graph.module_types import register_module_type
 
 __all__ = ["LowRankConv2d", "LowRankLinear", "factorize_", "factorize_conv2d", "factorize_linear"]
 
@@ -106,16 +106,18 @@ class LowRankConv2d(nn.Module):
                 f"bias={self.bias is not None}")
 
 
-@register_attribute_sync(LowRankLinear)
 def _sync_linear(m: LowRankLinear, old: dict[str, Any]) -> None:
     m.out_features, m.rank = m.U.shape
     m.in_features = m.V.shape[1]
 
 
-@register_attribute_sync(LowRankConv2d)
 def _sync_conv(m: LowRankConv2d, old: dict[str, Any]) -> None:
     m.out_channels, m.rank = m.U.shape[:2]
     m.in_channels = m.V.shape[1]
+
+
+register_module_type(LowRankLinear, sync=_sync_linear)
+register_module_type(LowRankConv2d, sync=_sync_conv)
 
 
 # ----- factorisation ------------------------------------------------------------------------------

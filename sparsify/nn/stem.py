@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsify.graph.trace import register_leaf_module
+from sparsify.graph.module_types import register_module_type
 from sparsify.measure.timing import cuda_autocast_dtype
 
 __all__ = ["SpaceToDepth", "SpaceToDepthConv2d"]
 
 
-@register_leaf_module
+@register_module_type(leaf=True)
 class SpaceToDepth(nn.Module):
     """Zero-pad ``padding`` on each side (one more row/column at the end where the size is odd) and
     ``channels - C`` zero channels, then move every 2×2 pixel block into channels, ordered (row phase,
