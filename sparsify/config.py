@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
+from sparsify._validation import refuse_bool_numbers
 from sparsify.adapters import ADAPTERS, AdapterConfig
+from sparsify.errors import SparsifyError
 from sparsify.policies import POLICIES, PolicyConfig
 
 SCHEMA_VERSION = 1
@@ -32,7 +34,7 @@ def _resolve(value: Any, registry: Any, base: type[BaseModel], what: str) -> Any
 class SparsifierConfig(BaseModel):
     """Everything a Sparsifier needs besides the model: which adapter and which policy."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     schema_version: int = Field(SCHEMA_VERSION, description="config format version")
     adapter: SerializeAsAny[AdapterConfig] = Field(description="structures → importance vectors")
     policy: SerializeAsAny[PolicyConfig] = Field(description="importance vectors → zeros")
@@ -58,6 +60,11 @@ class SparsifierConfig(BaseModel):
     def _policy(cls, v: Any) -> PolicyConfig:
         return _resolve(v, POLICIES, PolicyConfig, "policy")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: Any) -> Any:
+        return refuse_bool_numbers(cls, data)
+
     @field_validator("schema_version")
     @classmethod
     def _version(cls, v: int) -> int:
@@ -75,6 +82,23 @@ class SparsifierConfig(BaseModel):
         """Load from YAML text or a path to a YAML file."""
         import yaml
 
-        is_path = isinstance(text_or_path, Path) or ("\n" not in text_or_path and Path(text_or_path).is_file())
-        text = Path(text_or_path).read_text() if is_path else text_or_path
-        return cls.model_validate(yaml.safe_load(text))
+        if not isinstance(text_or_path, (str, Path)):
+            raise SparsifyError(f"from_yaml takes YAML text or a path, got {type(text_or_path).__name__}")
+        text = str(text_or_path)
+        looks_like_path = isinstance(text_or_path, Path) or ("\n" not in text and ":" not in text)
+        if looks_like_path or ("\n" not in text and Path(text).is_file()):
+            file = Path(text_or_path)
+            if not file.is_file():
+                raise SparsifyError(f"SparsifierConfig.from_yaml: {str(file)!r} is not an existing file (and YAML text "
+                                    "would need 'adapter:' and 'policy:' keys); check the path")
+            where, text = f"{file}", file.read_text()
+        else:
+            where = "the YAML text"
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SparsifyError(f"SparsifierConfig.from_yaml: {where} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise SparsifyError(f"SparsifierConfig.from_yaml: {where} holds a {type(data).__name__}, not a mapping; "
+                                "a config needs 'adapter:' and 'policy:' keys (see SparsifierConfig.to_yaml())")
+        return cls.model_validate(data)

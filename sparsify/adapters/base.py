@@ -16,19 +16,26 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 from torch import nn
 from torch.nn.utils import parametrize
 
+from sparsify._validation import refuse_bool_numbers
 from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup
 from sparsify.registry import PluginRegistry
 
 
 class AdapterConfig(BaseModel):
-    """Base of adapter configs; subclasses set ``kind`` to a Literal."""
+    """Base of adapter configs; subclasses set ``kind`` to a Literal. Floats must be finite and numbers
+    not booleans (``sparsify._validation``), in every subclass too."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     kind: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: Any) -> Any:
+        return refuse_bool_numbers(cls, data)
 
 
 @dataclass(eq=False)

@@ -9,10 +9,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 from torch import nn
 
 from sparsify._utils import get_tensor
+from sparsify._validation import refuse_bool_numbers
 from sparsify.adapters.base import ImportanceVector
 from sparsify.errors import SparsifyError
 from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup
@@ -22,10 +23,16 @@ from sparsify.registry import PluginRegistry
 
 
 class PolicyConfig(BaseModel):
-    """Base of policy configs; subclasses set ``kind`` to a Literal."""
+    """Base of policy configs; subclasses set ``kind`` to a Literal. Floats must be finite and numbers
+    not booleans (``sparsify._validation``), in every subclass too."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     kind: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: Any) -> Any:
+        return refuse_bool_numbers(cls, data)
 
 
 @dataclass(frozen=True)
