@@ -100,7 +100,7 @@ def allocate_keep(groups: Sequence[GroupView], sparsity: float, unit: Unit, budg
     if not meet_target:
         return [round_keep(g.group, k, round_to, m) for g, k, m in zip(groups, keeps, magnitudes,
                                                                                   strict=True)]
-    costs = [np.ones(g.width) if unit == "channels" else (g.params if unit == "params" else g.macs) for g in groups]
+    costs = _costs(groups, unit)
 
     def removed(ks: list[np.ndarray]) -> float:
         return float(sum(c[~k].sum() for c, k in zip(costs, ks, strict=True)))
@@ -113,6 +113,31 @@ def allocate_keep(groups: Sequence[GroupView], sparsity: float, unit: Unit, budg
     return budgets.smallest_meeting(rounded, removed, target, sparsity, 1.0, _ROUND_BISECT_STEPS)
 
 
+def _costs(groups: Sequence[GroupView], unit: Unit) -> list[np.ndarray]:
+    """What removing each structure of each group saves, in ``unit``."""
+    return [np.ones(g.width) if unit == "channels" else (g.params if unit == "params" else g.macs) for g in groups]
+
+
+def magnitude_keeps(policy: Policy, sparsity: float, unit: Unit, budget: Budget, round_to: int | None = None,
+                    magnitudes: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Keep vectors for ``policy.groups``: the largest structures by magnitude, ``sparsity`` of ``unit``
+    removed under ``budget`` (the exact MACs fraction where the policy has a cost model), kept widths
+    multiples of ``round_to``."""
+    groups = policy.groups
+    magnitudes = [g.magnitude() for g in groups] if magnitudes is None else magnitudes  # once, not per bisection
+    exact = unit == "macs" and policy.context.cost_model is not None  # budget_keeps bisects on the exact MACs
+    return budget_keeps(policy, sparsity, lambda s: allocate_keep(groups, s, unit, budget, round_to,
+                                                                  meet_target=not exact, magnitudes=magnitudes),
+                        magnitudes=magnitudes, unit=unit, round_to=round_to)
+
+
+def set_masks(groups: Sequence[GroupView], keeps: Sequence[np.ndarray]) -> None:
+    """Write one keep vector per group into its Mask transforms."""
+    with torch.no_grad():
+        for g, keep in zip(groups, keeps, strict=True):
+            set_group_masks(g, keep)
+
+
 def _allocate(groups: Sequence[GroupView], magnitudes: list[np.ndarray], sparsity: float, unit: Unit,
               budget: Budget) -> list[np.ndarray]:
     widths = [g.width for g in groups]
@@ -121,8 +146,7 @@ def _allocate(groups: Sequence[GroupView], magnitudes: list[np.ndarray], sparsit
     elif unit == "channels" and budget == "global":
         counts = budgets.keep_counts_global(magnitudes, sparsity)
     else:
-        costs = [np.ones(g.width) if unit == "channels" else (g.params if unit == "params" else g.macs)
-                 for g in groups]
+        costs = _costs(groups, unit)
         shapes = {i: g.shape for i, g in enumerate(groups)}
         counts = budgets.keep_counts_for_cost(magnitudes, costs, sparsity, budget, erk_shapes=shapes)
     return [top_k_keep(m, int(k)) for m, k in zip(magnitudes, counts, strict=True)]
@@ -160,18 +184,12 @@ class GMPPolicy(Policy):
         self.current = sparsity
         if sparsity <= 0:
             return
-        c, round_to = self.config, self.context.round_to
-        exact = c.unit == "macs" and self.context.cost_model is not None  # budget_keeps bisects on the exact MACs
-        mags = [g.magnitude() for g in self.groups]  # once, not once per bisection step
+        c = self.config
         if c.budget == "latency":
-            keeps = self._latency_keeps(sparsity, mags)
+            keeps = self._latency_keeps(sparsity, [g.magnitude() for g in self.groups])
         else:
-            keeps = budget_keeps(self, sparsity, lambda s: allocate_keep(self.groups, s, c.unit, c.budget, round_to,
-                                                                         meet_target=not exact, magnitudes=mags),
-                                 magnitudes=mags, unit=c.unit, round_to=round_to)
-        with torch.no_grad():
-            for g, keep in zip(self.groups, keeps, strict=True):
-                set_group_masks(g, keep)
+            keeps = magnitude_keeps(self, sparsity, c.unit, c.budget, self.context.round_to)
+        set_masks(self.groups, keeps)
 
     def _latency_keeps(self, sparsity: float, mags: list[np.ndarray]) -> list[np.ndarray]:
         context = self.context

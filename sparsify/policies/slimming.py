@@ -16,7 +16,6 @@ import torch
 from pydantic import Field
 
 from sparsify.policies.allocation.budgets import Unit
-from sparsify.policies.allocation.macs_target import budget_keeps
 from sparsify.policies.base import (
     GroupView,
     Mask,
@@ -24,9 +23,8 @@ from sparsify.policies.base import (
     PolicyConfig,
     PolicyContext,
     register_policy,
-    set_group_masks,
 )
-from sparsify.policies.gradual_magnitude import allocate_keep
+from sparsify.policies.gradual_magnitude import magnitude_keeps, set_masks
 
 
 class SlimmingConfig(PolicyConfig):
@@ -61,12 +59,7 @@ class SlimmingPolicy(Policy):
 
     def finalize(self) -> None:
         c = self.config
-        mags = [g.magnitude() for g in self.groups]  # once, not once per bisection step
-        keeps = budget_keeps(self, c.sparsity, lambda s: allocate_keep(self.groups, s, c.unit, c.budget,
-                                                                       magnitudes=mags), magnitudes=mags, unit=c.unit)
-        with torch.no_grad():
-            for g, keep in zip(self.groups, keeps, strict=True):
-                set_group_masks(g, keep)
+        set_masks(self.groups, magnitude_keeps(self, c.sparsity, c.unit, c.budget))
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -10,6 +13,40 @@ from torch import nn
 from sparsify.graph.builder import OpContext, Space
 from sparsify.graph.op_rules import register_op_rule
 from sparsify.graph.rules.common import couple_dims, couple_elementwise, module_param_members
+
+Member = Callable[[Space | None, str, int, str], None]  # member(space, tensor name, dim, role)
+
+
+def _module_member(ctx: OpContext) -> Member:
+    """``member(space, name, dim, role)`` for the called module's own tensors (an absent bias is skipped)."""
+    m = ctx.module
+
+    def member(space: Space | None, name: str, dim: int, role: str) -> None:
+        if getattr(m, name, None) is not None:
+            ctx.member(space, ctx.module_name, name, dim, role)
+
+    return member
+
+
+def _argument_member(ctx: OpContext, weight: Any, bias: Any) -> Member:
+    """``member(space, name, dim, role)`` for the ``weight``/``bias`` arguments of a functional call."""
+
+    def member(space: Space | None, name: str, dim: int, role: str) -> None:
+        arg = weight if name == "weight" else bias
+        if arg is not None:
+            ctx.param_member(arg, dim, space, role)
+
+    return member
+
+
+def _parameter_arguments(ctx: OpContext) -> tuple[Any, Any] | None:
+    """(weight, bias) of ``F.conv*``/``F.linear`` if both are parameters (or bias is None), else every
+    dim is blocked and None is returned."""
+    weight, bias = ctx.arg(1, "weight"), ctx.arg(2, "bias")
+    if ctx.param_name(weight) is None or (bias is not None and ctx.param_name(bias) is None):
+        ctx.block_all(f"{ctx.describe()}: weight is computed, not a parameter")
+        return None
+    return weight, bias
 
 
 def _grouped_pairs(ctx: OpContext, x_space: Space | None, out_space: Space | None, groups: int) -> None:
@@ -57,13 +94,8 @@ def conv(ctx: OpContext) -> None:
     depthwise convolutions couple input channel c with output channel c.
     """
     m = ctx.module
-
-    def member(space, name, dim, role):
-        if getattr(m, name, None) is not None:
-            ctx.member(space, ctx.module_name, name, dim, role)
-
     transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
-    _conv_core(ctx, ctx.node.args[0], m.weight.ndim, m.groups, transposed, member)
+    _conv_core(ctx, ctx.node.args[0], m.weight.ndim, m.groups, transposed, _module_member(ctx))
 
 
 register_op_rule("conv", conv, modules=(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
@@ -72,18 +104,12 @@ register_op_rule("conv", conv, modules=(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Conv
 
 def conv_functional(ctx: OpContext) -> None:
     """F.convNd with a weight read from a parameter."""
-    weight, bias = ctx.arg(1, "weight"), ctx.arg(2, "bias")
     groups = ctx.value(ctx.arg(6, "groups", 1))
-    if ctx.param_name(weight) is None or (bias is not None and ctx.param_name(bias) is None):
-        ctx.block_all(f"{ctx.describe()}: weight is computed, not a parameter")
+    params = _parameter_arguments(ctx)
+    if params is None:
         return
-
-    def member(space, name, dim, role):
-        arg = weight if name == "weight" else bias
-        if arg is not None:
-            ctx.param_member(arg, dim, space, role)
-
-    _conv_core(ctx, ctx.node.args[0], ctx.info(weight).ndim, int(groups), False, member)
+    weight, bias = params
+    _conv_core(ctx, ctx.node.args[0], ctx.info(weight).ndim, int(groups), False, _argument_member(ctx, weight, bias))
 
 
 register_op_rule("conv_functional", conv_functional, functions=(F.conv1d, F.conv2d, F.conv3d))
@@ -101,13 +127,7 @@ def _linear_core(ctx: OpContext, x, member) -> None:
 
 def linear(ctx: OpContext) -> None:
     """nn.Linear: input features ↔ weight dim 1, output features ↔ weight dim 0 and bias."""
-    m = ctx.module
-
-    def member(space, name, dim, role):
-        if getattr(m, name, None) is not None:
-            ctx.member(space, ctx.module_name, name, dim, role)
-
-    _linear_core(ctx, ctx.node.args[0], member)
+    _linear_core(ctx, ctx.node.args[0], _module_member(ctx))
 
 
 register_op_rule("linear", linear, modules=(nn.Linear,))
@@ -115,17 +135,9 @@ register_op_rule("linear", linear, modules=(nn.Linear,))
 
 def linear_functional(ctx: OpContext) -> None:
     """F.linear with weight (and bias) read from parameters."""
-    weight, bias = ctx.arg(1, "weight"), ctx.arg(2, "bias")
-    if ctx.param_name(weight) is None or (bias is not None and ctx.param_name(bias) is None):
-        ctx.block_all(f"{ctx.describe()}: weight is computed, not a parameter")
-        return
-
-    def member(space, name, dim, role):
-        arg = weight if name == "weight" else bias
-        if arg is not None:
-            ctx.param_member(arg, dim, space, role)
-
-    _linear_core(ctx, ctx.node.args[0], member)
+    params = _parameter_arguments(ctx)
+    if params is not None:
+        _linear_core(ctx, ctx.node.args[0], _argument_member(ctx, *params))
 
 
 register_op_rule("linear_functional", linear_functional, functions=(F.linear,))
@@ -205,12 +217,7 @@ def layer_norm(ctx: OpContext) -> None:
         ctx.block_all(f"{ctx.describe()} has no affine parameters, so its normalized_shape cannot "
                       "be kept in sync with pruned widths")
         return
-
-    def member(space, name, dim, role):
-        if getattr(m, name, None) is not None:
-            ctx.member(space, ctx.module_name, name, dim, role)
-
-    _layer_norm_core(ctx, ctx.node.args[0], len(shape), ctx.describe(), member)
+    _layer_norm_core(ctx, ctx.node.args[0], len(shape), ctx.describe(), _module_member(ctx))
 
 
 _NORMS = [nn.LayerNorm] + ([nn.RMSNorm] if hasattr(nn, "RMSNorm") else [])
@@ -233,13 +240,7 @@ def layer_norm_functional(ctx: OpContext) -> None:
     if not isinstance(owner, nn.LayerNorm):
         ctx.block_all(f"{ctx.describe()}: normalized_shape is a constant not tied to an nn.LayerNorm")
         return
-
-    def member(space, pname, dim, role):
-        arg = weight if pname == "weight" else bias
-        if arg is not None:
-            ctx.param_member(arg, dim, space, role)
-
-    _layer_norm_core(ctx, x, k, ctx.describe(), member)
+    _layer_norm_core(ctx, x, k, ctx.describe(), _argument_member(ctx, weight, bias))
 
 
 register_op_rule("layer_norm_functional", layer_norm_functional, functions=(F.layer_norm,))
