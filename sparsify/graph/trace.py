@@ -8,6 +8,8 @@ one real forward pass in eval mode under ``no_grad``; the model's mode and state
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -115,9 +117,19 @@ class _Recorder(fx.Interpreter):
         self.values: dict[str, Any] = {}
 
     def run_node(self, n: fx.Node) -> Any:
+        self.current = n  # named in the error if this node fails
         out = super().run_node(n)
         self.values[n.name] = _describe(out)
         return out
+
+    def where(self) -> str:
+        """The node that was running, and the shapes of its tensor inputs, for an error message."""
+        n = getattr(self, "current", None)
+        if n is None:
+            return ""
+        target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+        shapes = [tuple(v.shape) for a in n.all_input_nodes if isinstance(v := self.values.get(a.name), TensorInfo)]
+        return f" (at {n.op} {target!r}{f' with input shapes {shapes}' if shapes else ''})"
 
 
 def as_args(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -147,6 +159,7 @@ def trace(model: nn.Module, example_inputs: Any) -> TracedModel:
     if len(devices) > 1:
         raise TraceError(f"the model's parameters and buffers are on several devices ({', '.join(devices)}); "
                          "sparsify prunes a model where it lives, on one device. Move it first: model.to(device).")
+    fx_failed: Exception | None = None
     try:
         graph = _Tracer().trace(model, concrete_args=None)
         for node in graph.nodes:  # fx's code for a wrapped torch function (pack_padded_sequence) would register
@@ -154,6 +167,7 @@ def trace(model: nn.Module, example_inputs: Any) -> TracedModel:
                 node.meta.pop("is_wrapped", None)
         gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     except Exception as fx_exc:  # fx raises many kinds of errors
+        fx_failed = fx_exc
         try:
             gm = _export(model, args, kwargs)
         except Exception as export_exc:
@@ -164,16 +178,27 @@ def trace(model: nn.Module, example_inputs: Any) -> TracedModel:
                 "(and give it an op rule), or remove data-dependent Python control flow from forward()."
             ) from fx_exc
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    flat = _bind_inputs(placeholders, args, kwargs)
+    by_fx = not isinstance(fx_failed, Exception)
+    flat, defaulted = _bind_inputs(placeholders, args, kwargs, check_names=by_fx)
     modes = {m: m.training for m in model.modules()}
+    recorder = _Recorder(gm)
     try:
         model.eval()
         with torch.no_grad():
-            values = _record_shapes(gm, flat)
+            recorder.run(*flat)
+            values = recorder.values
     except Exception as exc:
+        hint = ""
+        if defaulted:
+            hint = (f"\nforward()'s {', '.join(repr(d) for d in defaulted)} got no value from example_inputs, so "
+                    "the default was used, but torch.fx traced forward() as if every argument were given (a tensor). "
+                    "Pass them in example_inputs (a dict {name: tensor}), or wrap the model in a module whose "
+                    "forward takes only the inputs you give.")
         raise TraceError(
-            f"running the traced graph on example_inputs failed: {type(exc).__name__}: {exc}\n"
-            "Fix: pass example_inputs that the model's forward() accepts (right shape, dtype, device)."
+            f"running the traced graph on example_inputs failed{recorder.where()}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}{hint}\n"
+            f"example_inputs: {_shapes(args, kwargs)}. Fix: pass example_inputs that the model's forward() accepts "
+            "(right shape, dtype, device)."
         ) from exc
     finally:
         for m, mode in modes.items():
@@ -208,9 +233,18 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     """The ATen-level graph of ``torch.export`` (used where fx fails, e.g. Hugging Face models),
     with parameters as ``get_attr`` nodes named as in ``model`` and shared with it."""
     modes = {m: m.training for m in model.modules()}
+    captured = io.StringIO()
     try:
         model.eval()
-        gm = torch.export.export(model, args, kwargs=kwargs, strict=False).module()
+        with contextlib.redirect_stderr(captured):  # torch.export prints a failed partial graph once per wrapper
+            gm = torch.export.export(model, args, kwargs=kwargs, strict=False).module()
+    except Exception as exc:
+        partial = str(getattr(exc, "partial_fx_graph", "") or "")
+        text = captured.getvalue()
+        sys.stderr.write(text.replace(partial + "\n", "").replace(partial, "") if partial else text)
+        raise
+    else:
+        sys.stderr.write(captured.getvalue())
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -227,32 +261,49 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     return gm
 
 
-def _record_shapes(gm: fx.GraphModule, inputs: list[Any]) -> dict[str, Any]:
-    """Every node's example value, from one forward pass (tensors are recorded as TensorInfo).
+def _shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    def one(v: Any) -> str:
+        return f"{tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}" if isinstance(v, torch.Tensor) else \
+            type(v).__name__
+    return ", ".join([one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()]) or "none"
 
-    Measured alternatives were slower on the CPU for torchvision models: fake tensors (about 4×)
-    and meta tensors (about 1.2×, their kernels are Python decompositions). A model on the ``meta``
-    device with meta inputs is traced without arithmetic anyway.
+
+def _bind_inputs(placeholders: list[fx.Node], args: tuple[Any, ...], kwargs: dict[str, Any], *,
+                 check_names: bool = False) -> tuple[list[Any], list[str]]:
+    """The value of every placeholder, and the names that fell back to forward()'s defaults.
+
+    Shapes come from one real forward pass of the graph (``_Recorder``) in eval mode. Measured
+    alternatives were slower on the CPU for torchvision models: fake tensors (about 4×) and meta
+    tensors (about 1.2×). With ``check_names`` (an fx graph, whose placeholders are forward()'s
+    parameters) surplus positional inputs and unknown keywords are refused.
     """
-    recorder = _Recorder(gm)
-    recorder.run(*inputs)
-    return recorder.values
-
-
-def _bind_inputs(placeholders: list[fx.Node], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    names = [(n.target if isinstance(n.target, str) else n.name) for n in placeholders]
+    if check_names and not any(n.startswith("*") for n in names):
+        signature = f"forward({', '.join(names)})"
+        if len(args) > len(names):
+            raise TraceError(f"example_inputs give {len(args)} positional inputs, but {signature} takes "
+                             f"{len(names)}; drop the extra inputs.")
+        unknown = [k for k in kwargs if k not in names]
+        if unknown:
+            raise TraceError(f"example_inputs give keyword {unknown[0]!r}, which {signature} does not take; "
+                             "use its parameter names as the dict keys.")
+        twice = [k for k in kwargs if k in names[:len(args)]]
+        if twice:
+            raise TraceError(f"example_inputs give {twice[0]!r} both positionally and as a keyword; give it once.")
     values: list[Any] = []
+    defaulted: list[str] = []
     for i, node in enumerate(placeholders):
-        name = node.target if isinstance(node.target, str) else node.name
-        name = name.lstrip("*")
+        name = names[i].lstrip("*")
         if i < len(args):
             values.append(args[i])
         elif name in kwargs:
             values.append(kwargs[name])
         elif node.args:
             values.append(node.args[0])
+            defaulted.append(name)
         else:
             raise TraceError(
                 f"example_inputs give no value for the model input {name!r}; pass it positionally "
                 "or as a keyword in a dict."
             )
-    return values
+    return values, defaulted
