@@ -206,7 +206,7 @@ def _check_saveable(model: nn.Module) -> None:
     if live:
         raise SparsifyError(f"save(): {live[:3]} still carry parametrizations (a live Sparsifier's masks); the "
                             "weights would be saved unmasked under other names. Call sparsifier.prune() first (or "
-                            "sparsifier.detach() to drop the masks), then save")
+                            "torch.nn.utils.parametrize.remove_parametrizations to drop them), then save")
     meta = [n for n, t in model.state_dict().items() if t.is_meta]
     if meta:
         raise SparsifyError(f"save(): '{meta[0]}' is on the meta device and has no values to save; save a model "
