@@ -1,0 +1,274 @@
+"""Coverage zoo (issue #21): every timm family, every Hugging Face model type, torchvision beyond classification.
+
+    python -m benchmarks.coverage --suite timm|hf|torchvision [--limit N] [--families a,b] [--jobs 2]
+        --out benchmarks/results/coverage_<suite>.json
+
+Per family (each in its own subprocess, with a time limit): build the model (``benchmarks.coverage_models``),
+trace and group it, prune about half of every exact group, compare outputs in float64 (the exactness oracle;
+relative error = max |diff| / max |output| ≤ 1e-9), and run Torch-Pruning on the same model (DependencyGraph
+build, one 50 % MetaPruner step, a forward: builds / prunes / runs). Hugging Face decoders are checked with
+``use_cache`` off and on. Results are merged into the JSON as they come (the run is resumable: families already
+there are skipped unless ``--redo``). Results:
+
+* ``exact``: at least one exact group was pruned and the outputs agree;
+* ``FAIL``: a group marked exact changed the outputs, or pruning it raised (a bug);
+* ``refused``: nothing exact is prunable, with the first reason the graph gives (it names the op);
+* ``error``: tracing / grouping raised (the reason is the error's first line);
+* ``not built``: the tiny model or its inputs could not be made (left out of the goals' denominators);
+* ``timeout`` / ``crash``: the subprocess ran past its limit or died.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import coverage_models as zoo
+from sparsify._compat import import_torchvision
+
+REL_TOL = 1e-9
+SUITES = ("timm", "hf", "torchvision")
+MARK = "COVERAGE-RESULT "
+
+
+# ---------------------------------------------------------------------------------------------- one model
+def _outputs(model: torch.nn.Module, inputs: Any) -> list[torch.Tensor]:
+    from sparsify.graph.trace import as_args
+
+    args, kwargs = as_args(inputs)
+    with torch.no_grad():
+        out = model(*args, **kwargs)
+    flat, _ = torch.utils._pytree.tree_flatten(out)
+    return [t for t in flat if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _reason(exc: BaseException, limit: int = 600) -> str:
+    text = " | ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    return f"{type(exc).__name__}: {text}"[:limit]
+
+
+def check_ours(built: zoo.Built) -> dict[str, Any]:
+    """Trace + group, prune ~half of every exact group, the float64 oracle."""
+    from sparsify import build_channel_graph
+    from sparsify.prune.surgery import prune_channels
+    from sparsify.testing.oracle import random_plan, randomize_, soft_zero_
+
+    model, inputs, _ = built
+    randomize_(model)
+    start = time.perf_counter()
+    try:
+        cg = build_channel_graph(model, inputs)
+    except Exception as exc:
+        return {"result": "error", "reason": _reason(exc), "trace_s": round(time.perf_counter() - start, 2)}
+    rec: dict[str, Any] = {"trace_s": round(time.perf_counter() - start, 2), "groups": len(cg.groups),
+                           "prunable": len(cg.prunable_groups()),
+                           "exact": sum(g.exact for g in cg.prunable_groups())}
+    plan = random_plan(cg, 0.5, seed=0)
+    rec["pruned_groups"] = len(plan)
+    if not plan:
+        reasons = refusal_reasons(cg)
+        rec.update(result="refused", reason=reasons[0][:300] if reasons else "no parameter produces any channel")
+        rec["other_reasons"] = [r[:200] for r in reasons[1:4]]
+        return rec
+    try:
+        soft_zero_(model, cg.groups, plan)
+        reference = _outputs(model, inputs)
+        prune_channels(cg, plan)
+        pruned = _outputs(model, inputs)
+    except Exception as exc:
+        rec.update(result="FAIL", reason=f"pruning an exact group raised {_reason(exc)}")
+        return rec
+    if len(reference) != len(pruned) or any(a.shape != b.shape for a, b in zip(reference, pruned, strict=False)):
+        rec.update(result="FAIL", reason="outputs changed shape after pruning")
+        return rec
+    diff = max((float((a - b).abs().max()) for a, b in zip(reference, pruned, strict=True) if a.numel()), default=0.0)
+    scale = max((float(a.abs().max()) for a in reference if a.numel()), default=0.0)
+    rel = diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+    rec["rel_error"] = rel
+    rec["result"] = "exact" if rel <= REL_TOL else "FAIL"
+    if rec["result"] == "FAIL":
+        rec["reason"] = f"oracle: relative error {rel:.3g} > {REL_TOL:g} with {len(plan)} exact groups pruned"
+    return rec
+
+
+def refusal_reasons(cg: Any) -> list[str]:
+    """Distinct reasons why the channels that parameters produce are not exactly prunable, the most
+    frequent first; the model's own inputs and outputs (never prunable) only when nothing else blocks."""
+    producing = [g for g in cg.groups if any(m.role in ("out", "scale", "value") for m in g.members)]
+    reasons = [g.blocked[0] for g in producing if g.blocked] + [g.inexact[0] for g in producing if g.inexact]
+    ops = [r for r in reasons if not r.startswith(("model input", "model output"))]
+    return [r for r, _ in Counter(ops or reasons).most_common()]
+
+
+def check_torch_pruning(built: zoo.Built) -> dict[str, Any]:
+    """Torch-Pruning on the same model: DependencyGraph build, one 50 % MetaPruner step, a forward."""
+    import torch_pruning as tp
+
+    model, inputs, ignored = built
+    rec: dict[str, Any] = {"builds": False, "prunes": False, "runs": False}
+    try:
+        tp.DependencyGraph().build_dependency(model, inputs, verbose=False)
+        rec["builds"] = True
+        pruner = tp.pruner.MetaPruner(model, inputs, importance=tp.importance.MagnitudeImportance(p=2),
+                                      pruning_ratio=0.5, ignored_layers=ignored, in_channel_groups={},
+                                      out_channel_groups={})
+        pruner.step()
+        rec["prunes"] = True
+        _outputs(model, inputs)
+        rec["runs"] = True
+    except Exception as exc:
+        rec["error"] = _reason(exc)
+    return rec
+
+
+def _build(suite: str, family: str, use_cache: bool | None = None) -> tuple[str, zoo.Built]:
+    if suite == "timm":
+        return zoo.build_timm(family)
+    if suite == "hf":
+        return zoo.build_hf(family, use_cache)
+    return zoo.build_torchvision(family)
+
+
+def check_family(suite: str, family: str, torch_pruning: bool = True) -> dict[str, Any]:
+    """The whole record of one family (in this process)."""
+    import_torchvision()  # before timm / transformers, which import it
+    rec: dict[str, Any] = {"family": family}
+    start = time.perf_counter()
+    try:
+        name, built = _build(suite, family, use_cache=False)
+    except zoo.NotBuilt as exc:
+        return {**rec, "result": "not built", "reason": str(exc)[:300]}
+    except Exception as exc:
+        return {**rec, "result": "not built", "reason": _reason(exc)}
+    rec["model"] = name
+    rec["params"] = sum(p.numel() for p in built[0].parameters())
+    rec.update(check_ours(built))
+    if suite == "hf":
+        config = built[0].config
+        task, _ = zoo.hf_model_class(config)
+        rec["task"] = task
+        if zoo.is_decoder(task, config) and hasattr(config, "use_cache"):
+            try:
+                rec["use_cache"] = {k: v for k, v in check_ours(_build(suite, family, True)[1]).items()
+                                    if k in ("result", "reason", "rel_error", "pruned_groups")}
+            except Exception as exc:
+                rec["use_cache"] = {"result": "not built", "reason": _reason(exc)}
+    rec["seconds"] = round(time.perf_counter() - start, 1)
+    if torch_pruning:
+        print(MARK + json.dumps({**rec, "torch_pruning": {"error": "timeout"}}), flush=True)  # if TP hangs
+        rec["torch_pruning"] = check_torch_pruning(_build(suite, family, use_cache=False)[1])
+        rec["seconds"] = round(time.perf_counter() - start, 1)
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def families(suite: str) -> list[str]:
+    if suite == "timm":
+        return zoo.timm_families()
+    if suite == "hf":
+        return zoo.hf_families()
+    return sorted(zoo.TORCHVISION)
+
+
+def run_child(suite: str, family: str, timeout: float, torch_pruning: bool) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "benchmarks.coverage", "--child", "--suite", suite, "--families", family]
+    if not torch_pruning:
+        cmd.append("--no-torch-pruning")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                              cwd=Path(__file__).resolve().parents[1])
+        stdout, stderr, status = proc.stdout, proc.stderr, f"exit status {proc.returncode}"
+    except subprocess.TimeoutExpired as exc:
+        stdout, stderr, status = _text(exc.stdout), "", f"no result within {timeout:.0f} s"
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(MARK):  # the last record the child printed (ours, if Torch-Pruning hung)
+            return json.loads(line[len(MARK):])
+    tail = (stderr.strip().splitlines() or [status])[-1]
+    return {"family": family, "result": "timeout" if not stderr else "crash", "reason": tail[:300]}
+
+
+def _text(value: str | bytes | None) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else (value or "")
+
+
+def totals(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    counts = Counter(r["result"] for r in records.values())
+    built = [r for r in records.values() if r["result"] != "not built"]
+    tp = [r.get("torch_pruning", {}) for r in built]
+    return {"families": len(records), "built": len(built), "results": dict(counts),
+            "exact_share_of_built": round(counts["exact"] / len(built), 4) if built else None,
+            "oracle_failures": counts["FAIL"],
+            "torch_pruning": {k: sum(bool(t.get(k)) for t in tp) for k in ("builds", "prunes", "runs")}}
+
+
+def _machine() -> dict[str, Any]:
+    from importlib.metadata import version
+
+    versions = {}
+    for pkg in ("torch", "timm", "transformers", "torchvision", "torch-pruning"):
+        try:
+            versions[pkg] = version(pkg)
+        except Exception:
+            versions[pkg] = None
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "python": platform.python_version(), **versions}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=SUITES, required=True)
+    parser.add_argument("--families", default="", help="comma-separated families (default: all of the suite)")
+    parser.add_argument("--limit", type=int, default=0, help="at most this many families not yet in --out")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--jobs", type=int, default=1, help="subprocesses at a time")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per family")
+    parser.add_argument("--redo", action="store_true", help="re-run families already in --out")
+    parser.add_argument("--no-torch-pruning", action="store_true")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    if args.child:
+        print(MARK + json.dumps(check_family(args.suite, args.families, not args.no_torch_pruning)), flush=True)
+        return 0
+    out = args.out or Path(f"benchmarks/results/coverage_{args.suite}.json")
+    data = json.loads(out.read_text()) if out.exists() else {}
+    records: dict[str, dict[str, Any]] = data.get("models", {})
+    todo = args.families.split(",") if args.families else families(args.suite)
+    todo = [f for f in todo if args.redo or f not in records]
+    todo = todo[: args.limit] if args.limit else todo
+    command = "python -m benchmarks.coverage " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def one(family: str) -> dict[str, Any]:
+        return run_child(args.suite, family, args.timeout, not args.no_torch_pruning)
+
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        for rec in pool.map(one, todo):
+            records[rec["family"]] = rec
+            print(f"{rec['family']:<40} {rec['result']:<10} {rec.get('rel_error', '')!s:<10} "
+                  f"{rec.get('reason', '')[:100]}", flush=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"suite": args.suite, "command": command, "date": date.today().isoformat(),
+                                       "machine": _machine(), "rel_tol": REL_TOL,
+                                       "totals": totals(records), "models": dict(sorted(records.items()))},
+                                      indent=1) + "\n")
+    print(json.dumps(totals(records), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

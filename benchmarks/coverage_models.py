@@ -1,0 +1,256 @@
+"""Generated model lists and builders for the coverage zoo (``benchmarks.coverage``).
+
+* timm: one family per timm module (``timm.list_modules()``); its smallest variant by parameter count,
+  counted on the meta device so that no weights are allocated; ``pretrained=False``; a 64×64 input where
+  the model takes it (else ``img_size=64``, else its default input size).
+* Hugging Face: every ``model_type`` of ``transformers.CONFIG_MAPPING``; its default config shrunk by a
+  table of generic overrides applied only to the fields the config has (sub-configs too); the task head
+  is the first of causal LM, masked LM, seq2seq LM, image / audio classification, AutoModel that knows the
+  config; text, image and audio inputs are made where simple.
+* torchvision: detection, segmentation and video models (``weights=None``).
+
+Every builder returns ``(model in float64 eval mode, example inputs, modules Torch-Pruning must ignore)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsify._compat import import_torchvision
+
+Built = tuple[nn.Module, Any, list[nn.Module]]
+IMAGE = 64
+
+
+class NotBuilt(Exception):
+    """The model (or its inputs) could not be made: it is left out of the denominators."""
+
+
+# ---------------------------------------------------------------------------------------------- timm
+def timm_families() -> list[str]:
+    import_torchvision()
+    import timm
+
+    return sorted(timm.list_modules())
+
+
+def timm_smallest(family: str) -> tuple[str, int]:
+    """(name, parameters) of the family's smallest variant, counted on the meta device."""
+    import timm
+
+    sizes = []
+    for name in timm.list_models(module=family):
+        try:
+            with torch.device("meta"):
+                sizes.append((sum(p.numel() for p in timm.create_model(name).parameters()), name))
+        except Exception:
+            continue
+    if not sizes:
+        raise NotBuilt(f"no variant of timm module {family!r} builds on the meta device")
+    params, name = min(sizes)
+    return name, params
+
+
+def build_timm(family: str) -> tuple[str, Built]:
+    import timm
+
+    name, _ = timm_smallest(family)
+    x = torch.randn(1, 3, IMAGE, IMAGE, dtype=torch.float64)
+    for kwargs in ({}, {"img_size": IMAGE}):
+        try:
+            torch.manual_seed(0)
+            model = timm.create_model(name, pretrained=False, **kwargs).double().eval()
+            with torch.no_grad():
+                model(x)
+            return name, (model, x, _timm_head(model))
+        except Exception:
+            continue
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).double().eval()
+    size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    x = torch.randn(1, *size, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as exc:
+        raise NotBuilt(f"{name} does not run on its default input {size}: {_first_line(exc)}") from exc
+    return name, (model, x, _timm_head(model))
+
+
+def _timm_head(model: nn.Module) -> list[nn.Module]:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    return [head] if isinstance(head, nn.Module) and any(True for _ in head.parameters()) else []
+
+
+# ---------------------------------------------------------------------------------------------- HF
+_LAYERS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers", "decoder_layers",
+           "num_encoder_layers", "num_decoder_layers", "depth")
+_WIDTH = ("hidden_size", "d_model", "n_embd", "embed_dim", "dim", "word_embed_proj_dim", "projection_dim")
+_HEADS = ("num_attention_heads", "n_head", "n_heads", "encoder_attention_heads", "decoder_attention_heads",
+          "num_heads")
+_KV_HEADS = ("num_key_value_heads", "num_kv_heads", "multi_query_group_num")
+_FFN = ("intermediate_size", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "n_inner", "d_ff", "d_inner",
+        "ffn_hidden_size", "moe_intermediate_size", "shared_expert_intermediate_size")
+#: generic size overrides: field → value, applied only where the config has an int there
+OVERRIDES: dict[str, int] = {
+    **dict.fromkeys(_LAYERS, 2), **dict.fromkeys(_WIDTH, 64), **dict.fromkeys(_HEADS, 4),
+    **dict.fromkeys(_KV_HEADS, 2), **dict.fromkeys(_FFN, 128), "head_dim": 16, "vocab_size": 128,
+    "image_size": 32, "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
+    "max_position_embeddings": 128, "max_source_positions": 64, "max_target_positions": 64,
+}
+_TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
+              "cls_token_id", "mask_token_id", "unk_token_id")
+_HEADS_IN_ORDER = ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+                   "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+                   "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES", "MODEL_MAPPING_NAMES")
+
+
+def hf_families() -> list[str]:
+    from transformers import CONFIG_MAPPING
+
+    return sorted(CONFIG_MAPPING.keys())
+
+
+def _shrink(d: dict[str, Any]) -> dict[str, Any]:
+    """The generic overrides applied to a config dict (and every sub-config dict in it)."""
+    out = dict(d)
+    for key, value in d.items():
+        if isinstance(value, dict) and ("model_type" in value or key.endswith("_config")):
+            out[key] = _shrink(value)
+        elif key in OVERRIDES and isinstance(value, int) and not isinstance(value, bool):
+            out[key] = min(value, OVERRIDES[key]) if key.startswith("max_") else OVERRIDES[key]
+        elif key == "layer_types" and isinstance(value, list):
+            out[key] = value[:2]
+    vocab = out.get("vocab_size")
+    if isinstance(vocab, int):
+        for i, key in enumerate(_TOKEN_IDS):
+            if isinstance(out.get(key), int) and out[key] >= vocab:
+                out[key] = i
+    return out
+
+
+def hf_config(model_type: str, use_cache: bool | None = None) -> Any:
+    from transformers import AutoConfig
+
+    default = AutoConfig.for_model(model_type)
+    d = _shrink(default.to_dict())
+    if use_cache is not None and "use_cache" in d:
+        d["use_cache"] = use_cache
+    return type(default).from_dict(d)
+
+
+def hf_model_class(config: Any) -> tuple[str, type]:
+    """(task, class) of the first task head that knows the config's model type."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    for mapping in _HEADS_IN_ORDER:
+        names = getattr(modeling_auto, mapping, {}).get(config.model_type)
+        if names:
+            name = names[0] if isinstance(names, (list, tuple)) else names
+            if hasattr(transformers, name):
+                return mapping.removeprefix("MODEL_FOR_").removesuffix("_MAPPING_NAMES").lower() or "model", getattr(
+                    transformers, name)
+    raise NotBuilt(f"no AutoModel class for model_type {config.model_type!r}")
+
+
+def is_decoder(task: str, config: Any) -> bool:
+    return task in ("causal_lm", "seq_to_seq_causal_lm") or bool(getattr(config, "is_encoder_decoder", False))
+
+
+def hf_inputs(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
+    """Inputs for the model's main input (text ids, image pixels or audio), or NotBuilt."""
+    g = torch.Generator().manual_seed(1)
+    kind = getattr(model, "main_input_name", "input_ids")
+    text = getattr(config, "text_config", None) or config
+    vision = getattr(config, "vision_config", None) or config
+    if kind == "input_ids":
+        vocab = int(getattr(text, "vocab_size", None) or 128)
+        inputs = {"input_ids": torch.randint(3, max(4, min(vocab, 128)), (2, 8), generator=g)}
+        if getattr(config, "is_encoder_decoder", False):
+            inputs["decoder_input_ids"] = torch.randint(3, max(4, min(vocab, 128)), (2, 8), generator=g)
+        return inputs
+    if kind == "pixel_values":
+        size = getattr(vision, "image_size", IMAGE)
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        channels = int(getattr(vision, "num_channels", 3))
+        return {"pixel_values": torch.randn(1, channels, *size, generator=g, dtype=torch.float64)}
+    if kind == "input_values":
+        return {"input_values": torch.randn(1, 4000, generator=g, dtype=torch.float64)}
+    if kind == "input_features" and hasattr(config, "num_mel_bins"):
+        frames = 2 * int(getattr(config, "max_source_positions", 1500))
+        return {"input_features": torch.randn(1, config.num_mel_bins, frames, generator=g, dtype=torch.float64)}
+    raise NotBuilt(f"inputs of kind {kind!r} are not made by the coverage zoo")
+
+
+def build_hf(model_type: str, use_cache: bool | None = None) -> tuple[str, Built]:
+    try:
+        config = hf_config(model_type, use_cache)
+        _, cls = hf_model_class(config)
+        torch.manual_seed(0)
+        model = cls(config).double().eval()
+        inputs = hf_inputs(model, config)
+        with torch.no_grad():
+            model(**inputs)
+    except NotBuilt:
+        raise
+    except Exception as exc:
+        raise NotBuilt(f"tiny {model_type} does not build or run: {type(exc).__name__}: {_first_line(exc)}") from exc
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return f"{cls.__name__}", (model, inputs, [head] if isinstance(head, nn.Module) else [])
+
+
+# ---------------------------------------------------------------------------------------------- torchvision
+def _tv(path: str, shape: tuple[int, ...], **kwargs: Any) -> Callable[[], Built]:
+    def build() -> Built:
+        tv = import_torchvision()
+        module_name, _, fn = path.rpartition(".")
+        module = tv.models
+        for part in filter(None, module_name.split(".")):
+            module = getattr(module, part)
+        torch.manual_seed(0)
+        model = getattr(module, fn)(weights=None, **kwargs).double().eval()
+        return model, torch.randn(*shape, dtype=torch.float64), []
+
+    return build
+
+
+TORCHVISION: dict[str, Callable[[], Built]] = {
+    "segmentation.lraspp_mobilenet_v3_large": _tv("segmentation.lraspp_mobilenet_v3_large", (1, 3, IMAGE, IMAGE),
+                                                  weights_backbone=None),
+    "segmentation.deeplabv3_mobilenet_v3_large": _tv("segmentation.deeplabv3_mobilenet_v3_large",
+                                                     (1, 3, IMAGE, IMAGE), weights_backbone=None),
+    "segmentation.fcn_resnet50": _tv("segmentation.fcn_resnet50", (1, 3, IMAGE, IMAGE), weights_backbone=None),
+    "detection.fasterrcnn_mobilenet_v3_large_320_fpn": _tv("detection.fasterrcnn_mobilenet_v3_large_320_fpn",
+                                                           (1, 3, 128, 128), weights_backbone=None),
+    "detection.ssdlite320_mobilenet_v3_large": _tv("detection.ssdlite320_mobilenet_v3_large", (1, 3, 128, 128),
+                                                   weights_backbone=None),
+    "detection.retinanet_resnet50_fpn": _tv("detection.retinanet_resnet50_fpn", (1, 3, 128, 128),
+                                            weights_backbone=None),
+    "video.r3d_18": _tv("video.r3d_18", (1, 3, 4, 32, 32)),
+    "video.mc3_18": _tv("video.mc3_18", (1, 3, 4, 32, 32)),
+    "video.r2plus1d_18": _tv("video.r2plus1d_18", (1, 3, 4, 32, 32)),
+    "video.s3d": _tv("video.s3d", (1, 3, 8, 64, 64)),
+    "video.swin3d_t": _tv("video.swin3d_t", (1, 3, 4, 64, 64)),
+}
+
+
+def build_torchvision(family: str) -> tuple[str, Built]:
+    if family not in TORCHVISION:
+        raise KeyError(f"unknown torchvision family {family!r}; known: {sorted(TORCHVISION)}")
+    try:
+        built = TORCHVISION[family]()
+        with torch.no_grad():
+            built[0](built[1])
+    except Exception as exc:
+        raise NotBuilt(f"{family} does not build or run: {type(exc).__name__}: {_first_line(exc)}") from exc
+    return family.rpartition(".")[2], built
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:200]

@@ -1,0 +1,84 @@
+"""The coverage zoo (benchmarks.coverage): a fast sample of timm and Hugging Face families is exact, refusals
+name the op, a hung family is recorded, and the report states the totals against the goals. The whole zoo
+is a benchmark (docs/results/coverage.md): it takes hours on 2 cores, beyond CI's slow-suite budget."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import coverage, coverage_models, coverage_report
+
+pytest.importorskip("torch_pruning")
+
+
+@pytest.mark.parametrize("suite,family", [("timm", "cspnext"), ("hf", "llama"), ("hf", "bert")])
+def test_sample_families_prune_exactly(suite: str, family: str) -> None:
+    pytest.importorskip("timm" if suite == "timm" else "transformers")
+    rec = coverage.check_family(suite, family, torch_pruning=suite == "timm")
+    assert rec["result"] == "exact", rec
+    assert rec["exact"] >= 1 and rec["pruned_groups"] >= 1
+    assert rec["rel_error"] <= coverage.REL_TOL
+    if suite == "timm":
+        import timm
+
+        with torch.device("meta"):  # the smallest variant, not just any
+            larger = sum(p.numel() for p in timm.create_model("cspnext_s").parameters())
+        assert rec["params"] < larger and rec["model"].startswith("cspnext")
+        assert set(rec["torch_pruning"]) >= {"builds", "prunes", "runs"}
+    if family == "llama":  # a decoder: use_cache on is checked too, and a non-exact outcome says why
+        cache = rec["use_cache"]
+        assert cache["result"] == "exact" or "DynamicCache" in cache["reason"], cache
+
+
+class _Cumsum(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.cumsum(self.a(x), dim=-1))
+
+
+def test_a_refusal_names_the_op_not_the_model_input() -> None:
+    model = _Cumsum().double()
+    rec = coverage.check_ours((model, torch.randn(2, 4, dtype=torch.float64), []))
+    assert rec["result"] == "refused" and rec["exact"] == 0
+    assert "cumsum" in rec["reason"] and "register_op_rule" in rec["reason"], rec["reason"]
+
+
+def test_shrink_overrides_only_fields_the_config_has() -> None:
+    d = coverage_models._shrink({"hidden_size": 768, "vocab_size": 50257, "pad_token_id": 50256, "foo": 12,
+                                 "max_position_embeddings": 32, "use_bias": True, "layer_types": ["a"] * 12,
+                                 "text_config": {"model_type": "t", "num_hidden_layers": 12, "hidden_sizes": [8]}})
+    assert d["hidden_size"] == 64 and d["vocab_size"] == 128 and d["foo"] == 12 and d["use_bias"] is True
+    assert d["max_position_embeddings"] == 32  # max_* only shrink
+    assert d["pad_token_id"] < 128 and d["layer_types"] == ["a", "a"]
+    assert d["text_config"]["num_hidden_layers"] == 2 and d["text_config"]["hidden_sizes"] == [8]
+    assert "num_attention_heads" not in d
+
+
+def test_a_family_past_its_time_limit_is_recorded_as_timeout() -> None:
+    rec = coverage.run_child("timm", "resnet", timeout=0.5, torch_pruning=False)
+    assert rec == {"family": "resnet", "result": "timeout", "reason": "no result within 0 s"}
+
+
+def test_report_states_totals_against_the_goals(tmp_path) -> None:
+    models = {"a": {"family": "a", "model": "a_tiny", "groups": 3, "exact": 2, "rel_error": 1e-16, "result": "exact",
+                    "torch_pruning": {"builds": True, "prunes": True, "runs": False, "error": "RuntimeError: x"}},
+              "b": {"family": "b", "result": "refused", "reason": "no op rule for cumsum() | at node"},
+              "c": {"family": "c", "result": "not built", "reason": "no inputs"}}
+    totals = coverage.totals(models)
+    assert totals["built"] == 2 and totals["exact_share_of_built"] == 0.5 and totals["oracle_failures"] == 0
+    assert totals["torch_pruning"] == {"builds": 1, "prunes": 1, "runs": 0}
+    machine = dict.fromkeys(("platform", "cpus", "torch", "timm", "transformers", "torchvision", "torch-pruning"), "?")
+    (tmp_path / "coverage_timm.json").write_text(json.dumps(
+        {"command": "c", "date": "d", "machine": machine, "totals": totals, "models": models}))
+    page = coverage_report.render(tmp_path)
+    assert "1 prune with at least one exact group = 50.0% of those that build (goal ≥ 95%: not met)" in page
+    assert "| timm | a | a_tiny | 3 | 2 | 1.0e-16 | exact | yes / yes / no (RuntimeError: x) |" in page
+    assert "**refused**: no op rule for cumsum() \\| at node" in page
+    assert "* **hf**: not run yet" in page
