@@ -35,6 +35,7 @@ from torch import nn
 from sparsify.graph.channel_graph import ChannelGraph
 from sparsify.graph.cost import module_macs
 from sparsify.graph.trace import TensorInfo
+from sparsify.measure.progress import progress
 from sparsify.measure.timing import autocast_context, measure_latency
 
 __all__ = ["LatencyModel", "LayerSpec", "time_layer"]
@@ -175,8 +176,9 @@ class LatencyModel:
             for gid, _ in dims.values():
                 self.layers_of.setdefault(gid, []).append(i)
         self.measured = 0  # configurations timed (or asked of latency_fn) by this model
-        self._tables = [self._table(spec, dims, prunable, measure) for spec, dims in zip(self.layers, self._dims,
-                                                                                          strict=True)]
+        layers = list(zip(self.layers, self._dims, strict=True))
+        shown = layers if latency_fn is not None else progress(layers, "timing layers for the latency model")
+        self._tables = [self._table(spec, dims, prunable, measure) for spec, dims in shown]
         self._memo: dict[tuple[int, int, int], float] = {}
         self.total = float(sum(self.layer_ms(i, s.in_channels, s.out_channels) for i, s in enumerate(self.layers)))
 

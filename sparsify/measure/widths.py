@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from sparsify.measure.progress import progress
 from sparsify.measure.timing import autocast_context, measure_latency
 
 __all__ = ["WidthTable", "suggest_round_to", "width_latency_table"]
@@ -116,7 +117,7 @@ def width_latency_table(op: Op = "conv1x1", widths: Sequence[int] | None = None,
     if not widths or any(int(w) != w or w < 1 for w in widths):
         raise ValueError(f"widths must be positive integers, got {widths}")
     ms: dict[int, float] = {}
-    for w in widths:
+    for w in progress(widths, f"timing {op} widths"):
         layer = _layer(op, w).to(device).eval()
         if op == "linear":
             x = torch.randn(batch, tokens, w, device=device)
