@@ -26,7 +26,7 @@ PAGE_TIMEOUT_S = 240
 _OPEN = re.compile(r"^```python\s*$")
 _CLOSE = re.compile(r"^```\s*$")
 _SKIP = re.compile(r"^<!--\s*snippet:\s*skip\b(.*?)-->\s*$")
-_ANY_SKIP = re.compile(r"<!--\s*snippet:\s*skip", re.IGNORECASE)
+_ANY_SKIP = re.compile(r"^\s*<!--\s*snippet:", re.IGNORECASE)  # a marker line (not one quoted in prose)
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,8 @@ PAGES = [p for p in doc_pages() if any(s.skip is None for s in snippets(p))]
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_page_snippets_run_as_written(page: Path, tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONWARNINGS="ignore", MPLBACKEND="Agg")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        env["OMP_NUM_THREADS"] = "1"  # one process per core, as tests/conftest.py sets for the workers
     proc = subprocess.run([sys.executable, __file__, str(page)], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=PAGE_TIMEOUT_S)
     assert proc.returncode == 0, (f"a ```python block of {page.relative_to(ROOT)} fails as written (the traceback "
@@ -126,9 +128,12 @@ def test_collector_reads_blocks_markers_and_namespaces(tmp_path: Path) -> None:
     with pytest.raises(NameError) as info:  # the skipped blocks did not run; the namespace is shared
         run_page(page)
     assert info.traceback[-1].lineno + 1 == 18 and str(info.traceback[-1].path) == str(page)
-    page.write_text("<!-- snippet: skip — stray -->\n\ntext\n")
-    with pytest.raises(ValueError, match="right before a ```python block"):
-        snippets(page)
+    page.write_text("Mark a block with `<!-- snippet: skip — reason -->`.\n")
+    assert snippets(page) == []  # quoted in prose: not a marker
+    for stray in ("<!-- snippet: skip — stray -->\n\ntext\n", "<!-- snippet: skipping -->\n```python\npass\n```\n"):
+        page.write_text(stray)
+        with pytest.raises(ValueError, match="right before a ```python block"):
+            snippets(page)
 
 
 if __name__ == "__main__":
