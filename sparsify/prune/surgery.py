@@ -103,6 +103,9 @@ def prune_channels(
     ``verify_atol``, the outputs on the traced example inputs must agree before and after within
     ``verify_atol`` × (1 + max |output|), or everything is rolled back and PruneError is raised.
     """
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise PruneError(f"optimizer must be a torch.optim.Optimizer (whose state is sliced too) or None, got "
+                         f"{type(optimizer).__name__}")
     resolved = _validate(cg, plan, allow_inexact)
     model = cg.model
     check_model_matches(model, [g for g, _ in resolved.values()])
