@@ -16,7 +16,8 @@ from rich.table import Table
 from torch import nn
 from torch.nn.utils import parametrize
 
-from sparsify.adapters import AdapterConfig, ImportanceVector, make_adapter
+from sparsify._undo import ModelUndo, live_sparsify_parametrizations
+from sparsify.adapters import AdapterConfig, ImportanceVector, list_adapters, make_adapter
 from sparsify.adapters.base import Baked
 from sparsify.config import SparsifierConfig
 from sparsify.errors import PruneError, SparsifyError
@@ -41,6 +42,7 @@ class GroupStatus:
     zeros: int
     params: float  # parameters the zero structures account for (first-order)
     macs: float
+    exact: bool = True  # False: an opted-in inexact group (include_inexact), whose removal changes the function
 
 
 @dataclass
@@ -99,6 +101,15 @@ class PruneResult:
         return t
 
 
+def _check_no_live_sparsifier(model: nn.Module) -> None:
+    live = live_sparsify_parametrizations(model)
+    if live:
+        raise SparsifyError(f"the model already carries a Sparsifier's masks/thresholds (on {', '.join(live[:3])}"
+                            f"{' …' if len(live) > 3 else ''}): two Sparsifiers on one model would stack them. Finish "
+                            "the first one with its prune() and build the new Sparsifier on the pruned model, or build "
+                            "it on a fresh copy of the model")
+
+
 class Sparsifier:
     """Structured sparsity as unstructured sparsity on importance vectors.
 
@@ -109,7 +120,14 @@ class Sparsifier:
         >>> result = sp.prune(optimizer=opt)                     # physically smaller, same function
 
     Create the optimizer after the Sparsifier (learned thresholds are model parameters), or add
-    ``sp.parameters()`` to it. Give either ``adapter``/``policy`` or a whole ``config``, not both.
+    ``sp.parameters()`` to it. With the ``str`` policy the outputs change slightly as soon as the
+    Sparsifier exists (every vector is thresholded by sigmoid(s_init), about 1 % relative by default):
+    measure the dense model before. A model that already carries another Sparsifier's masks, a
+    wrapper (DataParallel, torch.compile, TorchScript) or channels under someone else's parametrization
+    (weight_norm, ...) is refused or left out with the fix; on any error the model is left as it was.
+    Groups whose removal is inexact (LayerNorm/RMSNorm over the channels) are left out unless the adapter
+    config sets ``include_inexact`` (with ``verify_atol=None``).
+    Give either ``adapter``/``policy`` or a whole ``config``, not both.
     ``latency_model`` (a :class:`sparsify.measure.LatencyModel`, or a function of the Sparsifier's
     channel graph that builds one) is what ``GMPConfig(budget="latency")`` allocates by.
     """
@@ -126,17 +144,34 @@ class Sparsifier:
         if isinstance(model, nn.parallel.DistributedDataParallel):  # its reducer would miss the new parameters
             raise SparsifyError("create the Sparsifier on the plain model, then wrap that model in "
                                 "DistributedDataParallel (see sparsify.distributed)")
+        _check_no_live_sparsifier(model)
         self.model = model
         self.graph: ChannelGraph = build_channel_graph(model, example_inputs)
         self._macs = module_macs(self.graph.traced)
         self.adapter = make_adapter(self.config.adapter)
-        vectors = self.adapter.vectors(self.graph)
+        undo = ModelUndo(model)  # the constructor is atomic: on any error the model is as it was
+        try:
+            self._attach(latency_model)
+        except BaseException:
+            undo.restore()
+            raise
+        self._modules_at_build = {m.module: model.get_submodule(m.module) for g in self.groups
+                                  for v in g.vectors for m in v.group.members}
+        self.step_count = 0
+        self.pruned = False
+
+    def _attach(self, latency_model: LatencyModel | Callable[[ChannelGraph], LatencyModel] | None) -> None:
+        model = self.model
+        vectors = self._exact_vectors(self.adapter.vectors(self.graph))
         if not vectors:
             reasons = "; ".join(f"{k}: {v}" for k, v in list(self.adapter.skipped.items())[:5])
+            barriers = "; ".join(list(dict.fromkeys(g.why_not() for g in self.graph.groups if not g.prunable))[:2])
             raise SparsifyError(
                 f"adapter {self.config.adapter.kind!r} covers no prunable group of {type(model).__name__} "
                 f"({len(self.graph.prunable_groups())} prunable groups; {reasons or 'none'}). "
-                "Try adapter='filter_norm', or check `sparsify inspect` for barriers.")
+                + ("" if self.graph.prunable_groups() or not barriers else f"Barriers: {barriers}. ")
+                + (f"Try another adapter ({', '.join(k for k in list_adapters() if k != self.config.adapter.kind)}), "
+                   "or check `sparsify inspect` for barriers."))
         self.groups = self._group_views(vectors)
         self.macs_model = MacsModel(self.graph, self._macs)
         if latency_model is not None and not isinstance(latency_model, LatencyModel):
@@ -148,8 +183,26 @@ class Sparsifier:
         self.policy = make_policy(self.config.policy)
         self.policy.attach(self.groups, PolicyContext(cost_model=self.macs_model, latency_model=latency_model,
                                                       round_to=self.config.round_to))
-        self.step_count = 0
-        self.pruned = False
+
+    def _exact_vectors(self, vectors: list[ImportanceVector]) -> list[ImportanceVector]:
+        """Vectors of exact groups only, unless the adapter config opts in with ``include_inexact`` (then
+        prune() removes them inexactly, which the output check would refuse: verify_atol must be None)."""
+        inexact = {v.group.name: v.group.inexact[0] for v in vectors if not v.group.exact}
+        if not inexact:
+            return vectors
+        if getattr(self.config.adapter, "include_inexact", False):
+            if self.config.verify_atol is not None:
+                raise SparsifyError(
+                    f"include_inexact covers {len(inexact)} inexact groups ({', '.join(list(inexact)[:3])}): pruning "
+                    "them changes the network's function, which prune()'s output check (verify_atol="
+                    f"{self.config.verify_atol}) would refuse after training. Pass SparsifierConfig(..., "
+                    "verify_atol=None) to accept that change, or leave include_inexact off")
+            return vectors
+        opt_in = ("set include_inexact=True on the adapter config to cover it" if "include_inexact"
+                  in type(self.config.adapter).model_fields else "this adapter cannot cover it")
+        for name, why in inexact.items():
+            self.adapter.skipped[name] = f"inexact ({why}); {opt_in}"
+        return [v for v in vectors if v.group.exact]
 
     # ----- training-time ---------------------------------------------------------------------
     def step(self) -> None:
@@ -195,6 +248,7 @@ class Sparsifier:
 
     def zero_structures(self) -> dict[int, np.ndarray]:
         """Per covered group id, the structures that every covering vector has zeroed."""
+        self._check_live()
         return {gid: np.flatnonzero(~k) for gid, k in self.policy.keep_vectors().items()}
 
     def report(self) -> SparsityReport:
@@ -203,7 +257,8 @@ class Sparsifier:
         rows = []
         for g in self.groups:
             z = zeros[g.id]
-            rows.append(GroupStatus(g.name, g.width, len(z), float(g.params[z].sum()), float(g.macs[z].sum())))
+            rows.append(GroupStatus(g.name, g.width, len(z), float(g.params[z].sum()), float(g.macs[z].sum()),
+                                    exact=all(v.group.exact for v in g.vectors)))
         return SparsityReport(rows, count_params(self.model), sum(self._macs.values()), self.policy.thresholds())
 
     # ----- the end ---------------------------------------------------------------------------
@@ -215,6 +270,7 @@ class Sparsifier:
         failure the model, its parametrizations and the optimizer are restored.
         """
         self._check_live()
+        self._check_model_unchanged()
         self.policy.finalize()
         by_id = {g.id: g for g in self.groups}
         plan, kept = removal_plan(self.graph, self.policy.keep_vectors(),
@@ -222,13 +278,16 @@ class Sparsifier:
         policy_params = sum(p.numel() for p in self.parameters())
         params_before, macs_before = count_params(self.model) - policy_params, sum(self._macs.values())
         baked: list[Baked] = []
+        undo = ModelUndo(self.model)  # a failed prune puts back the very parametrization objects and classes
         try:
             for v in self.vectors:
                 baked.extend(v.adapter.bake(v))
-            surgery = prune_channels(self.graph, plan, optimizer=optimizer, verify_atol=self.config.verify_atol)
+            surgery = prune_channels(self.graph, plan, optimizer=optimizer, verify_atol=self.config.verify_atol,
+                                     allow_inexact=any(not self.graph.group(gid).exact for gid in plan))
         except Exception as exc:
-            for b in baked:
-                b.restore()
+            for b in reversed(baked):
+                b.param.data = b.data
+            undo.restore()
             if isinstance(exc, PruneError):
                 raise
             raise PruneError(f"prune() failed and the model was restored: {type(exc).__name__}: {exc}") from exc
@@ -266,6 +325,27 @@ class Sparsifier:
         if self.pruned:
             raise SparsifyError("this Sparsifier has already pruned its model; create a new Sparsifier "
                                 "(on the pruned model) to sparsify further")
+
+    def _check_model_unchanged(self) -> None:
+        """The model still holds the modules the Sparsifier was built on, and only its masks parametrize them."""
+        for name, module in self._modules_at_build.items():
+            try:
+                now = self.model.get_submodule(name) if name else self.model
+            except AttributeError:
+                now = None
+            if now is not module:
+                raise SparsifyError(f"module {name!r} of the model was replaced or removed after the Sparsifier was "
+                                    "built; its masks are on the old module. Build a new Sparsifier on the model as "
+                                    "it is now")
+        for v in self.vectors:
+            for module, attr in v.adapter.parametrized(v):
+                plist = module.parametrizations[attr] if parametrize.is_parametrized(module, attr) else ()
+                foreign = [type(p).__name__ for p in plist if not type(p).__module__.startswith("sparsify.")]
+                if foreign:
+                    raise SparsifyError(f"{attr!r} of {type(module).__name__} (vector {v.name!r}) was parametrized "
+                                        f"({', '.join(foreign)}) after the Sparsifier was built; remove that "
+                                        "parametrization before prune(), or build the Sparsifier on the model as it "
+                                        "is now (which refuses such channels)")
 
     def _group_views(self, vectors: list[ImportanceVector]) -> list[GroupView]:
         by_group: dict[int, list[ImportanceVector]] = {}

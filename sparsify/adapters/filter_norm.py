@@ -34,6 +34,9 @@ class FilterNormConfig(AdapterConfig):
 
     kind: Literal["filter_norm"] = "filter_norm"
     p: Literal[1, 2] = Field(2, description="1 for L1 (Li et al.), 2 for L2 norms")
+    include_inexact: bool = Field(False, description="also cover groups whose removal is inexact (a LayerNorm/RMSNorm "
+                                  "over the channels: ConvNeXt, LLaMA residual streams); the Sparsifier then needs "
+                                  "verify_atol=None and marks them exact=False in its report")
 
 
 def _tensor(model: nn.Module, member: Member) -> tuple[nn.Module, str]:

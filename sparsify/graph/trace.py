@@ -153,7 +153,7 @@ def trace(model: nn.Module, example_inputs: Any) -> TracedModel:
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}.")
-    check_unwrapped(model)
+    check_supported_model(model)
     args, kwargs = as_args(example_inputs)
     devices = sorted({str(t.device) for t in [*model.parameters(), *model.buffers()]})
     if len(devices) > 1:
@@ -219,14 +219,22 @@ def _wrapper_fix(module: nn.Module) -> str | None:
     return None
 
 
-def check_unwrapped(model: nn.Module) -> None:
+_QUANTIZED = ("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized")
+
+
+def check_supported_model(model: nn.Module) -> None:
     """Raise TraceError if ``model`` or a submodule is a wrapper (DataParallel, DistributedDataParallel,
-    ``torch.compile``'s OptimizedModule, TorchScript) that hides the model's layers; say how to unwrap."""
+    ``torch.compile``'s OptimizedModule, TorchScript) that hides the model's layers, or a quantized
+    module (packed weights that cannot be sliced); say how to get at the float model."""
     for name, module in model.named_modules():
+        where = f"submodule {name!r} of {type(model).__name__}" if name else "the model"
         fix = _wrapper_fix(module)
         if fix is not None:
-            where = f"submodule {name!r} of {type(model).__name__}" if name else "the model"
             raise TraceError(f"{where} is {type(module).__name__}, a wrapper that sparsify cannot see through: {fix}.")
+        if type(module).__module__.startswith(_QUANTIZED) or any(
+                t.is_quantized for t in (*module._parameters.values(), *module._buffers.values()) if t is not None):
+            raise TraceError(f"{where} is quantized ({type(module).__module__}.{type(module).__name__}); its packed "
+                             "weights cannot be sliced. Sparsify the float model, then quantize the pruned one.")
 
 
 def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.GraphModule:

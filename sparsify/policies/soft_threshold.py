@@ -5,6 +5,10 @@ per vector (per layer, as in STR) or shared by a group. Weight decay on s (the o
 optional ``threshold_decay``) raises the threshold over training; the loss pushes back, so layer
 budgets are learned. ``s_init`` sets how long training stays effectively dense.
 
+Not an exact identity at the start: attaching STR thresholds every vector by sigmoid(s_init) at once
+(0.0067 for the default -5), so the model's outputs move right away (about 1 % relative for BN γ near
+1). Evaluate the dense model before creating the Sparsifier; a lower ``s_init`` makes the step smaller.
+
 STR alone sets sparsity only indirectly (``s_init``, weight decay). With ``target`` set, a budget
 controller makes it hit a cost target: every ``control_every`` steps it shifts every threshold
 parameter by one common δ, the smallest with which the soft model zeroes the *desired* fraction of
@@ -34,7 +38,10 @@ from sparsify.prune.select import Connectivity, Magnitude
 
 
 class STRConfig(PolicyConfig):
-    """Learned soft thresholds on importance vectors (STR; with bn_gamma this is STR-BN)."""
+    """Learned soft thresholds on importance vectors (STR; with bn_gamma this is STR-BN).
+
+    Attaching it shrinks every vector by sigmoid(s_init) at once: the outputs change (about 1 % relative
+    with the default s_init=-5) before any training step; lower s_init for a smaller change."""
 
     kind: Literal["str"] = "str"
     s_init: float = Field(-5.0, description="initial threshold parameter; sigmoid(s_init) is the initial threshold")

@@ -14,6 +14,11 @@ Layer kinds (``op``): ``conv`` (kernel 1/3, padding, stride 1/2, dense/depthwise
 ``heads`` (view into ``g`` heads, a per-head op, view back), ``pool`` (2×2 max/avg) and ``head``
 (adaptive average pool or flatten with spatial size, then linear).
 
+Model-side misuse (issue #17): a conv may carry ``"wn": true`` (``weight_norm``: its channels must be
+barriers naming the fix, the rest still prunes exactly) and the input entry a ``"wrap"``
+(``data_parallel`` / ``compile``: the wrapped model must be refused with how to unwrap, the unwrapped one
+is then checked).
+
 ``check_spec(spec, keep_bias)`` is the property: the oracle on one spec. Only ``architectures()``
 needs hypothesis (a dev extra); the rest imports and runs without it.
 """
@@ -26,8 +31,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
 
 from sparsify.errors import InexactPruneError, TraceError
+from sparsify.graph.channel_graph import build_channel_graph
 from sparsify.testing.oracle import check_exactness, randomize_
 
 if TYPE_CHECKING:
@@ -42,6 +49,7 @@ MAX_LAYERS = 7  # plus input and head: at most 8 computing nodes
 BATCH = 2
 FRACTION = 0.5  # of every prunable group's structures zeroed by check_spec
 
+WRAPPERS = ("data_parallel", "compile")  # what build() may wrap the model in (spec[0]["wrap"])
 OPS = ("conv", "act", "norm", "add", "cat", "gate", "chunk", "shuffle", "heads", "pool")
 _WEIGHTED_OPS = ("conv",) * 3 + OPS[1:] + ("norm", "add")  # convs make prunable groups; draw them more often
 
@@ -129,7 +137,7 @@ def _draw_layer(draw: st.DrawFn, out: list[Shape], singleton_heads: bool) -> dic
             common = [g for g in _divisors(c) if cout % g == 0]
             groups = draw(st.sampled_from(common), label="groups") if mode == "grouped" and common else 1
         return {"op": "conv", "x": x, "cout": cout, "k": k, "stride": stride, "pad": pad, "groups": groups,
-                "bias": draw(st.booleans(), label="bias")}
+                "bias": draw(st.booleans(), label="bias"), "wn": draw(st.integers(0, 7), label="wn") == 0}
     if op == "act":
         return {"op": "act", "x": x, "fn": draw(st.sampled_from(("relu", "gelu")), label="fn")}
     if op == "norm":
@@ -183,7 +191,8 @@ def architectures(max_layers: int = MAX_LAYERS, singleton_heads: bool = True) ->
 def _draw_spec(draw: st.DrawFn, max_layers: int, singleton_heads: bool) -> Spec:
     st = _strategies()
     spec: Spec = [{"op": "input", "channels": draw(st.integers(1, 6), label="in_channels"),
-                   "size": draw(st.integers(2, MAX_SIZE), label="size")}]
+                   "size": draw(st.integers(2, MAX_SIZE), label="size"),
+                   "wrap": draw(st.sampled_from((None,) * 6 + WRAPPERS), label="wrap")}]
     out = shapes([*spec, {}])
     for _ in range(draw(st.integers(1, max_layers), label="n_layers")):
         layer = _draw_layer(draw, out, singleton_heads)
@@ -223,8 +232,9 @@ class FuzzNet(nn.Module):
         op = layer["op"]
         c, s = out[layer["x"]] if "x" in layer else (0, 0)
         if op == "conv":
-            return nn.Conv2d(c, layer["cout"], layer["k"], layer["stride"], layer["pad"], groups=layer["groups"],
+            conv = nn.Conv2d(c, layer["cout"], layer["k"], layer["stride"], layer["pad"], groups=layer["groups"],
                              bias=layer["bias"])
+            return weight_norm(conv) if layer.get("wn") else conv
         if op == "norm":
             kind = layer["kind"]
             if kind == "bn":
@@ -310,11 +320,40 @@ class FuzzNet(nn.Module):
 
 
 def build(spec: Spec, dtype: torch.dtype = torch.float64, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
-    """The module of ``spec`` (in ``dtype``) and an example input of batch size 2."""
+    """The module of ``spec`` (in ``dtype``, in the wrapper ``spec[0]["wrap"]`` names) and an example input
+    of batch size 2."""
     torch.manual_seed(seed)
     model = FuzzNet(spec).to(dtype)
     c, s = spec[0]["channels"], spec[0]["size"]
+    wrap = spec[0].get("wrap")
+    if wrap is not None:
+        model = nn.DataParallel(model) if wrap == "data_parallel" else torch.compile(model)
     return model, torch.randn(BATCH, c, s, s, dtype=dtype)
+
+
+_UNWRAP = {"data_parallel": ("module", ".module"), "compile": ("_orig_mod", "._orig_mod")}
+
+
+def _check_wrapper_refused(model: nn.Module, x: torch.Tensor, wrap: str) -> nn.Module:
+    """The wrapped model is refused with how to unwrap it; returns the unwrapped model."""
+    attr, fix = _UNWRAP[wrap]
+    try:
+        build_channel_graph(model, x)
+    except TraceError as exc:
+        if fix not in str(exc):
+            raise AssertionError(f"the error for a {wrap} wrapper does not say how to unwrap ({fix}): {exc}") from exc
+    else:
+        raise AssertionError(f"a model in a {wrap} wrapper was accepted")
+    return getattr(model, attr)
+
+
+def _check_parametrized_blocked(model: nn.Module, x: torch.Tensor, spec: Spec) -> None:
+    """Every group with a member on a weight_norm conv is a barrier whose reason names the fix."""
+    convs = {f"layers.{i}.weight" for i, layer in enumerate(spec) if layer.get("wn")}
+    for g in build_channel_graph(model, x).groups:
+        if any(m.tensor in convs for m in g.members) and not any("remove_parametrizations" in b for b in g.blocked):
+            raise AssertionError(f"group '{g.name}' reads a weight_norm conv but is not a barrier naming the fix: "
+                                 f"{g.blocked}; {spec}")
 
 
 def check_spec(spec: Spec, keep_bias: bool, seed: int = 0) -> str:
@@ -322,8 +361,12 @@ def check_spec(spec: Spec, keep_bias: bool, seed: int = 0) -> str:
     AssertionError unless the pruned model computes what the soft one did; returns what happened, e.g.
     ``"pruned 2 groups"`` or ``"trace error"`` (for hypothesis' ``event``)."""
     model, x = build(spec, torch.float64)
+    if spec[0].get("wrap"):
+        model = _check_wrapper_refused(model, x, spec[0]["wrap"])
     randomize_(model, seed)
     try:
+        if any(layer.get("wn") for layer in spec):
+            _check_parametrized_blocked(model, x, spec)
         r = check_exactness(model, x, FRACTION, seed, keep_bias=keep_bias)
     except TraceError:
         return "trace error"

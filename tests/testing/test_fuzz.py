@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from sparsify import build_channel_graph, prune_channels
-from sparsify.errors import PruneError
+from sparsify.errors import PruneError, TraceError
 from sparsify.testing.fuzz import Spec, architectures, build, check_spec
 
 EXAMPLES = int(os.environ.get("SPARSIFY_FUZZ_EXAMPLES", "300"))
@@ -104,3 +104,21 @@ def test_fuzz_module_imports_and_checks_without_hypothesis() -> None:
                          text=True, timeout=300, check=True).stdout
     assert out.splitlines()[0].startswith("pruned"), out
     assert "pip install 'sparsify-structured[dev]'" in out
+
+
+# ----- parametrized and wrapped architectures (issue #17) -------------------------------------------
+WRAPPED_WEIGHT_NORM = [{"op": "input", "channels": 3, "size": 4, "wrap": "data_parallel"},
+                       {**_conv(0, 4), "wn": True}, _conv(1, 4), _conv(2, 3),
+                       {"op": "head", "x": 3, "kind": "pool", "out": 2}]
+
+
+@pytest.mark.parametrize("wrap", ["data_parallel", "compile", None])
+def test_weight_norm_channels_are_barriers_and_the_rest_prunes(wrap: str | None) -> None:
+    spec = [{**WRAPPED_WEIGHT_NORM[0], "wrap": wrap}, *WRAPPED_WEIGHT_NORM[1:]]
+    assert check_spec(spec, keep_bias=False) == "pruned 2 groups"  # convs 2 and 3; conv 1's group is a barrier
+    plain = [spec[0], {**spec[1], "wn": False}, *spec[2:]]
+    assert check_spec(plain, keep_bias=False) == "pruned 3+ groups"
+    model, x = build(spec)
+    if wrap is not None:
+        with pytest.raises(TraceError, match=r"\._orig_mod|\.module"):
+            build_channel_graph(model, x)
