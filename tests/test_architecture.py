@@ -18,7 +18,8 @@ PACKAGE = Path(sparsify.__file__).resolve().parent
 
 # Lowest first. A module may import modules of its own layer or of lower layers only.
 LAYERS: list[tuple[str, ...]] = [
-    ("sparsify._version", "sparsify.errors", "sparsify.registry", "sparsify._utils", "sparsify._compat"),
+    ("sparsify._version", "sparsify.errors", "sparsify.registry", "sparsify._utils", "sparsify._compat",
+     "sparsify._undo", "sparsify._validation"),
     ("sparsify.graph",),
     ("sparsify.measure",),
     ("sparsify.prune",),
