@@ -11,7 +11,10 @@ build, one 50 % MetaPruner step, a forward: builds / prunes / runs). Hugging Fac
 there are skipped unless ``--redo``). Results:
 
 * ``exact``: at least one exact group was pruned and the outputs agree;
-* ``FAIL``: a group marked exact changed the outputs, or pruning it raised (a bug);
+* ``FAIL``: a group marked exact changed the outputs, or pruning it raised an unexpected error (a bug);
+* ``inexact at prune``: pruning refused (InexactPruneError, the model left unchanged): removed channels
+  of a group marked exact emit a constant that no consumer can absorb (e.g. a scalar bias before a padded
+  convolution);
 * ``refused``: nothing exact is prunable, with the first reason the graph gives (it names the op);
 * ``error``: tracing / grouping raised (the reason is the error's first line);
 * ``not built``: the tiny model or its inputs could not be made (left out of the goals' denominators);
@@ -38,6 +41,7 @@ import torch
 
 from benchmarks import coverage_models as zoo
 from sparsify._compat import import_torchvision
+from sparsify.errors import InexactPruneError
 
 REL_TOL = 1e-9
 SUITES = ("timm", "hf", "torchvision")
@@ -88,7 +92,10 @@ def check_ours(built: zoo.Built) -> dict[str, Any]:
         reference = _outputs(model, inputs)
         prune_channels(cg, plan)
         pruned = _outputs(model, inputs)
-    except Exception as exc:
+    except InexactPruneError as exc:  # refused at prune time, the model unchanged: not exact, not wrong
+        rec.update(result="inexact at prune", reason=_reason(exc))
+        return rec
+    except Exception as exc:  # a group marked exact that cannot be pruned is a bug
         rec.update(result="FAIL", reason=f"pruning an exact group raised {_reason(exc)}")
         return rec
     if len(reference) != len(pruned) or any(a.shape != b.shape for a, b in zip(reference, pruned, strict=False)):

@@ -138,9 +138,18 @@ def hf_config(model_type: str, use_cache: bool | None = None) -> Any:
 
     default = AutoConfig.for_model(model_type)
     d = _shrink(default.to_dict())
-    if use_cache is not None and "use_cache" in d:
-        d["use_cache"] = use_cache
+    if use_cache is not None:
+        _set_use_cache(d, use_cache)
     return type(default).from_dict(d)
+
+
+def _set_use_cache(d: dict[str, Any], use_cache: bool) -> None:
+    """``use_cache`` wherever the config (or a sub-config: the text model of a multimodal one) has it."""
+    if "use_cache" in d:
+        d["use_cache"] = use_cache
+    for value in d.values():
+        if isinstance(value, dict):
+            _set_use_cache(value, use_cache)
 
 
 def hf_model_class(config: Any) -> tuple[str, type]:
@@ -167,7 +176,6 @@ def hf_inputs(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     kind = getattr(model, "main_input_name", "input_ids")
     text = getattr(config, "text_config", None) or config
-    vision = getattr(config, "vision_config", None) or config
     if kind == "input_ids":
         vocab = int(getattr(text, "vocab_size", None) or 128)
         inputs = {"input_ids": torch.randint(3, max(4, min(vocab, 128)), (2, 8), generator=g)}
@@ -175,16 +183,22 @@ def hf_inputs(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
             inputs["decoder_input_ids"] = torch.randint(3, max(4, min(vocab, 128)), (2, 8), generator=g)
         return inputs
     if kind == "pixel_values":
-        size = getattr(vision, "image_size", IMAGE)
-        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-        channels = int(getattr(vision, "num_channels", 3))
-        return {"pixel_values": torch.randn(1, channels, *size, generator=g, dtype=torch.float64)}
+        return _pixels(config)
     if kind == "input_values":
         return {"input_values": torch.randn(1, 4000, generator=g, dtype=torch.float64)}
     if kind == "input_features" and hasattr(config, "num_mel_bins"):
         frames = 2 * int(getattr(config, "max_source_positions", 1500))
         return {"input_features": torch.randn(1, config.num_mel_bins, frames, generator=g, dtype=torch.float64)}
     raise NotBuilt(f"inputs of kind {kind!r} are not made by the coverage zoo")
+
+
+def _pixels(config: Any) -> dict[str, torch.Tensor]:
+    vision = getattr(config, "vision_config", None) or config
+    size = getattr(vision, "image_size", IMAGE)
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    channels = int(getattr(vision, "num_channels", 3))
+    g = torch.Generator().manual_seed(2)
+    return {"pixel_values": torch.randn(1, channels, *size, generator=g, dtype=torch.float64)}
 
 
 def build_hf(model_type: str, use_cache: bool | None = None) -> tuple[str, Built]:
@@ -194,8 +208,13 @@ def build_hf(model_type: str, use_cache: bool | None = None) -> tuple[str, Built
         torch.manual_seed(0)
         model = cls(config).double().eval()
         inputs = hf_inputs(model, config)
-        with torch.no_grad():
-            model(**inputs)
+        try:
+            with torch.no_grad():
+                model(**inputs)
+        except Exception:
+            inputs = {**inputs, **_pixels(config)}  # text-image models (CLIP-like) take both
+            with torch.no_grad():
+                model(**inputs)
     except NotBuilt:
         raise
     except Exception as exc:

@@ -50,6 +50,25 @@ def test_a_refusal_names_the_op_not_the_model_input() -> None:
     assert "cumsum" in rec["reason"] and "register_op_rule" in rec["reason"], rec["reason"]
 
 
+class _ScalarBiasBeforePaddedConv(nn.Module):
+    """hgnetv2's learnable affine block: a scalar bias after the activation makes removed channels emit
+    a constant, which the next (padded) convolution cannot absorb."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 3, padding=1)
+        self.bias = nn.Parameter(torch.tensor([0.5]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)) + self.bias)
+
+
+def test_a_constant_the_next_layer_cannot_absorb_is_inexact_at_prune_not_a_pass() -> None:
+    model = _ScalarBiasBeforePaddedConv().double()
+    rec = coverage.check_ours((model, torch.randn(1, 3, 6, 6, dtype=torch.float64), []))
+    assert rec["result"] == "inexact at prune" and "'b' pads its input" in rec["reason"], rec
+
+
 def test_shrink_overrides_only_fields_the_config_has() -> None:
     d = coverage_models._shrink({"hidden_size": 768, "vocab_size": 50257, "pad_token_id": 50256, "foo": 12,
                                  "max_position_embeddings": 32, "use_bias": True, "layer_types": ["a"] * 12,
