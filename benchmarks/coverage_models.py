@@ -115,12 +115,15 @@ def hf_families() -> list[str]:
     return sorted(CONFIG_MAPPING.keys())
 
 
-def _shrink(d: dict[str, Any]) -> dict[str, Any]:
-    """The generic overrides applied to a config dict (and every sub-config dict in it)."""
+def _shrink(d: dict[str, Any], layers: bool = True) -> dict[str, Any]:
+    """The generic overrides applied to a config dict (and every sub-config dict in it); with
+    ``layers=False`` the layer counts are kept (for configs that tie per-layer patterns to them)."""
     out = dict(d)
     for key, value in d.items():
         if isinstance(value, dict) and ("model_type" in value or key.endswith("_config")):
-            out[key] = _shrink(value)
+            out[key] = _shrink(value, layers)
+        elif not layers and (key in _LAYERS or key == "layer_types"):
+            continue
         elif key in OVERRIDES and isinstance(value, int) and not isinstance(value, bool):
             out[key] = min(value, OVERRIDES[key]) if key.startswith("max_") else OVERRIDES[key]
         elif key == "layer_types" and isinstance(value, list):
@@ -133,11 +136,11 @@ def _shrink(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def hf_config(model_type: str, use_cache: bool | None = None) -> Any:
+def hf_config(model_type: str, use_cache: bool | None = None, layers: bool = True) -> Any:
     from transformers import AutoConfig
 
     default = AutoConfig.for_model(model_type)
-    d = _shrink(default.to_dict())
+    d = _shrink(default.to_dict(), layers)
     if use_cache is not None:
         _set_use_cache(d, use_cache)
     return type(default).from_dict(d)
@@ -202,8 +205,19 @@ def _pixels(config: Any) -> dict[str, torch.Tensor]:
 
 
 def build_hf(model_type: str, use_cache: bool | None = None) -> tuple[str, Built]:
+    """The tiny model: 2 layers if its config allows, else its own layer count with the other overrides."""
     try:
-        config = hf_config(model_type, use_cache)
+        return _build_hf(model_type, use_cache, layers=True)
+    except NotBuilt as first:
+        try:
+            return _build_hf(model_type, use_cache, layers=False)
+        except NotBuilt:
+            raise first from None
+
+
+def _build_hf(model_type: str, use_cache: bool | None, layers: bool) -> tuple[str, Built]:
+    try:
+        config = hf_config(model_type, use_cache, layers)
         _, cls = hf_model_class(config)
         torch.manual_seed(0)
         model = cls(config).double().eval()
