@@ -112,12 +112,13 @@ def check_ours(built: zoo.Built) -> dict[str, Any]:
 
 
 def refusal_reasons(cg: Any) -> list[str]:
-    """Distinct reasons why the channels that parameters produce are not exactly prunable, the most
-    frequent first; the model's own inputs and outputs (never prunable) only when nothing else blocks."""
+    """Distinct reasons why the channels that parameters produce are not exactly prunable: ops without a
+    rule first, then the most frequent; the model's own inputs and outputs only when nothing else blocks."""
     producing = [g for g in cg.groups if any(m.role in ("out", "scale", "value") for m in g.members)]
     reasons = [g.blocked[0] for g in producing if g.blocked] + [g.inexact[0] for g in producing if g.inexact]
     ops = [r for r in reasons if not r.startswith(("model input", "model output"))]
-    return [r for r, _ in Counter(ops or reasons).most_common()]
+    counted = Counter(ops or reasons).most_common()
+    return [r for r, _ in sorted(counted, key=lambda rc: (not rc[0].startswith("no op rule"), -rc[1]))]
 
 
 def check_torch_pruning(built: zoo.Built) -> dict[str, Any]:
