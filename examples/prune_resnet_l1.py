@@ -9,15 +9,14 @@ import argparse
 
 import numpy as np
 import torch
+import torchvision
 
 from sparsify import build_channel_graph, prune_channels
-from sparsify._compat import import_torchvision
 from sparsify.graph.report import summary
 
 
 def main(fraction: float = 0.5, size: int = 224) -> dict[str, int]:
-    tv = import_torchvision()
-    model = tv.models.resnet18().eval()
+    model = torchvision.models.resnet18().eval()
     x = torch.randn(1, 3, size, size)
     cg = build_channel_graph(model, x)
     print(summary(cg))

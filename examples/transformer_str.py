@@ -27,7 +27,6 @@ Run: python examples/transformer_str.py [--adapter filter_norm] [--policy str] [
 from __future__ import annotations
 
 import argparse
-import contextlib
 import inspect
 import math
 import tempfile
@@ -39,7 +38,6 @@ import torch
 from rich.console import Console
 
 from sparsify import GMPConfig, Sparsifier, STRConfig, hf
-from sparsify._compat import import_torchvision
 
 
 def corpus() -> torch.Tensor:
@@ -136,8 +134,6 @@ def main(adapter: str = "filter_norm", policy: str = "str", dense_steps: int = 3
          str_target: float | None = 0.3,
          sample_tokens: int = 60, latency_repeats: int = 20, out_dir: str | None = None, seed: int = 0
          ) -> dict[str, Any]:
-    with contextlib.suppress(ModuleNotFoundError):
-        import_torchvision()  # transformers imports torchvision; make a CUDA build importable on CPU torch
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     data = corpus()
