@@ -163,6 +163,8 @@ def check_family(suite: str, family: str, torch_pruning: bool = True) -> dict[st
         return {**rec, "result": "not built", "reason": _reason(exc)}
     rec["model"] = name
     rec["params"] = sum(p.numel() for p in built[0].parameters())
+    if not all(bool(torch.isfinite(t).all()) for t in _outputs(built[0], built[1])):
+        return {**rec, "result": "not built", "reason": "the tiny model's outputs are not finite before pruning"}
     rec.update(check_ours(built))
     if suite == "hf":
         config = built[0].config
