@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from sparsify import GMPConfig, Sparsifier
+from sparsify.measure import progress
 
 
 def load_text() -> str:
@@ -80,8 +81,9 @@ def latency_ms(models: list[nn.Module], seq_len: int, repeats: int = 20) -> list
     return [1e3 * b for b in best]
 
 
-def train(model: nn.Module, opt: torch.optim.Optimizer, data, steps: int, sparsifier: Sparsifier | None = None) -> None:
-    for _ in range(steps):
+def train(model: nn.Module, opt: torch.optim.Optimizer, data, steps: int, sparsifier: Sparsifier | None = None,
+          what: str = "training") -> None:
+    for _ in progress(range(steps), what):  # a bar on a terminal, silent in logs
         x, y = next(data)
         loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
         opt.zero_grad()
@@ -108,7 +110,7 @@ def main(hidden: int = 256, layers: int = 2, embed: int = 64, steps: int = 250, 
     model = CharLSTM(len(vocab), embed, hidden, layers)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     t0 = time.perf_counter()
-    train(model, opt, data, steps)
+    train(model, opt, data, steps, what="dense training")
     results = {"vocab": len(vocab), "chars": len(text)}
     results["bpc_dense"] = bits_per_char(model, val_data, seq_len)
     results["params_dense"] = sum(p.numel() for p in model.parameters())
@@ -118,7 +120,7 @@ def main(hidden: int = 256, layers: int = 2, embed: int = 64, steps: int = 250, 
     policy = GMPConfig(sparsity=sparsity, start_step=0, end_step=max(1, int(0.75 * steps)),
                        update_every=max(1, steps // 20))
     sp = Sparsifier(model, example, adapter="rnn_units", policy=policy)
-    train(model, opt, data, steps, sp)  # hidden units are masked gradually, the rest adapts
+    train(model, opt, data, steps, sp, what="GMP on hidden units")  # hidden units are masked gradually, the rest adapts
     results["bpc_soft"] = bits_per_char(model, val_data, seq_len)
     model.eval()
     with torch.no_grad():
@@ -133,7 +135,7 @@ def main(hidden: int = 256, layers: int = 2, embed: int = 64, steps: int = 250, 
     results["latency_ms_dense"], results["latency_ms_pruned"] = latency_ms([dense, model], seq_len)
 
     model.lstm.flatten_parameters()
-    train(model, opt, data, finetune_steps)
+    train(model, opt, data, finetune_steps, what="fine-tuning")
     results["bpc_finetuned"] = bits_per_char(model, val_data, seq_len)
     results["seconds"] = time.perf_counter() - t0
 

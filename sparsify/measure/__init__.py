@@ -4,6 +4,7 @@ from sparsify.measure.breakdown import kernel_kind as kernel_kind
 from sparsify.measure.breakdown import time_by_kind as time_by_kind
 from sparsify.measure.latency_model import LatencyModel as LatencyModel
 from sparsify.measure.latency_model import LayerSpec as LayerSpec
+from sparsify.measure.progress import progress as progress
 from sparsify.measure.timing import autocast_context as autocast_context
 from sparsify.measure.timing import cuda_autocast_dtype as cuda_autocast_dtype
 from sparsify.measure.timing import measure_latency as measure_latency
@@ -19,6 +20,7 @@ __all__ = [
     "cuda_autocast_dtype",
     "kernel_kind",
     "measure_latency",
+    "progress",
     "suggest_round_to",
     "time_by_kind",
     "width_latency_table",
