@@ -52,7 +52,9 @@ def batch_norm(ctx: OpContext) -> None:
                               (3, "running_mean", "stat"), (4, "running_var", "stat")):
         arg = ctx.arg(index, name)
         if arg is not None and not ctx.param_member(arg, 0, space, role):
-            ctx.block(space, f"{ctx.describe()}: {name} is computed, not a parameter")
+            why = f"{ctx.describe()}: {name} is computed, not a parameter"
+            ctx.block(space, why)
+            ctx.block(ctx.space(arg, 0), why)  # and the channels it is computed from (timm's ScaledStdConv2d gain)
 
 
 register_op_rule("aten_batch_norm", batch_norm, functions=_overloads(

@@ -171,7 +171,9 @@ def batch_norm_functional(ctx: OpContext) -> None:
                               (3, "weight", "scale"), (4, "bias", "bias")):
         arg = ctx.arg(index, name)
         if arg is not None and not ctx.param_member(arg, 0, space, role):
-            ctx.block(space, f"{ctx.describe()}: {name} is computed, not a parameter")
+            why = f"{ctx.describe()}: {name} is computed, not a parameter"
+            ctx.block(space, why)
+            ctx.block(ctx.space(arg, 0), why)  # and the channels it is computed from (timm's ScaledStdConv2d gain)
 
 
 register_op_rule("batch_norm_functional", batch_norm_functional, functions=(F.batch_norm,))
