@@ -11,7 +11,7 @@ import torch
 from sparsify.graph.builder import OpContext
 from sparsify.graph.op_rules import register_op_rule
 from sparsify.graph.rules import elementwise, layers, layout, structural
-from sparsify.graph.rules.common import couple_dims
+from sparsify.graph.rules.common import argument_members, couple_dims
 from sparsify.graph.trace import TensorInfo
 
 aten = torch.ops.aten
@@ -48,13 +48,8 @@ def batch_norm(ctx: OpContext) -> None:
     for d in range(xi.ndim):
         ctx.same(ctx.space(x, d), ctx.out(d, element))
     space = ctx.out(1, element)
-    for index, name, role in ((1, "weight", "scale"), (2, "bias", "bias"),
-                              (3, "running_mean", "stat"), (4, "running_var", "stat")):
-        arg = ctx.arg(index, name)
-        if arg is not None and not ctx.param_member(arg, 0, space, role):
-            why = f"{ctx.describe()}: {name} is computed, not a parameter"
-            ctx.block(space, why)
-            ctx.block(ctx.space(arg, 0), why)  # and the channels it is computed from (timm's ScaledStdConv2d gain)
+    argument_members(ctx, space, [(1, "weight", "scale"), (2, "bias", "bias"),
+                                  (3, "running_mean", "stat"), (4, "running_var", "stat")])
 
 
 register_op_rule("aten_batch_norm", batch_norm, functions=_overloads(

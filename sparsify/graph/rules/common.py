@@ -40,6 +40,20 @@ def module_param_members(ctx: OpContext, space: Any, names_roles: list[tuple[str
 
 
 # ----- slices of head_dim slots (rotary halves) ----------------------------------------------------
+def argument_members(ctx: OpContext, space: Any, args: list[tuple[int, str, str]]) -> None:
+    """Per-channel arguments of a norm call (``(position, name, role)``) as members of ``space``.
+
+    An argument computed from other tensors instead of read from a parameter blocks ``space`` and the
+    channels it is computed from (timm's ScaledStdConv2d standardises its weight with a computed gain).
+    """
+    for index, name, role in args:
+        arg = ctx.arg(index, name)
+        if arg is not None and not ctx.param_member(arg, 0, space, role):
+            why = f"{ctx.describe()}: {name} is computed, not a parameter"
+            ctx.block(space, why)
+            ctx.block(ctx.space(arg, 0), why)
+
+
 def _size_of(node: Any, x: fx.Node, dim: int, ndim: int) -> bool:
     """Whether ``node`` is ``x.shape[dim]`` or ``x.size(dim)`` (dim counted from either end)."""
     if not isinstance(node, fx.Node):

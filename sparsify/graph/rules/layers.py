@@ -12,7 +12,7 @@ from torch import nn
 
 from sparsify.graph.builder import OpContext, Space
 from sparsify.graph.op_rules import register_op_rule
-from sparsify.graph.rules.common import couple_dims, couple_elementwise, module_param_members
+from sparsify.graph.rules.common import argument_members, couple_dims, couple_elementwise, module_param_members
 
 Member = Callable[[Space | None, str, int, str], None]  # member(space, tensor name, dim, role)
 
@@ -167,13 +167,8 @@ def batch_norm_functional(ctx: OpContext) -> None:
     x = ctx.node.args[0]
     couple_elementwise(ctx, x)
     space = ctx.out(1)
-    for index, name, role in ((1, "running_mean", "stat"), (2, "running_var", "stat"),
-                              (3, "weight", "scale"), (4, "bias", "bias")):
-        arg = ctx.arg(index, name)
-        if arg is not None and not ctx.param_member(arg, 0, space, role):
-            why = f"{ctx.describe()}: {name} is computed, not a parameter"
-            ctx.block(space, why)
-            ctx.block(ctx.space(arg, 0), why)  # and the channels it is computed from (timm's ScaledStdConv2d gain)
+    argument_members(ctx, space, [(1, "running_mean", "stat"), (2, "running_var", "stat"),
+                                  (3, "weight", "scale"), (4, "bias", "bias")])
 
 
 register_op_rule("batch_norm_functional", batch_norm_functional, functions=(F.batch_norm,))
