@@ -17,6 +17,7 @@ from sparsify.adapters import FilterNormConfig as FilterNormConfig
 from sparsify.adapters import HeadsConfig as HeadsConfig
 from sparsify.adapters import LowRankConfig as LowRankConfig
 from sparsify.adapters import RNNUnitsConfig as RNNUnitsConfig
+from sparsify.adapters import TorchPruningConfig as TorchPruningConfig
 from sparsify.config import SparsifierConfig as SparsifierConfig
 from sparsify.errors import SparsifyError as SparsifyError
 from sparsify.graph.channel_graph import build_channel_graph as build_channel_graph
@@ -48,6 +49,7 @@ __all__ = [
     "Sparsifier",
     "SparsifierConfig",
     "SparsifyError",
+    "TorchPruningConfig",
     "__version__",
     "apply_plan",
     "build_channel_graph",
