@@ -7,9 +7,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from sparsify._utils import owner_of
 from sparsify.graph.builder import OpContext, Space
 from sparsify.graph.op_rules import register_op_rule
 from sparsify.graph.rules.common import argument_members, couple_dims, couple_elementwise, module_param_members
@@ -59,7 +61,8 @@ def _grouped_pairs(ctx: OpContext, x_space: Space | None, out_space: Space | Non
     ctx.pairs(out_space, out_space, (np.arange(cout) // b) * b, np.arange(cout))
 
 
-def _conv_core(ctx: OpContext, x, weight_ndim: int, groups: int, transposed: bool, member) -> None:
+def _conv_core(ctx: OpContext, x, weight_ndim: int, groups: int, transposed: bool, member,
+               hard_groups: bool = False) -> None:
     out, xi = ctx.out_info, ctx.info(x)
     if out is None or xi is None:
         return
@@ -85,6 +88,11 @@ def _conv_core(ctx: OpContext, x, weight_ndim: int, groups: int, transposed: boo
         _grouped_pairs(ctx, x_space, out_space, groups)
         member(out_space, "weight", 0, "out")
         member(out_space, "bias", 0, "bias")
+    if hard_groups and groups > 1:
+        reason = (f"{ctx.describe()}: groups={groups} is a constant in the model's code and would not follow "
+                  "pruning; compute it from the input (groups=x.shape[1]) or use an nn.ConvNd")
+        ctx.block(x_space, reason)
+        ctx.block(out_space, reason)
 
 
 def conv(ctx: OpContext) -> None:
@@ -102,14 +110,31 @@ register_op_rule("conv", conv, modules=(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Conv
                                         nn.ConvTranspose2d, nn.ConvTranspose3d))
 
 
+def _groups_follow_pruning(ctx: OpContext, groups_arg: Any, weight: Any) -> bool:
+    """Whether a functional conv's group count changes with its channels: computed from a shape, or the
+    ``groups`` of the nn.ConvNd whose weight it reads (torch.export writes that attribute as a constant;
+    the conv's attribute sync re-derives it after slicing)."""
+    if isinstance(groups_arg, fx.Node):
+        return True
+    name = ctx.param_name(weight)
+    try:
+        owner, attr = owner_of(ctx.traced.model, name) if name is not None else (None, "")
+    except AttributeError:
+        return False
+    return attr == "weight" and isinstance(owner, nn.modules.conv._ConvNd)
+
+
 def conv_functional(ctx: OpContext) -> None:
-    """F.convNd with a weight read from a parameter."""
-    groups = ctx.value(ctx.arg(6, "groups", 1))
+    """F.convNd with a weight read from a parameter. A group count written as a constant (a blur
+    filter's ``groups=self.channels``) would go stale after pruning: its channels are blocked."""
+    groups_arg = ctx.arg(6, "groups", 1)
+    groups = ctx.value(groups_arg)
     params = _parameter_arguments(ctx)
     if params is None:
         return
     weight, bias = params
-    _conv_core(ctx, ctx.node.args[0], ctx.info(weight).ndim, int(groups), False, _argument_member(ctx, weight, bias))
+    _conv_core(ctx, ctx.node.args[0], ctx.info(weight).ndim, int(groups), False, _argument_member(ctx, weight, bias),
+               hard_groups=not _groups_follow_pruning(ctx, groups_arg, weight))
 
 
 register_op_rule("conv_functional", conv_functional, functions=(F.conv1d, F.conv2d, F.conv3d))
