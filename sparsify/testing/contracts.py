@@ -48,7 +48,8 @@ _export = {name: extra.export_only(b) for name, b in (("pool_net", extra.pool_ne
                                                      ("cast_net", extra.cast_net),
                                                      ("lstm_net", extra.lstm_net),
                                                      ("cell_loop", extra.cell_loop),
-                                                     ("residual_cnn", zoo.residual_cnn))}
+                                                     ("residual_cnn", zoo.residual_cnn),
+                                                     ("norm_net", extra.norm_net))}
 
 RULE_MODELS: dict[str, Builder] = {
     # fx front end
@@ -78,7 +79,7 @@ RULE_MODELS: dict[str, Builder] = {
     "aten_matmul": _export["eager_attention"], "aten_softmax": _export["eager_attention"],
     "aten_addmm": _export["addmm_net"], "aten_shape_query": _export["cast_net"],
     "rnn_aten": _export["lstm_net"], "rnn_cell_aten": _export["cell_loop"],
-    "aten_batch_norm": _export["residual_cnn"],
+    "aten_batch_norm": _export["residual_cnn"], "aten_vector_norm": _export["norm_net"],
 }
 
 

@@ -234,6 +234,51 @@ def pool_net(dtype: torch.dtype = torch.float32) -> Example:
     return PoolNet().to(dtype), _image(dtype)
 
 
+class MaskNet(nn.Module):
+    """conv → in-place ReLU → conv, then ``where(g > t, min(g, h), h)`` and a nearest 2× upsample → conv →
+    Linear: the ops of VGG (``relu_``) and of masking / resampling heads under torch.export.
+
+    Rules (under export): aten_unary (relu_), aten_binary (gt, min.other, where.self), aten_pool
+    (upsample_nearest2d)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 6, 3, padding=1), nn.Conv2d(6, 4, 1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x).relu_()
+        g = self.b(h)
+        h = torch.where(g.gt(0.1), torch.min(g, h), h)
+        h = F.interpolate(h, scale_factor=2, mode="nearest")
+        return self.fc(self.c(h).mean((2, 3)))
+
+
+def mask_net(dtype: torch.dtype = torch.float32) -> Example:
+    return MaskNet().to(dtype), _image(dtype, size=4)
+
+
+class NormNet(nn.Module):
+    """conv → ReLU → ``h · ‖h‖₂ over space · ‖h‖₃ over channels`` (a global response norm, as in
+    ConvNeXt-V2) → conv → Linear.
+
+    Rules: aten_vector_norm (under export; torch.linalg.vector_norm), aten_binary, aten_conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.fc = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 4, 1), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.a(x))
+        spatial = torch.linalg.vector_norm(h, dim=(2, 3), keepdim=True)
+        channels = torch.linalg.vector_norm(h, ord=3, dim=1, keepdim=True)
+        return self.fc(self.b(h * spatial * channels).mean((2, 3)))
+
+
+def norm_net(dtype: torch.dtype = torch.float32) -> Example:
+    return NormNet().to(dtype), _image(dtype, size=4)
+
+
 class EinsumNet(nn.Module):
     """A conv pair, then torch.einsum (opaque: a barrier) on a third conv's output.
 
@@ -365,6 +410,8 @@ MODELS: dict[str, Callable[..., Example]] = {
     "assorted_layers": assorted_layers,
     "pool_net": pool_net,
     "einsum_net": einsum_net,
+    "mask_net": mask_net,
+    "norm_net": norm_net,
     "addmm_net": addmm_net,
     "cast_net": cast_net,
     "factor_pair": factor_pair,

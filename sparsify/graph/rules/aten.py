@@ -52,24 +52,54 @@ def batch_norm(ctx: OpContext) -> None:
                                   (3, "running_mean", "stat"), (4, "running_var", "stat")])
 
 
+def vector_norm(ctx: OpContext) -> None:
+    """aten.linalg_vector_norm(x, ord=2, dim=None, keepdim=False): kept dims pass through; a reduced dim
+    is a sum of ``|x|^ord`` (a sink: an all-zero channel adds nothing) for ``ord > 0`` (``inf``: a max of
+    ``|x|``, also unchanged by zeros); other orders (``ord <= 0``, ``-inf``) are changed by zeros: inexact."""
+    x = ctx.node.args[0]
+    xi, out = ctx.info(x), ctx.out_info
+    if xi is None or out is None:
+        return
+    order = ctx.value(ctx.arg(1, "ord", 2))
+    dims = ctx.value(ctx.arg(2, "dim"))
+    keepdim = bool(ctx.value(ctx.arg(3, "keepdim", False)))
+    dims = range(xi.ndim) if dims is None else dims if isinstance(dims, (list, tuple)) else [dims]
+    reduced = {d % xi.ndim for d in dims}
+    zero_neutral = isinstance(order, (int, float)) and order > 0
+    j = 0
+    for d in range(xi.ndim):
+        if d in reduced:
+            if not zero_neutral:
+                ctx.mark_inexact(ctx.space(x, d), f"{ctx.describe()} takes a norm of order {order} over dim {d}")
+            ctx.sink(ctx.space(x, d), f"{ctx.describe()} sums |x|^{order} over dim {d}")
+            j += keepdim
+            continue
+        ctx.same(ctx.space(x, d), ctx.out(j))
+        j += 1
+
+
 register_op_rule("aten_batch_norm", batch_norm, functions=_overloads(
     aten.batch_norm, aten.native_batch_norm, aten._native_batch_norm_legit,
     aten._native_batch_norm_legit_no_training))
+register_op_rule("aten_vector_norm", vector_norm, functions=_overloads(aten.linalg_vector_norm))
 register_op_rule("aten_embedding", embedding, functions=_overloads(aten.embedding))
 register_op_rule("aten_unary", elementwise.unary, functions=_overloads(
-    aten.relu, aten.relu6 if hasattr(aten, "relu6") else aten.relu_, aten.gelu, aten.silu, aten.sigmoid,
+    aten.relu, aten.relu_, aten.relu6, aten.gelu, aten.silu, aten.sigmoid,
     aten.tanh, aten.neg, aten.rsqrt, aten.sqrt, aten.exp, aten.pow, aten.cos, aten.sin, aten.abs,
     aten.hardswish, aten.hardsigmoid, aten.leaky_relu, aten.elu, aten.mish, aten.dropout, aten.clone,
     aten.alias, aten._to_copy, aten.to, aten.contiguous, aten.clamp, aten.square))
-register_op_rule("aten_binary", elementwise.binary, functions=_overloads(
-    aten.add, aten.sub, aten.mul, aten.div, aten.maximum, aten.minimum))
+# min/max only as .other (the others reduce); where without .default (the one-argument nonzero form)
+register_op_rule("aten_binary", elementwise.binary, functions=(*_overloads(
+    aten.add, aten.sub, aten.mul, aten.div, aten.maximum, aten.minimum, aten.gt, aten.lt, aten.ge, aten.le,
+    aten.eq, aten.ne), aten.min.other, aten.max.other, aten.where.self, aten.where.ScalarOther,
+    aten.where.ScalarSelf, aten.where.Scalar))
 register_op_rule("aten_shape_query", elementwise.shape_query, functions=_overloads(
     aten._assert_tensor_metadata, aten.sym_size, aten.sym_numel, aten._assert_async, aten.sym_constrain_range_for_size))
 register_op_rule("aten_linear", layers.linear_functional, functions=_overloads(aten.linear))
 register_op_rule("aten_conv", layers.conv_functional, functions=_overloads(aten.conv1d, aten.conv2d, aten.conv3d))
 register_op_rule("aten_layer_norm", layers.layer_norm_functional, functions=_overloads(aten.layer_norm))
 register_op_rule("aten_pool", layers.pool, functions=_overloads(
-    aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.avg_pool2d, aten.max_pool2d))
+    aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.avg_pool2d, aten.max_pool2d, aten.upsample_nearest2d))
 register_op_rule("aten_cat", structural.cat, functions=_overloads(aten.cat))
 register_op_rule("aten_split", structural.split, functions=_overloads(aten.chunk, aten.split,
                                                                         aten.split_with_sizes))
