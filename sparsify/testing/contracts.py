@@ -69,6 +69,7 @@ RULE_MODELS: dict[str, Builder] = {
     "layer_norm_functional": extra.assorted_layers, "opaque": extra.einsum_net,
     "windowed_attention": extra.swin_stage, "patch_merging_pad": extra.swin_stage,
     "stochastic_depth": extra.stochastic_depth_net, "output_tuple": extra.stochastic_depth_net,
+    "reshape_as": extra.reshape_as_net,
     # torch.export front end (ATen graphs)
     "aten_conv": _export["pool_net"], "aten_pool": _export["pool_net"], "aten_unary": _export["pool_net"],
     "aten_binary": _export["heads_attention"], "aten_linear": _export["heads_attention"],

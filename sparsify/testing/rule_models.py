@@ -279,6 +279,27 @@ def norm_net(dtype: torch.dtype = torch.float32) -> Example:
     return NormNet().to(dtype), _image(dtype, size=4)
 
 
+class ReshapeAsNet(nn.Module):
+    """conv → ReLU → ``h.reshape_as(g)`` (g: a second conv's output of the same shape) added to g → conv →
+    Linear; the same under torch.export (aten.reshape_as).
+
+    Rules: reshape_as, conv, elementwise_binary."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.fc = (nn.Conv2d(3, 6, 1), nn.Conv2d(6, 6, 1), nn.Conv2d(6, 4, 1),
+                                           nn.Linear(4, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.a(x))
+        g = self.b(h)
+        return self.fc(self.c(g + h.reshape_as(g)).mean((2, 3)))
+
+
+def reshape_as_net(dtype: torch.dtype = torch.float32) -> Example:
+    return ReshapeAsNet().to(dtype), _image(dtype, size=4)
+
+
 class EinsumNet(nn.Module):
     """A conv pair, then torch.einsum (opaque: a barrier) on a third conv's output.
 
@@ -412,6 +433,7 @@ MODELS: dict[str, Callable[..., Example]] = {
     "einsum_net": einsum_net,
     "mask_net": mask_net,
     "norm_net": norm_net,
+    "reshape_as_net": reshape_as_net,
     "addmm_net": addmm_net,
     "cast_net": cast_net,
     "factor_pair": factor_pair,

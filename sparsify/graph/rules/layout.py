@@ -352,3 +352,24 @@ def _uniform_repeat(line: np.ndarray, width: int) -> bool:
 
 register_op_rule("layout", layout, functions=LAYOUT_FUNCTIONS, methods=LAYOUT_METHODS,
                  modules=LAYOUT_MODULES)
+
+
+def reshape_as(ctx: OpContext) -> None:
+    """``x.reshape_as(y)``: to ``y``'s own shape it is the identity, and dim d of x, y and the output are
+    the same channels (so their widths stay equal after pruning). To another shape (a weight standardised
+    as ``(1, out, -1)`` and reshaped back) it is not analysed: a barrier."""
+    x, y = ctx.node.args[0], ctx.node.args[1]
+    xi, yi, out = ctx.info(x), ctx.info(y), ctx.out_info
+    if xi is None or yi is None or out is None:
+        return
+    if tuple(xi.shape) != tuple(yi.shape):
+        ctx.block_all(f"{ctx.describe()} reshapes {tuple(xi.shape)} to another shape {tuple(yi.shape)}, which is "
+                      "not analysed; write it as x.reshape(...) with sizes to have it analysed as a layout op")
+        return
+    for d in range(out.ndim):
+        ctx.same(ctx.space(x, d), ctx.out(d))
+        ctx.same(ctx.space(y, d), ctx.out(d))
+
+
+register_op_rule("reshape_as", reshape_as, methods=("reshape_as",),
+                 functions=tuple(getattr(torch.ops.aten.reshape_as, n) for n in torch.ops.aten.reshape_as.overloads()))
