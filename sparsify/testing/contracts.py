@@ -49,7 +49,8 @@ _export = {name: extra.export_only(b) for name, b in (("pool_net", extra.pool_ne
                                                      ("lstm_net", extra.lstm_net),
                                                      ("cell_loop", extra.cell_loop),
                                                      ("residual_cnn", zoo.residual_cnn),
-                                                     ("norm_net", extra.norm_net))}
+                                                     ("norm_net", extra.norm_net),
+                                                     ("group_norm_net", extra.group_norm_net))}
 
 RULE_MODELS: dict[str, Builder] = {
     # fx front end
@@ -81,6 +82,7 @@ RULE_MODELS: dict[str, Builder] = {
     "aten_addmm": _export["addmm_net"], "aten_shape_query": _export["cast_net"],
     "rnn_aten": _export["lstm_net"], "rnn_cell_aten": _export["cell_loop"],
     "aten_batch_norm": _export["residual_cnn"], "aten_vector_norm": _export["norm_net"],
+    "aten_group_norm": _export["group_norm_net"],
 }
 
 

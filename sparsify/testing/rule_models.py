@@ -300,6 +300,23 @@ def reshape_as_net(dtype: torch.dtype = torch.float32) -> Example:
     return ReshapeAsNet().to(dtype), _image(dtype, size=4)
 
 
+class GroupNormNet(nn.Module):
+    """conv → nn.GroupNorm(4 groups of 2) → ReLU → conv → Linear (under export: aten.group_norm).
+
+    Rules: aten_group_norm (whole groups), aten_conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.norm, self.b, self.fc = nn.Conv2d(3, 8, 1), nn.GroupNorm(4, 8), nn.Conv2d(8, 4, 1), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.b(F.relu(self.norm(self.a(x)))).mean((2, 3)))
+
+
+def group_norm_net(dtype: torch.dtype = torch.float32) -> Example:
+    return GroupNormNet().to(dtype), _image(dtype, size=4)
+
+
 class EinsumNet(nn.Module):
     """A conv pair, then torch.einsum (opaque: a barrier) on a third conv's output.
 
@@ -434,6 +451,7 @@ MODELS: dict[str, Callable[..., Example]] = {
     "mask_net": mask_net,
     "norm_net": norm_net,
     "reshape_as_net": reshape_as_net,
+    "group_norm_net": group_norm_net,
     "addmm_net": addmm_net,
     "cast_net": cast_net,
     "factor_pair": factor_pair,

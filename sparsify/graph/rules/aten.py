@@ -6,12 +6,15 @@ and the batch norms (affine before statistics; the ``_native`` ones return a tup
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from torch import nn
 
+from sparsify._utils import owner_of
 from sparsify.graph.builder import OpContext
 from sparsify.graph.op_rules import register_op_rule
 from sparsify.graph.rules import elementwise, layers, layout, structural
-from sparsify.graph.rules.common import argument_members, couple_dims
+from sparsify.graph.rules.common import argument_members, couple_dims, couple_elementwise
 from sparsify.graph.trace import TensorInfo
 
 aten = torch.ops.aten
@@ -52,6 +55,31 @@ def batch_norm(ctx: OpContext) -> None:
                                   (3, "running_mean", "stat"), (4, "running_var", "stat")])
 
 
+def group_norm(ctx: OpContext) -> None:
+    """aten.group_norm(input, num_groups, weight, bias, ...): as the fx ``group_norm`` rule (a structure is
+    one whole group) when weight and bias are an nn.GroupNorm's own, whose num_groups is re-synced after
+    pruning; a functional call (its group count written in the code) or one without affine parameters is
+    a barrier."""
+    x, groups = ctx.node.args[0], ctx.value(ctx.arg(1, "num_groups"))
+    weight, bias = ctx.param_name(ctx.arg(2, "weight")), ctx.param_name(ctx.arg(3, "bias"))
+    module = None
+    if weight is not None and weight.endswith(".weight"):
+        owner, _ = owner_of(ctx.traced.model, weight)
+        if isinstance(owner, nn.GroupNorm) and owner.affine and bias == weight[:-len("weight")] + "bias":
+            module = owner
+    if module is None or not isinstance(groups, int) or groups != module.num_groups:
+        ctx.block_all(f"{ctx.describe()}: not an affine nn.GroupNorm's own call, so its group count cannot be "
+                      "re-synced after pruning; use nn.GroupNorm(num_groups, channels)")
+        return
+    couple_elementwise(ctx, x)
+    space = ctx.out(1)
+    if space is not None and module.num_groups < module.num_channels:
+        size = module.num_channels // module.num_groups
+        c = np.arange(module.num_channels)
+        ctx.pairs(space, space, (c // size) * size, c)
+    argument_members(ctx, space, [(2, "weight", "scale"), (3, "bias", "bias")])
+
+
 def vector_norm(ctx: OpContext) -> None:
     """aten.linalg_vector_norm(x, ord=2, dim=None, keepdim=False): kept dims pass through; a reduced dim
     is a sum of ``|x|^ord`` (a sink: an all-zero channel adds nothing) for ``ord > 0`` (``inf``: a max of
@@ -81,6 +109,7 @@ def vector_norm(ctx: OpContext) -> None:
 register_op_rule("aten_batch_norm", batch_norm, functions=_overloads(
     aten.batch_norm, aten.native_batch_norm, aten._native_batch_norm_legit,
     aten._native_batch_norm_legit_no_training))
+register_op_rule("aten_group_norm", group_norm, functions=_overloads(aten.group_norm))
 register_op_rule("aten_vector_norm", vector_norm, functions=_overloads(aten.linalg_vector_norm))
 register_op_rule("aten_embedding", embedding, functions=_overloads(aten.embedding))
 register_op_rule("aten_unary", elementwise.unary, functions=_overloads(
