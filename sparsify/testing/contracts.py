@@ -32,6 +32,7 @@ from sparsify.graph.trace import as_args, trace
 from sparsify.sparsifier import Sparsifier
 from sparsify.testing import models as zoo
 from sparsify.testing import rule_models as extra
+from sparsify.testing import sequence_models as seq
 from sparsify.testing.oracle import OracleResult, check_exactness, randomize_
 
 Builder = Callable[..., tuple[nn.Module, Any]]
@@ -39,15 +40,15 @@ TOLERANCE = 1e-9  # float64: max |pruned - soft| ≤ TOLERANCE · (1 + max |soft
 
 # ----- op rules ------------------------------------------------------------------------------------
 _export = {name: extra.export_only(b) for name, b in (("pool_net", extra.pool_net),
-                                                     ("heads_attention", extra.heads_attention),
+                                                     ("heads_attention", seq.heads_attention),
                                                      ("transformer_block", zoo.transformer_block),
                                                      ("text_mlp", zoo.text_mlp),
                                                      ("channel_reduce_net", zoo.channel_reduce_net),
-                                                     ("eager_attention", extra.eager_attention),
+                                                     ("eager_attention", seq.eager_attention),
                                                      ("addmm_net", extra.addmm_net),
                                                      ("cast_net", extra.cast_net),
-                                                     ("lstm_net", extra.lstm_net),
-                                                     ("cell_loop", extra.cell_loop),
+                                                     ("lstm_net", seq.lstm_net),
+                                                     ("cell_loop", seq.cell_loop),
                                                      ("residual_cnn", zoo.residual_cnn),
                                                      ("norm_net", extra.norm_net),
                                                      ("group_norm_net", extra.group_norm_net))}
@@ -61,11 +62,11 @@ RULE_MODELS: dict[str, Builder] = {
     "reduction": zoo.channel_reduce_net, "matmul": zoo.channel_reduce_net,
     "batch_norm_functional": zoo.functional_net, "conv_functional": zoo.functional_net,
     "linear_functional": zoo.functional_net, "embedding": zoo.text_mlp,
-    "scaled_dot_product_attention": extra.heads_attention, "softmax": extra.eager_attention,
-    "attention_barrier": extra.mha_block, "lstm": extra.lstm_net, "gru": extra.gru_net, "rnn": extra.rnn_net,
-    "gru_cell": extra.cell_loop, "lstm_cell": extra.lstm_cell_loop, "rnn_cell": extra.rnn_cell_loop,
-    "stack": extra.cell_loop, "zeros": extra.cell_loop, "pack_padded_sequence": extra.packed_lstm,
-    "pad_packed_sequence": extra.packed_lstm, "prelu": extra.assorted_layers,
+    "scaled_dot_product_attention": seq.heads_attention, "softmax": seq.eager_attention,
+    "attention_barrier": seq.mha_block, "lstm": seq.lstm_net, "gru": seq.gru_net, "rnn": seq.rnn_net,
+    "gru_cell": seq.cell_loop, "lstm_cell": seq.lstm_cell_loop, "rnn_cell": seq.rnn_cell_loop,
+    "stack": seq.cell_loop, "zeros": seq.cell_loop, "pack_padded_sequence": seq.packed_lstm,
+    "pad_packed_sequence": seq.packed_lstm, "prelu": extra.assorted_layers,
     "local_response_norm": extra.assorted_layers, "pad": extra.assorted_layers,
     "layer_norm_functional": extra.assorted_layers, "opaque": extra.einsum_net,
     "windowed_attention": extra.swin_stage, "patch_merging_pad": extra.swin_stage,
@@ -140,9 +141,9 @@ ADAPTER_CASES: dict[str, AdapterCase] = {
     "bn_gamma": AdapterCase([zoo.residual_cnn]),
     "filter_norm": AdapterCase([zoo.residual_cnn]),
     "activation": AdapterCase([zoo.residual_cnn]),
-    "heads": AdapterCase([extra.heads_attention]),
+    "heads": AdapterCase([seq.heads_attention]),
     "low_rank": AdapterCase([extra.factor_pair]),
-    "rnn_units": AdapterCase([extra.lstm_net]),
+    "rnn_units": AdapterCase([seq.lstm_net]),
     # taylor: the most demanding criterion (reads the gradients of the backward passes)
     "torch_pruning": AdapterCase([zoo.residual_cnn, zoo.mlp_block], {"criterion": "taylor"}),
 }
