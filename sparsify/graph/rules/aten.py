@@ -6,7 +6,6 @@ and the batch norms (affine before statistics; the ``_native`` ones return a tup
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -14,7 +13,7 @@ from sparsify._utils import owner_of
 from sparsify.graph.builder import OpContext
 from sparsify.graph.op_rules import register_op_rule
 from sparsify.graph.rules import elementwise, layers, layout, structural
-from sparsify.graph.rules.common import argument_members, couple_dims, couple_elementwise
+from sparsify.graph.rules.common import argument_members, couple_dims, couple_elementwise, couple_whole_groups
 from sparsify.graph.trace import TensorInfo
 
 aten = torch.ops.aten
@@ -73,10 +72,7 @@ def group_norm(ctx: OpContext) -> None:
         return
     couple_elementwise(ctx, x)
     space = ctx.out(1)
-    if space is not None and module.num_groups < module.num_channels:
-        size = module.num_channels // module.num_groups
-        c = np.arange(module.num_channels)
-        ctx.pairs(space, space, (c // size) * size, c)
+    couple_whole_groups(ctx, space, module.num_channels, module.num_groups)
     argument_members(ctx, space, [(2, "weight", "scale"), (3, "bias", "bias")])
 
 

@@ -40,6 +40,14 @@ def module_param_members(ctx: OpContext, space: Any, names_roles: list[tuple[str
 
 
 # ----- slices of head_dim slots (rotary halves) ----------------------------------------------------
+def couple_whole_groups(ctx: OpContext, space: Space | None, channels: int, groups: int) -> None:
+    """One structure per group of ``channels // groups`` consecutive channels (GroupNorm's statistics)."""
+    if space is not None and groups < channels:
+        size = channels // groups
+        c = np.arange(channels)
+        ctx.pairs(space, space, (c // size) * size, c)
+
+
 def argument_members(ctx: OpContext, space: Any, args: list[tuple[int, str, str]]) -> None:
     """Per-channel arguments of a norm call (``(position, name, role)``) as members of ``space``.
 

@@ -14,7 +14,13 @@ from torch import nn
 from sparsify._utils import owner_of
 from sparsify.graph.builder import OpContext, Space
 from sparsify.graph.op_rules import register_op_rule
-from sparsify.graph.rules.common import argument_members, couple_dims, couple_elementwise, module_param_members
+from sparsify.graph.rules.common import (
+    argument_members,
+    couple_dims,
+    couple_elementwise,
+    couple_whole_groups,
+    module_param_members,
+)
 
 Member = Callable[[Space | None, str, int, str], None]  # member(space, tensor name, dim, role)
 
@@ -208,10 +214,7 @@ def group_norm(ctx: OpContext) -> None:
         return
     couple_elementwise(ctx, x)
     space = ctx.out(1)
-    if space is not None and m.num_groups < m.num_channels:
-        size = m.num_channels // m.num_groups
-        c = np.arange(m.num_channels)
-        ctx.pairs(space, space, (c // size) * size, c)
+    couple_whole_groups(ctx, space, m.num_channels, m.num_groups)
     module_param_members(ctx, space, [("weight", 0, "scale"), ("bias", 0, "bias")])
 
 
