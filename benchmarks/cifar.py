@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> dict:
     device, rank, world = _distributed(args)
     torch.manual_seed(args.seed)
     data = load_cifar10(args.data, args.limit, args.cache)
-    recipe = Recipe(epochs=args.epochs, prune_epoch=args.prune_epoch, batch=args.batch, lr=args.lr)
+    recipe = Recipe(epochs=args.epochs, prune_epoch=args.prune_epoch, batch=args.batch, lr=args.lr,
+                    weight_decay=args.wd)
     train = DeviceLoader(data["train_x"], data["train_y"], recipe.batch, device, train=True, seed=args.seed,
                          rank=rank, world=world)
     test = DeviceLoader(data["test_x"], data["test_y"], 1000, device, train=False)
@@ -139,6 +140,8 @@ def run(args: argparse.Namespace) -> dict:
     name = run_name(args, arm.name, world) + ".json"
     (out / name).write_text(json.dumps(record, indent=1, default=str))
     ckpt.unlink(missing_ok=True)
+    if args.save_model:
+        torch.save(model.state_dict(), out / (run_name(args, arm.name, world) + ".model.pt"))
     print(f"{arm.name} {record['ratio']:g}x: top1 {record['top1']:.4f}, MACs {macs_before / record['macs_after']:.2f}x "
           f"fewer, {record['train_seconds']:.0f} s, {record['images_per_s']:,.0f} images/s → {out / name}")
     return record
@@ -240,13 +243,15 @@ def parallel(args: argparse.Namespace, specs: list[str]) -> None:
 
 def _passthrough(args: argparse.Namespace) -> list[str]:
     out = ["--model", args.model, "--epochs", str(args.epochs), "--prune-epoch", str(args.prune_epoch),
-           "--batch", str(args.batch), "--lr", str(args.lr), "--seed", str(args.seed), "--data", str(args.data),
+           "--batch", str(args.batch), "--lr", str(args.lr), "--wd", str(args.wd),
+           "--seed", str(args.seed), "--data", str(args.data),
            "--ramp-end", str(args.ramp_end), "--tp-reg-every", str(args.tp_reg_every),
            "--out", str(args.out), "--eval-every", str(args.eval_every)]
     for flag in ("cache", "limit", "device", "stop_after_s"):
         if getattr(args, flag) is not None:
             out += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    flags = [f for f, on in (("--no-graphs", args.no_graphs), ("--fp32", args.fp32), ("--sync-bn", args.sync_bn)) if on]
+    flags = [f for f, on in (("--no-graphs", args.no_graphs), ("--fp32", args.fp32), ("--sync-bn", args.sync_bn),
+                                  ("--save-model", args.save_model)) if on]
     return out + flags
 
 
@@ -267,6 +272,8 @@ def parser() -> argparse.ArgumentParser:
                         "regularize() is host-bound: ~0.3 s a step on the H100 machine)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--wd", type=float, default=5e-4, help="weight decay")
+    p.add_argument("--save-model", action="store_true", help="also write the final weights (<run>.model.pt)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--cache", default=None, help="folder for the decoded arrays (skips decoding next time)")
