@@ -3,9 +3,10 @@
     python -m benchmarks.coverage --suite timm|hf|torchvision [--limit N] [--families a,b] [--jobs 2]
         --out benchmarks/results/coverage_<suite>.json
 
-Per family (each in its own subprocess, with a time limit): build the model (``benchmarks.coverage_models``),
-trace and group it, prune about half of every exact group, compare outputs in float64 (the exactness oracle;
-relative error = max |diff| / max |output| ≤ 1e-9), and run Torch-Pruning on the same model (DependencyGraph
+Per family (each in its own subprocess, with a time limit): build the model (``benchmarks.coverage_vision``
+for timm and torchvision, ``benchmarks.coverage_models`` for Hugging Face), trace and group it, prune about half
+of every exact group, compare outputs in float64 (the exactness oracle; relative error = max |diff| / max
+|output| ≤ 1e-9), and run Torch-Pruning on the same model (DependencyGraph
 build, one 50 % MetaPruner step, a forward: builds / prunes / runs). Hugging Face decoders are checked with
 ``use_cache`` off and on. Results are merged into the JSON as they come (the run is resumable: families already
 there are skipped unless ``--redo``). Results:
@@ -40,6 +41,7 @@ from typing import Any
 import torch
 
 from benchmarks import coverage_models as zoo
+from benchmarks import coverage_vision as vision
 from sparsify._compat import import_torchvision
 from sparsify.errors import InexactPruneError
 
@@ -144,10 +146,10 @@ def check_torch_pruning(built: zoo.Built) -> dict[str, Any]:
 
 def _build(suite: str, family: str, use_cache: bool | None = None) -> tuple[str, zoo.Built]:
     if suite == "timm":
-        return zoo.build_timm(family)
+        return vision.build_timm(family)
     if suite == "hf":
         return zoo.build_hf(family, use_cache)
-    return zoo.build_torchvision(family)
+    return vision.build_torchvision(family)
 
 
 def check_family(suite: str, family: str, torch_pruning: bool = True) -> dict[str, Any]:
@@ -187,10 +189,10 @@ def check_family(suite: str, family: str, torch_pruning: bool = True) -> dict[st
 # ---------------------------------------------------------------------------------------------- the run
 def families(suite: str) -> list[str]:
     if suite == "timm":
-        return zoo.timm_families()
+        return vision.timm_families()
     if suite == "hf":
         return zoo.hf_families()
-    return sorted(zoo.TORCHVISION)
+    return sorted(vision.TORCHVISION)
 
 
 def run_child(suite: str, family: str, timeout: float, torch_pruning: bool) -> dict[str, Any]:

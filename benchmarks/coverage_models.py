@@ -1,26 +1,20 @@
-"""Generated model lists and builders for the coverage zoo (``benchmarks.coverage``).
+"""Generated model lists and builders for the coverage zoo (``benchmarks.coverage``); the timm and
+torchvision builders are in ``benchmarks.coverage_vision``.
 
-* timm: one family per timm module (``timm.list_modules()``); its smallest variant by parameter count,
-  counted on the meta device so that no weights are allocated; ``pretrained=False``; a 64×64 input where
-  the model takes it (else ``img_size=64``, else its default input size).
 * Hugging Face: every ``model_type`` of ``transformers.CONFIG_MAPPING``; its default config shrunk by a
   table of generic overrides applied only to the fields the config has (sub-configs too); the task head
   is the first of causal LM, masked LM, seq2seq LM, image / audio classification, AutoModel that knows the
   config; text, image and audio inputs are made where simple.
-* torchvision: detection, segmentation and video models (``weights=None``).
 
 Every builder returns ``(model in float64 eval mode, example inputs, modules Torch-Pruning must ignore)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
-
-from sparsify._compat import import_torchvision
 
 Built = tuple[nn.Module, Any, list[nn.Module]]
 IMAGE = 64
@@ -28,62 +22,6 @@ IMAGE = 64
 
 class NotBuilt(Exception):
     """The model (or its inputs) could not be made: it is left out of the denominators."""
-
-
-# ---------------------------------------------------------------------------------------------- timm
-def timm_families() -> list[str]:
-    import_torchvision()
-    import timm
-
-    return sorted(timm.list_modules())
-
-
-def timm_smallest(family: str) -> tuple[str, int]:
-    """(name, parameters) of the family's smallest variant, counted on the meta device."""
-    import timm
-
-    sizes = []
-    for name in timm.list_models(module=family):
-        try:
-            with torch.device("meta"):
-                sizes.append((sum(p.numel() for p in timm.create_model(name).parameters()), name))
-        except Exception:
-            continue
-    if not sizes:
-        raise NotBuilt(f"no variant of timm module {family!r} builds on the meta device")
-    params, name = min(sizes)
-    return name, params
-
-
-def build_timm(family: str) -> tuple[str, Built]:
-    import timm
-
-    name, _ = timm_smallest(family)
-    x = torch.randn(1, 3, IMAGE, IMAGE, dtype=torch.float64)
-    for kwargs in ({}, {"img_size": IMAGE}):
-        try:
-            torch.manual_seed(0)
-            model = timm.create_model(name, pretrained=False, **kwargs).double().eval()
-            with torch.no_grad():
-                model(x)
-            return name, (model, x, _timm_head(model))
-        except Exception:
-            continue
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False).double().eval()
-    size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
-    x = torch.randn(1, *size, dtype=torch.float64)
-    try:
-        with torch.no_grad():
-            model(x)
-    except Exception as exc:
-        raise NotBuilt(f"{name} does not run on its default input {size}: {_first_line(exc)}") from exc
-    return name, (model, x, _timm_head(model))
-
-
-def _timm_head(model: nn.Module) -> list[nn.Module]:
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    return [head] if isinstance(head, nn.Module) and any(True for _ in head.parameters()) else []
 
 
 # ---------------------------------------------------------------------------------------------- HF
@@ -235,53 +173,6 @@ def _build_hf(model_type: str, use_cache: bool | None, layers: bool) -> tuple[st
         raise NotBuilt(f"tiny {model_type} does not build or run: {type(exc).__name__}: {_first_line(exc)}") from exc
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return f"{cls.__name__}", (model, inputs, [head] if isinstance(head, nn.Module) else [])
-
-
-# ---------------------------------------------------------------------------------------------- torchvision
-def _tv(path: str, shape: tuple[int, ...], **kwargs: Any) -> Callable[[], Built]:
-    def build() -> Built:
-        tv = import_torchvision()
-        module_name, _, fn = path.rpartition(".")
-        module = tv.models
-        for part in filter(None, module_name.split(".")):
-            module = getattr(module, part)
-        torch.manual_seed(0)
-        model = getattr(module, fn)(weights=None, **kwargs).double().eval()
-        return model, torch.randn(*shape, dtype=torch.float64), []
-
-    return build
-
-
-TORCHVISION: dict[str, Callable[[], Built]] = {
-    "segmentation.lraspp_mobilenet_v3_large": _tv("segmentation.lraspp_mobilenet_v3_large", (1, 3, IMAGE, IMAGE),
-                                                  weights_backbone=None),
-    "segmentation.deeplabv3_mobilenet_v3_large": _tv("segmentation.deeplabv3_mobilenet_v3_large",
-                                                     (1, 3, IMAGE, IMAGE), weights_backbone=None),
-    "segmentation.fcn_resnet50": _tv("segmentation.fcn_resnet50", (1, 3, IMAGE, IMAGE), weights_backbone=None),
-    "detection.fasterrcnn_mobilenet_v3_large_320_fpn": _tv("detection.fasterrcnn_mobilenet_v3_large_320_fpn",
-                                                           (1, 3, 128, 128), weights_backbone=None),
-    "detection.ssdlite320_mobilenet_v3_large": _tv("detection.ssdlite320_mobilenet_v3_large", (1, 3, 128, 128),
-                                                   weights_backbone=None),
-    "detection.retinanet_resnet50_fpn": _tv("detection.retinanet_resnet50_fpn", (1, 3, 128, 128),
-                                            weights_backbone=None),
-    "video.r3d_18": _tv("video.r3d_18", (1, 3, 4, 32, 32)),
-    "video.mc3_18": _tv("video.mc3_18", (1, 3, 4, 32, 32)),
-    "video.r2plus1d_18": _tv("video.r2plus1d_18", (1, 3, 4, 32, 32)),
-    "video.s3d": _tv("video.s3d", (1, 3, 8, 64, 64)),
-    "video.swin3d_t": _tv("video.swin3d_t", (1, 3, 4, 64, 64)),
-}
-
-
-def build_torchvision(family: str) -> tuple[str, Built]:
-    if family not in TORCHVISION:
-        raise KeyError(f"unknown torchvision family {family!r}; known: {sorted(TORCHVISION)}")
-    try:
-        built = TORCHVISION[family]()
-        with torch.no_grad():
-            built[0](built[1])
-    except Exception as exc:
-        raise NotBuilt(f"{family} does not build or run: {type(exc).__name__}: {_first_line(exc)}") from exc
-    return family.rpartition(".")[2], built
 
 
 def _first_line(exc: BaseException) -> str:
