@@ -1,5 +1,12 @@
-"""The compared methods. Each arm hooks the shared training loop and prunes at the prune epoch to
-an exact MACs target (MACs counted by sparsify for every arm, Torch-Pruning's included)."""
+"""The compared methods. Each arm hooks the shared training loop and prunes at its prune epoch to
+an exact MACs target (MACs counted by sparsify for every arm, Torch-Pruning's included).
+
+Registered by name in :data:`ARMS`: ``dense`` / ``dense_ft`` (nothing pruned), ``str_bn`` and
+``str_filter`` (STR with the MACs-target controller on BN γ / filter norms), ``gmp_<budget>_<bn|filter>``
+for the uniform, global and ERK budgets (``gmp_erk`` is ``gmp_erk_filter``, its name before the
+protocol mode), ``slimming``, ``l1`` (Li et al., one-shot at the prune epoch), ``l1_oneshot`` (the
+same at the start of the phase), ``torch_pruning``.
+"""
 
 from __future__ import annotations
 
@@ -7,69 +14,37 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
-from sparsify import FilterNormConfig, GMPConfig, SlimmingConfig, Sparsifier, STRConfig
-from sparsify.graph.cost import module_macs
-from sparsify.graph.trace import trace
+from benchmarks.cifar_lib.arm_base import TARGET_TOLERANCE, Arm, DenseFT, macs_of, target_met
+from benchmarks.cifar_lib.tp_arm import TorchPruning
+from sparsify import FilterNormConfig, GMPConfig, SlimmingConfig, Sparsifier, SparsifierConfig, STRConfig
+
+__all__ = ["ARMS", "TARGET_TOLERANCE", "macs_of", "target_met"]
+
+ADAPTERS: dict[str, Any] = {"bn": "bn_gamma", "filter": FilterNormConfig(p=2)}
 
 
-def macs_of(model: nn.Module, example: torch.Tensor) -> int:
-    return sum(module_macs(trace(model, example[:1])).values())
+class SparsifierArm(Arm):
+    """An arm driven by a :class:`~sparsify.Sparsifier`: ``self.sp`` steps after each optimizer step
+    of the sparse phase and prunes at the prune epoch."""
 
+    prunes = True
+    adapter: Any = "bn_gamma"
 
-class Arm:
-    """Default: dense training, nothing pruned."""
-
-    name = "dense"
-    graphs = True  # the forward/backward may be captured in a CUDA graph
-
-    def __init__(self, ratio: float, steps_per_epoch: int, prune_epoch: int, seed: int, ramp_end: float = 0.6) -> None:
-        self.ratio, self.steps_per_epoch, self.prune_epoch, self.seed = ratio, steps_per_epoch, prune_epoch, seed
-        self.ramp_end = ramp_end
-        self.prune_step = steps_per_epoch * prune_epoch
-        self.info: dict[str, Any] = {}
-
-    @property
-    def ramp(self) -> tuple[int, int]:
-        """Steps over which the gradual arms bring sparsity from 0 to the target: from the end of
-        the first epoch to ``ramp_end`` (60 %) of the sparse phase."""
-        start = min(self.steps_per_epoch, self.prune_step // 10)
-        return start, max(start + 1, int(self.ramp_end * self.prune_step))
-
-    @property
-    def fraction(self) -> float:
-        """Fraction of MACs to remove."""
-        return 1.0 - 1.0 / self.ratio
-
-    def setup(self, model: nn.Module, example: torch.Tensor) -> None:
-        """Before the optimizer is made (policies may add parameters)."""
-
-    def cache(self) -> Any:
-        """The context the training forward runs in (the Sparsifier's batched cache when there is one)."""
-        sp = getattr(self, "sp", None)
-        return sp.cached() if sp is not None and not sp.pruned else parametrize.cached()
-
-    def after_backward(self) -> None:
-        """Between backward and the optimizer step."""
+    def make(self, model: nn.Module, example: torch.Tensor, policy: Any) -> None:
+        config = SparsifierConfig(adapter=self.adapter, policy=policy, round_to=self.round_to)
+        self.sp = Sparsifier(model, example[:2], config=config)
+        self.info["round_to"] = self.round_to
 
     def after_step(self, step: int) -> None:
-        """After each optimizer step."""
+        if step <= self.prune_step:
+            self.sp.step()
 
     def prune(self, model: nn.Module, example: torch.Tensor) -> None:
-        """Remove structures at the prune epoch (the model is in eval mode, eager)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint before the prune epoch needs beyond the model and the optimizer."""
-        sp = getattr(self, "sp", None)
-        return {"sparsifier": sp.state_dict()} if sp is not None else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "sparsifier" in state:
-            self.sp.load_state_dict(state["sparsifier"])
+        self.sp.prune()
 
 
-class STRBN(Arm):
+class STRBN(SparsifierArm):
     """Ours: STR on BN γ with learned per-layer thresholds; the budget controller (one common threshold
     shift, 4 times an epoch) follows a cubic schedule to the MACs target by 60 % of the sparse phase
     and holds it; prune() brings the soft model to the target exactly, then removes its zeros."""
@@ -80,11 +55,7 @@ class STRBN(Arm):
         cfg = STRConfig(s_init=-6.0, threshold_fn="exp", target=self.fraction, target_unit="macs",
                         target_start_step=self.ramp[0], target_end_step=self.ramp[1],
                         control_every=max(1, self.steps_per_epoch // 4))
-        self.sp = Sparsifier(model, example[:2], "bn_gamma", cfg)
-
-    def after_step(self, step: int) -> None:
-        if step <= self.prune_step:
-            self.sp.step()
+        self.make(model, example, cfg)
 
     def prune(self, model: nn.Module, example: torch.Tensor) -> None:
         self.info["soft_macs_removed_before_final_shift"] = self.sp.policy.measured_sparsity()
@@ -92,102 +63,69 @@ class STRBN(Arm):
         self.sp.prune()
 
 
-class GMPERK(Arm):
-    """Ours: gradual magnitude pruning of filter norms, cubic schedule, ERK budget over MACs (exact)."""
+class STRFilter(STRBN):
+    """STR on filter L2 norms (the structure's factor scales every producing tensor), same controller."""
 
-    name = "gmp_erk"
+    name = "str_filter"
+    adapter = ADAPTERS["filter"]
+
+
+class GMP(SparsifierArm):
+    """Gradual magnitude pruning: cubic schedule to the exact MACs target, split by ``budget``."""
+
+    budget = "erk"
 
     def setup(self, model: nn.Module, example: torch.Tensor) -> None:
-        cfg = GMPConfig(sparsity=self.fraction, unit="macs", budget="erk", start_step=self.ramp[0],
+        cfg = GMPConfig(sparsity=self.fraction, unit="macs", budget=self.budget, start_step=self.ramp[0],
                         end_step=self.ramp[1], update_every=max(self.steps_per_epoch // 2, 1))
-        self.sp = Sparsifier(model, example[:2], FilterNormConfig(p=2), cfg)
-
-    def after_step(self, step: int) -> None:
-        if step <= self.prune_step:
-            self.sp.step()
-
-    def prune(self, model: nn.Module, example: torch.Tensor) -> None:
-        self.sp.prune()
+        self.make(model, example, cfg)
 
 
-class Slimming(Arm):
-    """Network Slimming: L1 on γ during the sparse phase, one global γ threshold to the MACs target."""
+def _gmp(budget: str, on: str, name: str | None = None) -> type[GMP]:
+    doc = f"GMP on {'BN γ' if on == 'bn' else 'filter L2 norms'}, {budget} budget over MACs (exact)."
+    return type(f"GMP_{budget}_{on}", (GMP,), {"name": name or f"gmp_{budget}_{on}", "budget": budget,
+                                                "adapter": ADAPTERS[on], "__doc__": doc})
+
+
+class Slimming(SparsifierArm):
+    """Network Slimming: L1 on γ during the sparse phase, one global γ threshold to the MACs target.
+    λ: the paper's per-architecture value (1e-5 for ResNets, 1e-4 for VGG; the harness sets it, or
+    ``--slimming-l1``)."""
 
     name = "slimming"
-    l1 = 1e-5  # the paper's value for ResNets (1e-4 for VGG)
+    l1 = 1e-5
 
     def setup(self, model: nn.Module, example: torch.Tensor) -> None:
-        cfg = SlimmingConfig(l1=self.l1, sparsity=self.fraction, unit="macs", budget="global")
-        self.sp = Sparsifier(model, example[:2], "bn_gamma", cfg)
+        self.info["slimming_l1"] = self.l1
+        self.make(model, example, SlimmingConfig(l1=self.l1, sparsity=self.fraction, unit="macs", budget="global"))
 
-    def prune(self, model: nn.Module, example: torch.Tensor) -> None:
-        self.sp.prune()
+    def after_step(self, step: int) -> None:
+        """Slimming's L1 acts in its parametrization's gradient; nothing to step."""
 
 
 class L1OneShot(Arm):
-    """Li et al.: dense training, then one-shot removal of the smallest-L1 filters, the same fraction
-    in every layer (uniform), then fine-tuning."""
+    """Li et al.: one-shot removal of the smallest-L1 filters, the same fraction in every layer
+    (uniform), at the prune epoch of a dense run, then fine-tuning."""
 
     name = "l1"
+    prunes = True
 
     def prune(self, model: nn.Module, example: torch.Tensor) -> None:
         cfg = GMPConfig(sparsity=self.fraction, unit="macs", budget="uniform", start_step=0, end_step=1)
-        sp = Sparsifier(model, example[:2], FilterNormConfig(p=1), cfg)
+        sp = Sparsifier(model, example[:2], config=SparsifierConfig(adapter=FilterNormConfig(p=1), policy=cfg,
+                                                                    round_to=self.round_to))
         sp.policy.update(self.fraction)
         sp.prune()
 
 
-class TorchPruning(Arm):
-    """Torch-Pruning's sparse-learning pruner (GroupNormPruner, DepGraph), its CIFAR recipe scaled:
-    group regularisation (reg 5e-4) during the sparse phase, then global group pruning in small
-    steps until the MACs target, then fine-tuning."""
+class L1OneShotAtStart(L1OneShot):
+    """The protocol's Li et al. arm: prune the converged dense model at the start of the phase, then
+    fine-tune it for all S+F epochs."""
 
-    name = "torch_pruning"
-
-    def setup(self, model: nn.Module, example: torch.Tensor) -> None:
-        import torch_pruning as tp
-
-        self.tp = tp
-        self.model = model
-        self.pruner = tp.pruner.GroupNormPruner(
-            model, example[:2], importance=tp.importance.GroupMagnitudeImportance(p=2), reg=5e-4,
-            global_pruning=True, pruning_ratio=1.0, iterative_steps=400, ignored_layers=[_classifier(model)],
-            in_channel_groups={}, out_channel_groups={}, num_heads={})
-        # TP's nodes keep the autograd graph of its tracing forward alive, and with it the parameters'
-        # gradient accumulators, created on the legacy stream: CUDA-graph capture of the training step
-        # then fails ("legacy stream depend on a capturing blocking stream"). Pruning needs only the
-        # dependencies it derived, so drop the grad_fn references and let that graph go.
-        for node in self.pruner.DG.module2node.values():
-            node.grad_fn = None
-
-    #: regularize() every this many steps with reg scaled by it (the same total push): TP's regularize()
-    #: costs ~0.3 s of host time per step on the H100 machine (it synchronizes once per group), which makes
-    #: a 40-epoch run ~40 minutes. Set by ``--tp-reg-every``; recorded in the JSON.
-    reg_every = 1
-
-    def after_backward(self) -> None:
-        if self.info.get("pruned"):  # sparse learning happens before pruning only
-            return
-        self.calls = getattr(self, "calls", 0) + 1
-        if self.calls % self.reg_every == 0:
-            self.pruner.reg = 5e-4 * self.reg_every
-            self.pruner.regularize(self.model)
-
-    def prune(self, model: nn.Module, example: torch.Tensor) -> None:
-        x = example[:1]
-        base = macs_of(model, x)
-        steps = 0
-        while macs_of(model, x) > base / self.ratio and steps < 400:
-            self.pruner.step()
-            steps += 1
-        self.info["tp_steps"] = steps
-        self.info["pruned"] = True
+    name = "l1_oneshot"
+    prune_at_start = True
 
 
-def _classifier(model: nn.Module) -> nn.Linear:
-    """The last Linear layer (the classifier, which keeps its outputs)."""
-    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-
-
-ARMS: dict[str, type[Arm]] = {a.name: a for a in (Arm, STRBN, GMPERK, Slimming, L1OneShot, TorchPruning)}
-
+GMP_ARMS = [_gmp(b, on) for on in ("bn", "filter") for b in ("uniform", "global", "erk")]
+ARMS: dict[str, type[Arm]] = {a.name: a for a in (Arm, DenseFT, STRBN, STRFilter, *GMP_ARMS, _gmp("erk", "filter",
+                                                  "gmp_erk"), Slimming, L1OneShot, L1OneShotAtStart, TorchPruning)}

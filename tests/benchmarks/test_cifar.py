@@ -103,3 +103,170 @@ def test_ddp_run_on_two_cpu_processes(cifar, tmp_path: Path) -> None:
     record = json.loads((tmp_path / "resnet20_str_bn_2x_seed0_ddp2.json").read_text())
     assert record["processes"] == 2
     assert record["synchronized"]["world_size"] == 2 and record["synchronized"]["tensors"] > 0
+
+
+# --- the protocol mode (issue #18): every arm from one dense checkpoint, S sparsify + F fine-tune epochs ---
+
+PROTOCOL_FAST = ["dense_ft", "str_bn", "gmp_erk_bn", "l1_oneshot"]
+PROTOCOL_SLOW = ["str_filter", "gmp_uniform_bn", "gmp_global_bn", "gmp_uniform_filter", "gmp_global_filter",
+                 "gmp_erk_filter", "slimming", "torch_pruning"]
+
+
+@pytest.fixture(scope="module")
+def dense_init(cifar):
+    """A dense resnet20 trained 1 epoch on 256 images, saved with --save-model: the protocol's start."""
+    bench, data, out = cifar
+    args = _args(bench, data, out / "dense", epochs=1, limit=256)
+    args.save_model = True
+    record = bench.run(args)
+    return out / "dense" / "resnet20_dense_1x_seed0.model.pt", record
+
+
+def _protocol(bench, data: Path, out: Path, init: Path, **changes: object) -> argparse.Namespace:
+    """1 sparsify + 1 fine-tune epoch of 256 images from ``init``, 2.13× target."""
+    settings = {"arm": "dense_ft", "ratio": 2.13, "model": "resnet20", "init": init, "sparsify_epochs": 1,
+                "finetune_epochs": 1, "batch": 64, "seed": 0, "data": data, "cache": out / "cache", "limit": 256,
+                "device": "cpu", "eval_every": 1, "out": out / "protocol", **changes}
+    argv = [a for k, v in settings.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    return bench.parser().parse_args([*argv, "--no-graphs", "--fp32"])
+
+
+def _check_protocol_run(bench, record: dict, dense: dict, arm: str) -> None:
+    assert record["top1_init"] == dense["top1"]  # the run started from the saved dense weights
+    assert record["recipe"]["epochs"] == 2 and record["recipe"]["lr"] == 0.01 and len(record["epochs"]) == 2
+    assert record["recipe"]["warmup_epochs"] == 0
+    reduction = record["macs_before"] / record["macs_after"]
+    if arm == "dense_ft":
+        assert reduction == 1.0 and record["target_met"] is None and record["prune_epoch"] is None
+        return
+    assert record["target_met"] is True, reduction
+    assert abs(reduction / 2.13 - 1) <= bench.TARGET_TOLERANCE
+    assert record["images_per_s_finetune"] > 0
+    if arm == "l1_oneshot":  # pruned before the first epoch: no sparsify phase, every epoch trains the pruned net
+        assert record["prune_epoch"] == 0 and record["images_per_s_sparsify"] is None
+    else:
+        assert record["prune_epoch"] == 1 and record["images_per_s_sparsify"] > 0
+
+
+@pytest.mark.parametrize("arm", [*PROTOCOL_FAST, *(pytest.param(a, marks=pytest.mark.slow) for a in PROTOCOL_SLOW)])
+def test_protocol_arm_starts_from_the_dense_model_and_hits_its_target(cifar, dense_init, arm: str) -> None:
+    bench, data, out = cifar
+    init, dense = dense_init
+    record = bench.run(_protocol(bench, data, out, init, arm=arm))
+    _check_protocol_run(bench, record, dense, arm)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("importance", ["taylor", "lamp", "group_sl"])
+def test_protocol_torch_pruning_importances(cifar, dense_init, importance: str) -> None:
+    bench, data, out = cifar
+    init, dense = dense_init
+    record = bench.run(_protocol(bench, data, out, init, arm="torch_pruning", tp_importance=importance))
+    _check_protocol_run(bench, record, dense, "torch_pruning")
+    assert record["info"]["tp_importance"] == importance and record["label"] == f"torch_pruning ({importance})"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arm", ["str_bn", "str_filter"])
+def test_protocol_round_to_gives_widths_multiple_of_8(cifar, dense_init, arm: str) -> None:
+    import torch
+
+    bench, data, out = cifar
+    init, _ = dense_init
+    args = _protocol(bench, data, out / "round", init, arm=arm, round_to=8)
+    args.save_model = True
+    record = bench.run(args)
+    assert record["round_to"] == 8 and record["macs_after"] < record["macs_before"]
+    state = torch.load(out / "round" / "protocol" / f"resnet20_{arm}_2.13x_seed0_round8.model.pt")
+    widths = {k: v.shape[0] for k, v in state.items() if k.endswith("weight") and v.ndim == 4}
+    assert all(w % 8 == 0 for w in widths.values()), widths
+    assert record["target_met"] == bench.target_met(record["macs_reduction"], 2.13)
+
+
+def test_protocol_refuses_a_checkpoint_of_another_model(cifar, dense_init) -> None:
+    bench, data, out = cifar
+    init, _ = dense_init
+    with pytest.raises(SystemExit, match="not a dense state_dict of --model resnet32"):
+        bench.run(_protocol(bench, data, out, init, model="resnet32"))
+    with pytest.raises(SystemExit, match="no such file"):
+        bench.run(_protocol(bench, data, out, out / "missing.pt"))
+
+
+def test_protocol_options_come_together(cifar) -> None:
+    bench, data, out = cifar
+    args = _args(bench, data, out, sparsify_epochs=1)
+    with pytest.raises(SystemExit, match="needs all of --init"):
+        bench.schedule(args)
+    assert bench.schedule(_args(bench, data, out)).lr == 0.05  # from scratch: the given lr, 1-epoch warm-up
+
+
+def _record(arm: str, seed: int, top1: float, ratio: float = 1.0, **extra: object) -> dict:
+    return {"arm": arm, "label": arm, "ratio": ratio, "model": "resnet56", "seed": seed, "top1": top1,
+            "recipe": {"epochs": 100, "prune_epoch": 30}, "init": "dense.pt", "macs_before": 126e6,
+            "macs_after": 126e6 / ratio, "params_after": 400e3, "train_seconds": 1.0, "images_per_s": 1e4,
+            "images_per_s_sparsify": 9e3, "images_per_s_finetune": 1.5e4, "device": "CPU", "torch": "x",
+            "command": f"cifar --arm {arm}", "target_met": None if arm == "dense_ft" else True,
+            "epochs": [{"epoch": 1}], **extra}
+
+
+def test_report_groups_seeds_and_measures_delta_at_the_same_seeds(tmp_path: Path) -> None:
+    """Mean ± std over seeds; Δ to dense_ft over the seeds both arms ran (seed 2 of str_bn has no baseline);
+    a missed target shows in the table; the results JSON has no per-epoch logs."""
+    from benchmarks.cifar_lib.report import report
+
+    records = [_record("dense_ft", 0, 0.90), _record("dense_ft", 1, 0.92), _record("dense", 0, 0.80),
+               _record("str_bn", 0, 0.89, 2.13), _record("str_bn", 1, 0.90, 2.13),
+               _record("str_bn", 2, 0.99, 2.13), _record("gmp_erk_bn", 0, 0.85, 2.13, target_met=False)]
+    for i, r in enumerate(records):
+        (tmp_path / f"run{i}.json").write_text(json.dumps(r))
+    rows = {r["label"]: r for r in report(tmp_path, tmp_path / "results" / "protocol.json")}
+    assert rows["str_bn"]["seeds"] == [0, 1, 2] and rows["str_bn"]["top1_mean"] == pytest.approx(0.9266667)
+    assert rows["str_bn"]["delta_top1"] == pytest.approx(((0.89 - 0.90) + (0.90 - 0.92)) / 2)
+    assert rows["str_bn"]["baseline"] == "dense_ft" and rows["dense_ft"]["delta_top1"] is None
+    assert rows["dense"]["delta_top1"] == pytest.approx(-0.10)  # dense_ft is the baseline where both ran
+    assert rows["gmp_erk_bn"]["target_met"] is False and rows["dense_ft"]["target_met"] is None
+    table = (tmp_path / "table.md").read_text()
+    assert "| resnet56 | str_bn | 2.13× | 2.13 |" in table and "92.67 ± 5.51 (3) | -1.50 (dense_ft)" in table
+    assert "**no**" in table
+    saved = json.loads((tmp_path / "results" / "protocol.json").read_text())
+    assert len(saved["rows"]) == 4 and all("epochs" not in row for row in saved["rows"])
+    assert (tmp_path / "accuracy_vs_macs.png").exists() and not (tmp_path / "accuracy_vs_latency.png").exists()
+
+
+def test_parallel_passes_the_protocol_options_on(cifar, dense_init) -> None:
+    from benchmarks.cifar_lib.launch import commands
+
+    bench, data, out = cifar
+    init, _ = dense_init
+    args = _protocol(bench, data, out, init, tp_importance="taylor", round_to=8)
+    (spec, cmd), = commands(args, ["str_bn:4"])
+    line = " ".join(cmd)
+    assert spec == "str_bn:4" and "--arm str_bn --ratio 4" in line
+    for option in (f"--init {init}", "--sparsify-epochs 1", "--finetune-epochs 1", "--tp-importance taylor",
+                   "--round-to 8", "--no-graphs", "--fp32"):
+        assert option in line
+    assert bench.parser().parse_args(cmd[3:]).init == str(init)  # the child parses what it is given
+
+
+@pytest.mark.slow
+def test_parallel_runs_the_arms_at_most_max_procs_at_once(cifar, dense_init) -> None:
+    from benchmarks.cifar_lib.launch import parallel
+
+    bench, data, out = cifar
+    init, _ = dense_init
+    args = _protocol(bench, data, out / "parallel", init, max_procs=1)
+    Path(args.out).mkdir(parents=True)
+    assert parallel(args, ["dense_ft", "l1_oneshot:2.13"]) == {"dense_ft": 0, "l1_oneshot:2.13": 0}
+    assert {p.name for p in Path(args.out).glob("*.json")} == {"resnet20_dense_ft_1x_seed0.json",
+                                                         "resnet20_l1_oneshot_2.13x_seed0.json"}
+
+
+def test_deployed_latency_is_measured_on_the_plain_network() -> None:
+    import torch
+
+    from benchmarks.cifar_lib.latency import deployed_latency_ms
+    from benchmarks.cifar_lib.models import build
+
+    model = build("resnet20").eval()
+    ms = deployed_latency_ms(model, torch.randn(3, 3, 32, 32), batch=4, iters=2, warmup=1)
+    assert ms > 0
