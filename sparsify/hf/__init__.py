@@ -1,8 +1,11 @@
-"""Hugging Face transformers: config sync, save/load of pruned models, head-dimension slots.
+"""Hugging Face transformers: config sync, save/load of pruned models, head-dimension slots, depth pruning.
 
 ``sparsify.hf.attention`` (the explicit-attention modules) imports transformers; this package face does not.
 """
 
+from sparsify.hf.depth import remove_layers as remove_layers
+from sparsify.hf.depth import remove_sublayers as remove_sublayers
+from sparsify.hf.depth_importance import layer_importance as layer_importance
 from sparsify.hf.families import Family as Family
 from sparsify.hf.families import register_family as register_family
 from sparsify.hf.pretrained import HEAD_DIMS as HEAD_DIMS
@@ -21,8 +24,11 @@ __all__ = [
     "explicit_attention_",
     "from_pretrained",
     "head_dims",
+    "layer_importance",
     "layer_widths",
     "register_family",
+    "remove_layers",
+    "remove_sublayers",
     "save_pretrained",
     "sync_config",
 ]

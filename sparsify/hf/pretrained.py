@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from sparsify.errors import SparsifyError
+from sparsify.hf import sublayers
 from sparsify.hf.families import Widths, attention_of, family_of, layers_of, slots_of
 from sparsify.io import LoadError
 
@@ -73,6 +74,11 @@ def _hidden(model: nn.Module) -> int:
 
 def layer_widths(model: nn.Module) -> list[Widths]:
     """Every layer's widths (intermediate_size, num_attention_heads, ...), read from its weights."""
+    with sublayers.full_sublayers(model):  # a removed sub-block reads as the original (sparsify.hf.sublayers)
+        return _layer_widths(model)
+
+
+def _layer_widths(model: nn.Module) -> list[Widths]:
     family = family_of(model.config)
     out = []
     for i, layer in enumerate(layers_of(model, family)):
@@ -106,6 +112,11 @@ def sync_config(model: nn.Module) -> Any:
     removed (plain ``from_pretrained`` works). Raises ``SparsifyError`` if the weights fit no config
     of the model's class; the model and config are then unchanged.
     """
+    with sublayers.full_sublayers(model):
+        return _sync_config(model)
+
+
+def _sync_config(model: nn.Module) -> Any:
     config = model.config
     family = family_of(config)
     widths = layer_widths(model)
@@ -303,17 +314,26 @@ def from_pretrained(path: str | Path, model_class: type | None = None, **kwargs:
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
     cls = _model_class(config, model_class)
+    if getattr(config, "sparsify_num_experts", None) is not None:  # MoE layers with per-layer expert counts
+        from sparsify.hf.experts import from_pretrained_with_counts
+
+        return from_pretrained_with_counts(path, cls, **kwargs)
     record = _record(config)
     slots = _head_dim_record(config)
+    removed = sublayers.read_record(config, LoadError)  # removed attention/MLP sub-blocks (sparsify.hf.depth)
     files = _checkpoint_files(path)
+    shapes = _checkpoint_shapes(files)
     skeleton = _skeleton(cls, config)
     if slots is not None:
         _swap_from_record(skeleton, slots)
     if record is not None:
         _resize_layers(skeleton, record)
-    _check_shapes(skeleton, _checkpoint_shapes(files), record if slots is None else (record or slots), path)
+    _check_shapes(skeleton, shapes, record if slots is None else (record or slots), path)
     if record is None and slots is None:
-        return cls.from_pretrained(path, **kwargs)
+        if removed is None:
+            return cls.from_pretrained(path, **kwargs)
+        with _quiet_transformers():  # the removed sub-blocks' tensors are missing, as expected
+            return sublayers.apply_record(cls.from_pretrained(path, **kwargs), shapes, LoadError)
     with _quiet_transformers():
         model = cls.from_pretrained(path, ignore_mismatched_sizes=True, **kwargs)
     if slots is not None:
@@ -335,4 +355,4 @@ def from_pretrained(path: str | Path, model_class: type | None = None, **kwargs:
                             setattr(model.get_submodule(owner), name, t.to(state[key].device))
     if record is not None and layer_widths(model) != [record.get(i, w) for i, w in enumerate(layer_widths(model))]:
         raise LoadError(f"the loaded layers do not have the widths config.{RECORD} records")
-    return model
+    return model if removed is None else sublayers.apply_record(model, shapes, LoadError)
