@@ -318,10 +318,6 @@ def from_pretrained(path: str | Path, model_class: type | None = None, **kwargs:
         from sparsify.hf.experts import from_pretrained_with_counts
 
         return from_pretrained_with_counts(path, cls, **kwargs)
-    if getattr(config, "sparsify_num_experts", None) is not None:  # MoE layers with per-layer expert counts
-        from sparsify.hf.experts import from_pretrained_with_counts
-
-        return from_pretrained_with_counts(path, cls, **kwargs)
     record = _record(config)
     slots = _head_dim_record(config)
     removed = sublayers.read_record(config, LoadError)  # removed attention/MLP sub-blocks (sparsify.hf.depth)
