@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sparsify.adapters",),
     ("sparsify.policies",),
     ("sparsify.config", "sparsify.sparsifier", "sparsify.oneshot", "sparsify.io"),
-    ("sparsify.deploy", "sparsify.hf", "sparsify.distributed"),
+    ("sparsify.deploy", "sparsify.hf", "sparsify.lm", "sparsify.distributed"),
     ("sparsify.testing",),
     ("sparsify.extend", "sparsify"),
     ("sparsify.cli",),
