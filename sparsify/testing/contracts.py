@@ -31,6 +31,7 @@ from sparsify.graph.rules import find_rule
 from sparsify.graph.trace import as_args, trace
 from sparsify.sparsifier import Sparsifier
 from sparsify.testing import models as zoo
+from sparsify.testing import resample_models as resample
 from sparsify.testing import rule_models as extra
 from sparsify.testing import sequence_models as seq
 from sparsify.testing.oracle import OracleResult, check_exactness, randomize_
@@ -84,6 +85,7 @@ RULE_MODELS: dict[str, Builder] = {
     "rnn_aten": _export["lstm_net"], "rnn_cell_aten": _export["cell_loop"],
     "aten_batch_norm": _export["residual_cnn"], "aten_vector_norm": _export["norm_net"],
     "aten_group_norm": _export["group_norm_net"],
+    "group_norm_functional": resample.subclass_group_norm_net, "aten_upsample": resample.upsample_net,
 }
 
 

@@ -7,12 +7,14 @@ from sparsify.graph.rules import (  # noqa: F401
     aten,
     attention,  # SDPA and attention heads; wraps the matmul rule
     elementwise,
+    group_norm_functional,  # F.group_norm inside a GroupNorm subclass (timm GroupNorm1)
     layers,
     layout,
     rnn,  # nn.RNN, nn.LSTM, nn.GRU hidden units
     rnn_cells,  # nn.LSTMCell, nn.GRUCell, nn.RNNCell (and aten cell ops), torch.stack, zeros
     structural,
     torchvision_ops,
+    upsample,  # aten nearest / linear / cubic upsampling
 )
 
 __all__ = ["OP_RULES", "OpRule", "find_rule", "list_op_rules", "register_op_rule"]
