@@ -115,21 +115,24 @@ def _x(*shape: int, seed: int = 0) -> torch.Tensor:
 def _classifier(module: str) -> Callable[[], Built]:
     def build() -> Built:
         tv = import_torchvision()
-        sizes = []
-        for name in tv.models.list_models(module=tv.models):
-            if tv.models.get_model_builder(name).__module__ == f"torchvision.models.{module}":
-                with torch.device("meta"):
-                    sizes.append((sum(p.numel() for p in tv.models.get_model(name).parameters()), name))
-        name = min(sizes)[1]
-        kwargs = {"aux_logits": False, "init_weights": True} if module in ("googlenet", "inception") else {}
-        model, size = _tv_model(name, **kwargs), 299 if module == "inception" else IMAGE
-        if module in ("vision_transformer", "maxvit"):  # a fixed image size: the tiny one is a constructor argument
-            model = _tv_model(name, image_size=IMAGE)
+        names = [n for n in tv.models.list_models(module=tv.models)
+                 if tv.models.get_model_builder(n).__module__ == f"torchvision.models.{module}"]
+        name = min(names, key=_tv_params)
+        kwargs: dict[str, Any] = {"aux_logits": False, "init_weights": True} if module in ("googlenet",
+                                                                                       "inception") else {}
+        if module == "vision_transformer":  # a fixed image size: the tiny one is a constructor argument
+            kwargs = {"image_size": IMAGE}
+        size = {"inception": 299, "maxvit": 224}.get(module, IMAGE)  # maxvit's window partitions need 224
+        model = _tv_model(name, **kwargs)
         return model, _x(1, 3, size, size), [_tv_head(model)]
 
-    build.__name__ = name_of_builder = f"classification.{module}"
-    build.__qualname__ = name_of_builder
     return build
+
+
+def _tv_params(name: str) -> int:
+    """The parameter count torchvision's weights metadata states (regnet does not build on the meta device)."""
+    tv = import_torchvision()
+    return min(w.meta["num_params"] for w in tv.models.get_model_weights(name))
 
 
 def _tv_head(model: nn.Module) -> nn.Module:
