@@ -29,6 +29,14 @@ LEAF_MODULES: TypeRegistry[bool] = TypeRegistry(
 #: Free functions whose calls fx records as single nodes (object or dotted name).
 AUTOWRAP_FUNCTIONS: TypeRegistry[Callable[..., Any]] = TypeRegistry(
     "autowrap registration", "Declare one with sparsify.extend.register_autowrap_function(fn).")
+#: Called with the model before torch.export traces it (integrations register their output types as pytrees).
+EXPORT_HOOKS: list[Callable[[nn.Module], None]] = []
+
+
+def register_export_hook(fn: Callable[[nn.Module], None]) -> None:
+    """Call ``fn(model)`` before torch.export traces a model (e.g. to register output types as pytree nodes)."""
+    if fn not in EXPORT_HOOKS:
+        EXPORT_HOOKS.append(fn)
 
 
 def register_leaf_module(cls: type[nn.Module] | str) -> type[nn.Module] | str:
@@ -240,6 +248,8 @@ def check_supported_model(model: nn.Module) -> None:
 def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.GraphModule:
     """The ATen-level graph of ``torch.export`` (used where fx fails, e.g. Hugging Face models),
     with parameters as ``get_attr`` nodes named as in ``model`` and shared with it."""
+    for hook in EXPORT_HOOKS:
+        hook(model)
     modes = {m: m.training for m in model.modules()}
     captured = io.StringIO()
     try:

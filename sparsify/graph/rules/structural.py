@@ -27,6 +27,8 @@ def cat(ctx: OpContext) -> None:
     dim %= out.ndim
     offset = 0
     for node, info in zip(nodes, tensors, strict=True):
+        if info.shape == (0,) and out.ndim > 1:  # torch.cat skips a 1-D empty input (an empty HF cache layer)
+            continue
         for d in range(out.ndim):
             if d != dim:
                 ctx.same(ctx.space(node, d), ctx.out(d))
