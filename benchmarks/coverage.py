@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=SUITES, required=True)
     parser.add_argument("--families", default="", help="comma-separated families (default: all of the suite)")
+    parser.add_argument("--task", default="", help="Hugging Face: only model types whose first task head is this "
+                        "(causal_lm, masked_lm, seq_to_seq_causal_lm, image_classification, ...)")
     parser.add_argument("--limit", type=int, default=0, help="at most this many families not yet in --out")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--jobs", type=int, default=1, help="subprocesses at a time")
@@ -262,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     records: dict[str, dict[str, Any]] = data.get("models", {})
     todo = args.families.split(",") if args.families else families(args.suite)
     todo = [f for f in todo if args.redo or f not in records]
+    if args.task:
+        todo = [f for f in todo if zoo.hf_task_of(f) == args.task]
     todo = todo[: args.limit] if args.limit else todo
     command = "python -m benchmarks.coverage " + " ".join(argv if argv is not None else sys.argv[1:])
 

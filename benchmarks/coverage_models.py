@@ -39,12 +39,28 @@ OVERRIDES: dict[str, int] = {
     **dict.fromkeys(_KV_HEADS, 2), **dict.fromkeys(_FFN, 128), "head_dim": 16, "vocab_size": 128,
     "image_size": 32, "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
     "max_position_embeddings": 128, "max_source_positions": 64, "max_target_positions": 64,
+    # multi-head latent attention (DeepSeek V2/V3 and its descendants): head_dim is qk_rope_head_dim there
+    "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 16, "kv_lora_rank": 32, "q_lora_rank": 32,
+    # grouped expert routing picks topk_group of n_group groups of the (now 4) routed experts
+    "n_group": 1, "topk_group": 1,
 }
 _TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
               "cls_token_id", "mask_token_id", "unk_token_id")
 _HEADS_IN_ORDER = ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
                    "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
                    "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES", "MODEL_MAPPING_NAMES")
+
+
+_BACKBONE_OUTPUTS = ("out_features", "out_indices")
+
+
+def _per_layer(key: str) -> bool:
+    return key.endswith("layer_types") or key == "per_layer_config"
+
+
+def _split_evenly(total: int, parts: int) -> list[int]:
+    """``total`` as ``parts`` ints that differ by at most one (an mrope_section that sums to head_dim / 2)."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
 
 
 def hf_families() -> list[str]:
@@ -58,14 +74,24 @@ def _shrink(d: dict[str, Any], layers: bool = True) -> dict[str, Any]:
     ``layers=False`` the layer counts are kept (for configs that tie per-layer patterns to them)."""
     out = dict(d)
     for key, value in d.items():
-        if isinstance(value, dict) and ("model_type" in value or key.endswith("_config")):
+        if key == "per_layer_config" and isinstance(value, dict):  # keys are layer indices
+            out[key] = value if not layers else {k: v for k, v in value.items() if str(k).isdigit() and int(k) < 2}
+        elif isinstance(value, dict) and ("model_type" in value or key.endswith("_config")):
             out[key] = _shrink(value, layers)
-        elif not layers and (key in _LAYERS or key == "layer_types"):
+        elif not layers and (key in _LAYERS or _per_layer(key)):
             continue
         elif key in OVERRIDES and isinstance(value, int) and not isinstance(value, bool):
             out[key] = min(value, OVERRIDES[key]) if key.startswith("max_") else OVERRIDES[key]
-        elif key == "layer_types" and isinstance(value, list):
+        elif key.endswith("layer_types") and isinstance(value, list):  # layer_types, mlp_layer_types, ...
             out[key] = value[:2]
+        elif key in _BACKBONE_OUTPUTS:  # stage names of the full depth: the backbone's default (its last stage)
+            out[key] = None
+    if "kv_lora_rank" in out and isinstance(out.get("num_key_value_heads"), int):  # latent attention: no KV groups
+        out["num_key_value_heads"] = out.get("num_attention_heads", out["num_key_value_heads"])
+    rope = out.get("rope_parameters")
+    if isinstance(rope, dict) and isinstance(rope.get("mrope_section"), list) and isinstance(out.get("head_dim"), int):
+        out["rope_parameters"] = {**rope, "mrope_section": _split_evenly(out["head_dim"] // 2,
+                                                                          len(rope["mrope_section"]))}
     vocab = out.get("vocab_size")
     if isinstance(vocab, int):
         for i, key in enumerate(_TOKEN_IDS):
@@ -81,7 +107,11 @@ def hf_config(model_type: str, use_cache: bool | None = None, layers: bool = Tru
     d = _shrink(default.to_dict(), layers)
     if use_cache is not None:
         _set_use_cache(d, use_cache)
-    return type(default).from_dict(d)
+    config = type(default).from_dict(d)
+    # MoE experts: grouped_mm takes float32/bf16/fp16 only and the eager loop over the experts that got
+    # tokens is data-dependent (torch.export refuses it); batched_mm runs in float64 and exports
+    config._experts_implementation = "batched_mm"
+    return config
 
 
 def _set_use_cache(d: dict[str, Any], use_cache: bool) -> None:
@@ -105,7 +135,38 @@ def hf_model_class(config: Any) -> tuple[str, type]:
             if hasattr(transformers, name):
                 return mapping.removeprefix("MODEL_FOR_").removesuffix("_MAPPING_NAMES").lower() or "model", getattr(
                     transformers, name)
+    own = _own_model_class(config)  # a part of a multimodal family (aimv2_text_model): its own *Model class
+    if own is not None:
+        return "model", own
     raise NotBuilt(f"no AutoModel class for model_type {config.model_type!r}")
+
+
+def _own_model_class(config: Any) -> type | None:
+    """The model class of the config's own modeling module whose ``config_class`` is the config's type,
+    a ``*Model`` first (sub-model types have no AutoModel mapping but such a class)."""
+    import importlib
+    import inspect
+
+    from transformers import PreTrainedModel
+
+    try:
+        module = importlib.import_module(type(config).__module__.replace(".configuration_", ".modeling_"))
+    except ImportError:
+        return None
+    found = [cls for name, cls in inspect.getmembers(module, inspect.isclass)
+             if issubclass(cls, PreTrainedModel) and getattr(cls, "config_class", None) is type(config)
+             and not name.endswith("PreTrainedModel") and cls.__module__ == module.__name__]
+    return min(found, key=lambda c: (not c.__name__.endswith("Model"), len(c.__name__)), default=None)
+
+
+def hf_task_of(model_type: str) -> str | None:
+    """The first task head (as in ``hf_model_class``) that names ``model_type``, without building a config."""
+    from transformers.models.auto import modeling_auto
+
+    for mapping in _HEADS_IN_ORDER:
+        if getattr(modeling_auto, mapping, {}).get(model_type):
+            return mapping.removeprefix("MODEL_FOR_").removesuffix("_MAPPING_NAMES").lower() or "model"
+    return None
 
 
 def is_decoder(task: str, config: Any) -> bool:
@@ -116,13 +177,8 @@ def hf_inputs(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
     """Inputs for the model's main input (text ids, image pixels or audio), or NotBuilt."""
     g = torch.Generator().manual_seed(1)
     kind = getattr(model, "main_input_name", "input_ids")
-    text = getattr(config, "text_config", None) or config
     if kind == "input_ids":
-        vocab = int(getattr(text, "vocab_size", None) or 128)
-        inputs = {"input_ids": torch.randint(3, max(4, min(vocab, 128)), (2, 8), generator=g)}
-        if getattr(config, "is_encoder_decoder", False):
-            inputs["decoder_input_ids"] = torch.randint(3, max(4, min(vocab, 128)), (2, 8), generator=g)
-        return inputs
+        return _ids(config)
     if kind == "pixel_values":
         return _pixels(config)
     if kind == "input_values":
@@ -131,6 +187,16 @@ def hf_inputs(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
         frames = 2 * int(getattr(config, "max_source_positions", 1500))
         return {"input_features": torch.randn(1, config.num_mel_bins, frames, generator=g, dtype=torch.float64)}
     raise NotBuilt(f"inputs of kind {kind!r} are not made by the coverage zoo")
+
+
+def _ids(config: Any) -> dict[str, torch.Tensor]:
+    """Token ids (2 × 8; decoder ids too for an encoder-decoder) below the text config's vocabulary."""
+    g = torch.Generator().manual_seed(1)
+    vocab = int(getattr(getattr(config, "text_config", None) or config, "vocab_size", None) or 128)
+    inputs = {"input_ids": torch.randint(3, max(4, min(vocab, 128)), (2, 8), generator=g)}
+    if getattr(config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = torch.randint(3, max(4, min(vocab, 128)), (2, 8), generator=g)
+    return inputs
 
 
 def _pixels(config: Any) -> dict[str, torch.Tensor]:
@@ -164,7 +230,7 @@ def _build_hf(model_type: str, use_cache: bool | None, layers: bool) -> tuple[st
             with torch.no_grad():
                 model(**inputs)
         except Exception:
-            inputs = {**inputs, **_pixels(config)}  # text-image models (CLIP-like) take both
+            inputs = {**_ids(config), **inputs, **_pixels(config)}  # text-image models (CLIP-, BLIP-2-like) take both
             with torch.no_grad():
                 model(**inputs)
     except NotBuilt:
