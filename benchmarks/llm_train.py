@@ -6,7 +6,7 @@
     python -m benchmarks.llm_train --model llama --minutes 0 --tokens 200000000   # deterministic: tokens only
 
 The corpus folder needs only ``train.txt.xz``, ``heldout.txt.xz`` and ``tokenizer.json``: the token
-arrays are rebuilt (and cached as ``tokens.npz``) in seconds. The output folder holds the model in
+arrays are rebuilt (and cached beside it, ``lmdata/corpus-tokens.npz``) in seconds. The output folder holds the model in
 bf16 safetensors shards of at most 15 MB (``save_pretrained(max_shard_size="15MB")``), the tokenizer
 (loadable with ``AutoTokenizer``) and ``training.json`` (what was trained: config, tokens seen,
 time, device, held-out perplexity over training, a greedy sample).

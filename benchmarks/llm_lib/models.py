@@ -3,7 +3,7 @@
 ``llama``: LLaMA-style (GQA 8 query / 2 KV heads, RoPE, RMSNorm, SwiGLU), hidden 512, 8 layers,
 intermediate 1408, tied embeddings: 26.7 M parameters with the 8192-token vocabulary (53 MB in bf16).
 ``moe``: Mixtral-style, same attention, 8 experts of intermediate 192, top-2 routing: 28.3 M
-parameters, ~10 M active per token. ``tiny=True`` gives the same classes at test sizes.
+parameters, 14.2 M active per token (10 M without the embedding). ``tiny=True`` gives the same classes at test sizes.
 """
 
 from __future__ import annotations

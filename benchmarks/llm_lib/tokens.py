@@ -4,7 +4,8 @@ Byte-level BPE because it is exact (any text round-trips, no unknown token), it 
 sources ~3–4× shorter than bytes (more text per FLOP in a 10-minute run), and the vocabulary matrix
 is then as large a share of the model as in real LLaMA-style models. The vocabulary is trained on
 the train split only; ``<|endoftext|>`` (id 0) ends every document. ``tokens.npz`` is a cache
-rebuilt from the carried ``.txt.xz`` files and ``tokenizer.json`` in seconds.
+rebuilt from the carried ``.txt.xz`` files and ``tokenizer.json`` in seconds; it lies beside the corpus
+folder (``lmdata/corpus-tokens.npz``), not in it, so carrying the folder does not carry the cache.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def decode(tokenizer: Tokenizer, ids: np.ndarray | list[int]) -> str:
 def load_tokens(corpus: Path, *, cache: Path | None = None) -> dict[str, np.ndarray]:
     """``{"train": uint16 array, "heldout": ...}`` of a corpus folder, from the cache when it matches.
 
-    The cache (``corpus/tokens.npz`` unless given) is keyed by the checksums of the split files and
+    The cache (``<corpus>-tokens.npz`` beside the folder unless given) is keyed by the checksums of the split files and
     of the tokenizer, so a rebuilt corpus is tokenised again.
     """
     from benchmarks.llm_lib.corpus import SPLITS, read_split
@@ -64,7 +65,7 @@ def load_tokens(corpus: Path, *, cache: Path | None = None) -> dict[str, np.ndar
         raise FileNotFoundError(f"{corpus} lacks {missing}: build it with `python -m benchmarks.llm_lib.corpus`")
     key = hashlib.sha256(b"".join(p.read_bytes() for p in
                                   [tokenizer_path, *(corpus / f"{s}.txt.xz" for s in SPLITS)])).hexdigest()
-    cache = cache or corpus / "tokens.npz"
+    cache = cache or corpus.with_name(corpus.name + "-tokens.npz")
     if cache.exists():
         with np.load(cache) as saved:
             if str(saved["key"]) == key:
