@@ -116,3 +116,22 @@ def test_a_sub_model_type_is_built_with_its_own_model_class() -> None:
     pytest.importorskip("transformers")
     task, cls = coverage_models.hf_model_class(coverage_models.hf_config("clap_text_model"))
     assert (task, cls.__name__) == ("model", "ClapTextModel")
+
+
+class _UnfoldableThenFoldable(_ScalarBiasBeforePaddedConv):
+    """Group 'a' feeds a padded conv through a scalar bias (its pruning is refused); group 'b' feeds a 1×1 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(super().forward(x)))
+
+
+def test_groups_whose_constants_cannot_be_folded_are_left_out_and_the_rest_pruned_exactly() -> None:
+    model = _UnfoldableThenFoldable().double()
+    rec = coverage.check_ours((model, torch.randn(1, 3, 6, 6, dtype=torch.float64), []))
+    assert rec["result"] == "exact" and rec["refused_at_prune"] == ["a"], rec
+    assert rec["pruned_groups"] == 1 and model.b.out_channels == 2 and model.a.out_channels == 8
+    assert rec["rel_error"] <= coverage.REL_TOL
