@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> dict:
         record["top1_init"] = trainer.evaluate(test)  # the dense model every arm starts from
     started = time.perf_counter()
     for epoch in range(first, recipe.epochs):
-        if (args.stop_after_s is not None and epoch < prune_epoch and epoch > first
+        if (args.stop_after_s is not None and epoch < (prune_epoch if arm.prunes else recipe.epochs) and epoch > first
                 and time.perf_counter() - started > args.stop_after_s):
             save_checkpoint(ckpt, epoch, step, log, record, model, trainer, arm, train, args)
             return {}

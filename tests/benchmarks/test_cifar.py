@@ -76,6 +76,15 @@ def test_a_run_stopped_before_the_prune_epoch_resumes_to_the_same_result(cifar, 
         bench.run(_args(bench, data, out / "split", **{**common, "seed": 1, "lr": 0.01}))
 
 
+def test_a_dense_run_checkpoints_at_any_epoch(cifar) -> None:
+    """The dense arm never prunes: --stop-after-s stops it after any epoch, also past --prune-epoch (a long
+    dense pretraining under a per-command time limit)."""
+    bench, data, out = cifar
+    args = _args(bench, data, out / "resume_dense", epochs=2, prune_epoch=1, limit=96, batch=32, stop_after_s=0)
+    assert bench.run(args) == {}
+    assert bench.run(args)["top1"] >= 0.0 and not list((out / "resume_dense").glob("*.ckpt.pt"))
+
+
 def test_report_prints_table_and_plot(cifar, capsys) -> None:
     bench, _, out = cifar
     if not list(out.glob("*.json")):
