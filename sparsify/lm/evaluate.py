@@ -103,7 +103,7 @@ def throughput(model: torch.nn.Module, *, batch_size: int = 8, seq_len: int = 51
             kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
                           pad_token_id=getattr(model.config, "pad_token_id", None) or 0)
             gen_ms = statistics.median(measure_latency(lambda: model.generate(prompt, **kwargs),
-                                                       iters=max(1, iters // 2), warmup=1, device=device))
+                                                       iters=max(1, iters // 2), warmup=min(1, warmup), device=device))
             result.update(generate_tokens_per_s=batch_size * new_tokens / (gen_ms / 1e3), generate_ms=gen_ms)
     finally:
         model.train(was_training)
