@@ -264,8 +264,10 @@ def save_checkpoint(path: Path, epoch: int, step: int, log: list, record: dict, 
 def resume(path: Path, model: torch.nn.Module, trainer: Trainer, arm: object, train: DeviceLoader,
            args: argparse.Namespace) -> tuple[int, int, list, dict]:
     state = torch.load(path, map_location="cpu", weights_only=False)
-    saved = state["args"]
-    mine = {k: v for k, v in vars(args).items() if k != "stop_after_s"}
+    defaults = vars(parser().parse_args([]))  # options added since the checkpoint was written: their defaults
+    where = {"stop_after_s", "data", "cache", "out"}  # locations, not settings: a run may resume elsewhere
+    saved = {k: state["args"].get(k, defaults[k]) for k in defaults if k not in where}
+    mine = {k: v for k, v in vars(args).items() if k not in where}
     if saved != mine:
         diff = sorted(k for k in saved.keys() | mine.keys() if saved.get(k) != mine.get(k))
         raise SystemExit(f"{path} was written with other settings ({', '.join(diff)}); delete it or rerun the "
