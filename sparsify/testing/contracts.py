@@ -34,6 +34,7 @@ from sparsify.testing import models as zoo
 from sparsify.testing import resample_models as resample
 from sparsify.testing import rule_models as extra
 from sparsify.testing import sequence_models as seq
+from sparsify.testing import unary_models as unary
 from sparsify.testing.oracle import OracleResult, check_exactness, randomize_
 
 Builder = Callable[..., tuple[nn.Module, Any]]
@@ -85,6 +86,7 @@ RULE_MODELS: dict[str, Builder] = {
     "rnn_aten": _export["lstm_net"], "rnn_cell_aten": _export["cell_loop"],
     "aten_batch_norm": _export["residual_cnn"], "aten_vector_norm": _export["norm_net"],
     "aten_group_norm": _export["group_norm_net"],
+    "aten_unary_more": unary.more_unary_net,
     "group_norm_functional": resample.subclass_group_norm_net, "aten_upsample": resample.upsample_net,
 }
 

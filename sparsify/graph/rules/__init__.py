@@ -5,6 +5,7 @@ Importing this package registers the built-in rules (the registry is ``sparsify.
 from sparsify.graph.op_rules import OP_RULES, OpRule, find_rule, list_op_rules, register_op_rule
 from sparsify.graph.rules import (  # noqa: F401
     aten,
+    aten_unary_more,  # expm1, softplus, log1p, erf, type_as (the HF coverage zoo)
     attention,  # SDPA and attention heads; wraps the matmul rule
     elementwise,
     group_norm_functional,  # F.group_norm inside a GroupNorm subclass (timm GroupNorm1)
