@@ -29,7 +29,6 @@ from torch import nn
 
 from sparsify._utils import is_meta
 from sparsify.adapters import ADAPTERS, AdapterConfig, make_adapter
-from sparsify.adapters.activation import ActivationAdapter
 from sparsify.errors import InexactPruneError, SparsifyError
 from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup, build_channel_graph
 from sparsify.graph.cost import module_macs, structure_costs
@@ -183,17 +182,19 @@ class PlanResult:
     surgery: PruneReport
     keep: dict[str, int]  # group name → structures kept
     removed: dict[str, np.ndarray] = field(default_factory=dict)  # group name → removed structure indices
+    compensation: Any = None  # with compensate=True: the bias changes (adapters.fluctuation.Compensation)
 
 
 def group_importance(cg: ChannelGraph, groups: list[ChannelGroup], importance: Importance,
-                     calibration: Iterable[Any] | None = None) -> dict[int, np.ndarray]:
+                     calibration: Iterable[Any] | None = None, adapters: list[Any] | None = None
+                     ) -> dict[int, np.ndarray]:
     """Per group id, one importance value per structure (higher = keep).
 
     An adapter kind or config: per structure, the largest |value| of the adapter's importance vectors
     over it (``filter_norm``: norm of the producing filters; ``activation``: Wanda's Σ |W[:, s]|·‖X_s‖
     on ``calibration`` batches, required; ``"magnitude"`` is an alias of ``filter_norm``). ``"index"``
     keeps the first structures (reads no values: for meta models). A callable gets ``(cg, group)`` and
-    returns ``group.width`` values.
+    returns ``group.width`` values. ``adapters``, if given, receives the adapter used.
     """
     if callable(importance):
         out = {}
@@ -212,7 +213,9 @@ def group_importance(cg: ChannelGraph, groups: list[ChannelGroup], importance: I
                             "(no data). Apply the plan to a model with real weights, or use importance='index' to "
                             "prune the architecture only.")
     adapter = make_adapter(config)
-    calibrated = isinstance(adapter, ActivationAdapter)  # its statistics come from `calibration`, not the example
+    if adapters is not None:
+        adapters.append(adapter)
+    calibrated = callable(getattr(adapter, "calibrate", None))  # statistics from `calibration` (activation, taylor…)
     wanted = {g.id for g in groups}
     vectors = [v for v in (adapter.vectors(cg, calibrate=False) if calibrated else adapter.vectors(cg))
                if v.group.id in wanted]
@@ -242,7 +245,9 @@ def _adapter_config(importance: str | AdapterConfig) -> AdapterConfig:
 def apply_plan(model: nn.Module, example_inputs: Any, plan: WidthPlan, importance: Importance = "filter_norm", *,
                calibration: Iterable[Any] | None = None, match: Literal["auto", "ratio", "count"] = "auto",
                optimizer: torch.optim.Optimizer | None = None, allow_inexact: bool = False,
-               round_to: int | None = None, graph: ChannelGraph | None = None) -> PlanResult:
+               round_to: int | None = None, graph: ChannelGraph | None = None,
+               compensate: bool | Literal["add_bias"] = False
+               ) -> PlanResult:
     """Prune ``model`` to ``plan``'s widths, keeping each group's most important structures.
 
     Groups are matched by name (same architecture family and layer names: e.g. a plan made on a
@@ -254,7 +259,9 @@ def apply_plan(model: nn.Module, example_inputs: Any, plan: WidthPlan, importanc
     every pruned layer keeps a multiple of ``round_to`` channels (the strongest removed structures come
     back), as in ``Sparsifier.prune``. The surgery is transactional: on any error the model is left
     unchanged. Removing structures that are not zero changes the function (one-shot pruning); the
-    removed set is in the result.
+    removed set is in the result. ``compensate`` (importance ``fluctuation``): fold each removed channel's
+    calibration mean into the consumer's bias (FLAP; exact in expectation only), in ``result.compensation``;
+    ``"add_bias"`` also gives a bias to consumers that have none (FLAP does, for LLaMA's o_proj/down_proj).
     """
     if not isinstance(plan, WidthPlan):
         fix = (" A dict {group: indices to remove} is a removal plan: prune it with "
@@ -263,6 +270,8 @@ def apply_plan(model: nn.Module, example_inputs: Any, plan: WidthPlan, importanc
                             f"{type(plan).__name__}.{fix}")
     if match not in ("auto", "ratio", "count"):
         raise SparsifyError(f"match must be 'auto', 'ratio' or 'count', got {match!r}")
+    if compensate not in (False, True, "add_bias"):
+        raise SparsifyError(f"compensate must be False, True or 'add_bias', got {compensate!r}")
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
         raise SparsifyError(f"round_to must be a positive int (e.g. 8) or None, got {round_to!r}")
     cg = graph if graph is not None else build_channel_graph(model, example_inputs)
@@ -294,10 +303,17 @@ def apply_plan(model: nn.Module, example_inputs: Any, plan: WidthPlan, importanc
         chosen.append((g, k))
     if calibration is None:
         calibration = [example_inputs]
-    scores = group_importance(cg, [g for g, _ in chosen], importance, calibration)
+    used: list[Any] = []
+    scores = group_importance(cg, [g for g, _ in chosen], importance, calibration, adapters=used)
+    if compensate and not (used and callable(getattr(used[0], "compensation", None))):
+        raise SparsifyError("compensate=True folds removed channels' means into biases and needs "
+                            f"importance='fluctuation' (or its config); got importance={importance!r}")
     keep = {g.id: top_k_keep(scores[g.id], k) for g, k in chosen}
     removal, _ = removal_plan(cg, keep, scores.__getitem__, round_to=round_to)
+    compensation = used[0].compensation(removal) if compensate else None  # reads the columns about to go
     surgery = prune_channels(cg, removal, allow_inexact=allow_inexact, optimizer=optimizer)
+    if compensation is not None:
+        compensation.apply(add_bias=compensate == "add_bias")
     names = {g.id: g.name for g, _ in chosen}
     return PlanResult(model, surgery, {g.name: g.width - len(removal.get(g.id, ())) for g, _ in chosen},
-                      {names[gid]: s for gid, s in removal.items()})
+                      {names[gid]: s for gid, s in removal.items()}, compensation)

@@ -13,11 +13,14 @@ from sparsify.adapters.base import (
 )
 from sparsify.adapters.bn_gamma import BNGammaConfig
 from sparsify.adapters.filter_norm import FilterNormConfig
+from sparsify.adapters.fluctuation import FluctuationConfig
 from sparsify.adapters.heads import HeadsConfig
 from sparsify.adapters.low_rank import LowRankConfig
 from sparsify.adapters.rnn_units import RNNUnitsConfig
+from sparsify.adapters.taylor import TaylorConfig
 from sparsify.adapters.torch_pruning import TorchPruningConfig
 
 __all__ = ["ADAPTERS", "ActivationConfig", "Adapter", "AdapterConfig", "BNGammaConfig", "FilterNormConfig",
-           "HeadsConfig", "ImportanceVector",
-           "LowRankConfig", "RNNUnitsConfig", "TorchPruningConfig", "list_adapters", "make_adapter", "register_adapter"]
+           "FluctuationConfig", "HeadsConfig", "ImportanceVector",
+           "LowRankConfig", "RNNUnitsConfig", "TaylorConfig", "TorchPruningConfig", "list_adapters", "make_adapter",
+           "register_adapter"]

@@ -150,6 +150,8 @@ ADAPTER_CASES: dict[str, AdapterCase] = {
     "rnn_units": AdapterCase([seq.lstm_net]),
     # taylor: the most demanding criterion (reads the gradients of the backward passes)
     "torch_pruning": AdapterCase([zoo.residual_cnn, zoo.mlp_block], {"criterion": "taylor"}),
+    "taylor": AdapterCase([zoo.residual_cnn]),  # reads the gradients of covered_model's backward pass
+    "fluctuation": AdapterCase([zoo.mlp_block]),  # Linear consumers (FLAP)
 }
 POLICY_CASES: dict[str, PolicyCase] = {
     "gmp": PolicyCase({"sparsity": 0.5, "start_step": 0, "end_step": 2, "update_every": 1}, steps=2),
