@@ -140,12 +140,14 @@ def prune_leaving_out_unfoldable(cg: Any, plan: dict[int, Any]) -> list[str]:
 
 def refusal_reasons(cg: Any) -> list[str]:
     """Distinct reasons why the channels that parameters produce are not exactly prunable: ops without a
-    rule first, then the most frequent; the model's own inputs and outputs only when nothing else blocks."""
+    rule first, then the most frequent; a parameter dim no rule declares (an embedding's vocabulary) after
+    the ops; the model's own inputs and outputs only when nothing else blocks."""
     producing = [g for g in cg.groups if any(m.role in ("out", "scale", "value") for m in g.members)]
     reasons = [g.blocked[0] for g in producing if g.blocked] + [g.inexact[0] for g in producing if g.inexact]
     ops = [r for r in reasons if not r.startswith(("model input", "model output"))]
     counted = Counter(ops or reasons).most_common()
-    return [r for r, _ in sorted(counted, key=lambda rc: (not rc[0].startswith("no op rule"), -rc[1]))]
+    return [r for r, _ in sorted(counted, key=lambda rc: (not rc[0].startswith("no op rule"),
+                                                           rc[0].startswith("parameter "), -rc[1]))]
 
 
 def check_torch_pruning(built: zoo.Built) -> dict[str, Any]:

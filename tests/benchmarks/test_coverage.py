@@ -135,3 +135,13 @@ def test_groups_whose_constants_cannot_be_folded_are_left_out_and_the_rest_prune
     assert rec["result"] == "exact" and rec["refused_at_prune"] == ["a"], rec
     assert rec["pruned_groups"] == 1 and model.b.out_channels == 2 and model.a.out_channels == 8
     assert rec["rel_error"] <= coverage.REL_TOL
+
+
+def test_a_parameter_dim_no_rule_declares_is_not_the_first_reason() -> None:
+    class Group:
+        def __init__(self, reason: str) -> None:
+            self.members, self.blocked, self.inexact = [type("M", (), {"role": "out"})()], [reason], []
+
+    cg = type("CG", (), {"groups": [Group("parameter 'e.weight' dim 0 is read by 'embedding'"),
+                                    Group("reshape at node 'r' hard-codes the size 4")]})()
+    assert coverage.refusal_reasons(cg)[0].startswith("reshape")
