@@ -7,6 +7,7 @@ from typing import Any
 
 import torch.fx as fx
 
+from sparsify.graph.broadcast_values import BroadcastValues
 from sparsify.graph.builder import GraphFacts, OpContext, Space, value_infos
 from sparsify.graph.rules import find_rule
 from sparsify.graph.trace import TensorInfo, TracedModel
@@ -18,6 +19,7 @@ def collect_facts(traced: TracedModel) -> GraphFacts:
     gm = traced.graph_module
     parameter_spaces: list[tuple[Space, fx.Node]] = []
     deferred: set[str] = set()  # nodes whose rule left their couplings to a later node
+    broadcasts = BroadcastValues(facts, gm.graph)
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             ctx = OpContext(traced, facts, node, "input")
@@ -42,7 +44,7 @@ def collect_facts(traced: TracedModel) -> GraphFacts:
                     for d in range(info.ndim):
                         ctx.block(ctx._space_of_key(key, d, info), "model output")
         else:
-            _apply_rule(traced, facts, node, deferred)
+            _apply_rule(traced, facts, node, deferred, broadcasts)
     _block_undeclared_parameter_dims(facts, parameter_spaces)
     for space in list(facts.widths):
         if space not in facts.defined:
@@ -54,7 +56,8 @@ def collect_facts(traced: TracedModel) -> GraphFacts:
     return facts
 
 
-def _apply_rule(traced: TracedModel, facts: GraphFacts, node: fx.Node, deferred: set[str]) -> None:
+def _apply_rule(traced: TracedModel, facts: GraphFacts, node: fx.Node, deferred: set[str],
+                broadcasts: BroadcastValues) -> None:
     rule = find_rule(node, traced.graph_module)
     kind = rule.kind if rule else "none"
     facts.rule_of[node.name] = kind
@@ -72,7 +75,16 @@ def _apply_rule(traced: TracedModel, facts: GraphFacts, node: fx.Node, deferred:
             ctx.block_all(f"no op rule for {ctx.describe()}; its channels are not prunable. "
                           f"Fix: register one with {fix} (see docs/op_rules.md)")
         return
+    if makes_tensor and not node.users and not _in_place(ctx):
+        for key, info in value_infos(traced.values.get(node.name), node.name):
+            for d in range(info.ndim):
+                ctx.block(ctx._space_of_key(key, d, info), (
+                    f"{ctx.describe()} computes a value that nothing uses (torch.export keeps such a node where "
+                    "Python code reads its shape, e.g. a size check that chooses a branch); couplings through it "
+                    "are not taken as evidence"))
+        return
     before = _Declared.of(facts)
+    mark = broadcasts.mark()
     try:
         rule.fn(ctx)
     except Exception as exc:  # a rule that cannot handle this call must fail closed
@@ -83,6 +95,13 @@ def _apply_rule(traced: TracedModel, facts: GraphFacts, node: fx.Node, deferred:
         return
     if not ctx.asked_for_spaces and makes_tensor:
         deferred.add(node.name)
+    broadcasts.after_rule(ctx, mark)
+
+
+def _in_place(ctx: OpContext) -> bool:
+    """An in-place op (``x.mul_(g)``, ``operator.iadd``, ``aten.relu_``): used through its input, not its result."""
+    name = ctx.op_name
+    return name.endswith("_") or (ctx.node.op == "call_function" and name in ("iadd", "isub", "imul", "itruediv"))
 
 
 class _FailClosedContext(OpContext):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import operator
+import re
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -47,12 +49,53 @@ def binary(ctx: OpContext) -> None:
         return  # arithmetic on Python numbers (shapes)
     for t in ctx.tensor_args():
         couple_elementwise(ctx, t)
+    if ctx.op_name in ("mul", "mul_", "imul", "multiply", "truediv", "div", "div_", "true_divide"):
+        _mark_baked_scales(ctx)
     if ctx.op_name in ("truediv", "div", "div_", "true_divide"):
         denominator = ctx.arg(1, "other")
         info = ctx.info(denominator)
         if info is not None:
             for d in range(info.ndim):
                 ctx.mark_inexact(ctx.space(denominator, d), f"{ctx.describe()} divides by these channels")
+
+
+_BAKED = re.compile(r"(^|\.)(lifted_tensor_\d+|_tensor_constant\d+)$")
+
+
+def _baked_constant(ctx: OpContext, node: fx.Node) -> str:
+    """The tensor constant a one-element operand is computed from, if any: a tensor that forward() made
+    (``torch.tensor(q.size(-1))``), which torch.export bakes into the graph as ``lifted_tensor_k``; what
+    it was computed from (a size that pruning changes?) is lost. "" if none."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n.name in seen:
+            continue
+        seen.add(n.name)
+        if n.op == "placeholder":
+            return ""
+        if n.op == "get_attr" and _BAKED.search(str(n.target)):
+            return str(n.target)
+        stack.extend(n.all_input_nodes)
+    return ""
+
+
+def _mark_baked_scales(ctx: OpContext) -> None:
+    """A product or quotient with a baked one-element constant: the channels of the other operands are
+    inexact (DeBERTa scales queries by ``sqrt(query.size(-1))``, which pruning head_dim slots changes)."""
+    tensors = ctx.tensor_args()
+    for c in tensors:
+        info = ctx.info(c)
+        constant = _baked_constant(ctx, c) if info is not None and all(s == 1 for s in info.shape) else ""
+        if not constant:
+            continue
+        for t in tensors:
+            ti = ctx.info(t)
+            for d in range(ti.ndim if t is not c and ti is not None else 0):
+                ctx.mark_inexact(ctx.space(t, d), (
+                    f"{ctx.describe()} scales by '{constant}', a tensor that forward() creates and torch.export "
+                    "bakes in as a constant; if it is computed from a size (torch.tensor(x.size(-1)) ** 0.5) it "
+                    "no longer follows pruning"))
 
 
 register_op_rule(

@@ -35,6 +35,7 @@ from sparsify.graph.rules.layout_chain import (
     UnsupportedLayout,
     chain_nodes,
     coords,
+    foreign_sizes,
     free_dims,
     index_tensor,
     input_index,
@@ -75,6 +76,7 @@ def layout(ctx: OpContext) -> None:
         ctx.block_all(f"{ctx.describe()} could not be analysed ({type(exc).__name__}: {exc})")
         return
     _block_one_head_splits(ctx, node, root)
+    _couple_foreign_sizes(ctx, node, root)
     _couple_interior_splits(ctx, node, root)
     _classify(ctx, node, root, idx, literals, hard)
 
@@ -177,6 +179,41 @@ def _block_one_head_splits(ctx: OpContext, exit_node: fx.Node, root: fx.Node) ->
                                           "attention head): pruning would change that dim instead and break the "
                                           "view; a head_dim that follows pruning is written -1: view(b, s, heads, "
                                           "-1) (Hugging Face: sparsify.hf.explicit_attention_)")
+
+
+def _couple_foreign_sizes(ctx: OpContext, exit_node: fx.Node, root: fx.Node) -> None:
+    """A size read from another tensor's shape (``b, n, c = x.shape``, then ``y.reshape(b, n, c)``) ties
+    the two widths: after pruning the view is valid only if both dims still agree. Where the size is
+    exactly ``x.shape[d]`` and the dim it sizes is one root dim passed through (or the exit's own dim),
+    the two dims are coupled (one group); otherwise (``c // heads``, a split or merged dim) both are
+    barriers."""
+    in_shape = ctx.traced.values[root.name].shape
+    for node in chain_nodes(ctx, exit_node):
+        for j, pure, reads in foreign_sizes(ctx, node):
+            _, idx, _, _ = index_tensor(ctx, node)
+            feeding = [i for i, g in enumerate(coords(in_shape, idx)) if in_shape[i] > 1 and varies(g, j)]
+            spaces = [ctx.space(t, d) for t, d in reads if d is not None] if all(
+                d is not None for _, d in reads) else None
+            if pure and spaces and node is exit_node:
+                ctx.same(spaces[0], ctx.out(j))
+                continue
+            if pure and spaces and (not feeding or (len(feeding) == 1 and in_shape[feeding[0]] == idx.shape[j]
+                                                    and sum(varies(coords(in_shape, idx)[feeding[0]], k)
+                                                            for k in range(idx.ndim)) == 1)):
+                ctx.same(spaces[0], ctx.space(root, feeding[0]) if feeding else None)
+                continue
+            names = ", ".join(f"{t.name}.shape[{'' if d is None else d}]" for t, d in reads)
+            reason = (f"{ctx.describe()}: '{node.name}' sizes dim {j} from {names}, the shape of another tensor, "
+                      "whose width pruning would change separately; write -1 (or a size read from the tensor "
+                      "being reshaped) to let it follow")
+            for t, d in reads:
+                info = ctx.info(t)
+                for dd in (range(info.ndim) if d is None and info is not None else [d] if d is not None else []):
+                    ctx.block(ctx.space(t, dd), reason)
+            for i in feeding:
+                ctx.block(ctx.space(root, i), reason)
+            if node is exit_node:
+                ctx.block(ctx.out(j), reason)
 
 
 def _tuple_element(ctx: OpContext) -> None:

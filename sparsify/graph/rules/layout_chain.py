@@ -170,6 +170,53 @@ def _shape_sources(arg: Any, found: set[str]) -> bool:
     return False
 
 
+def shape_reads(arg: Any, found: list[tuple[fx.Node, int | None]]) -> bool:
+    """Collect the (tensor, dim) sizes a computed size reads (``x.shape[2] // heads``: (x, 2); dim None: a
+    whole ``x.shape``); False if it also depends on something else."""
+    if not isinstance(arg, fx.Node):
+        return isinstance(arg, int)
+    if arg.op == "call_method" and arg.target == "size":
+        found.append((arg.args[0], arg.args[1] if len(arg.args) > 1 else arg.kwargs.get("dim")))
+        return True
+    if arg.op == "call_function" and arg.target is getattr and arg.args[1:] == ("shape",):
+        found.append((arg.args[0], None))
+        return True
+    if arg.op == "call_function" and arg.target is operator.getitem and isinstance(arg.args[1], int):
+        inner: list[tuple[fx.Node, int | None]] = []
+        if shape_reads(arg.args[0], inner) and len(inner) == 1 and inner[0][1] is None:
+            found.append((inner[0][0], arg.args[1]))
+            return True
+    if arg.op == "call_function" and arg.target in _SIZE_ARITHMETIC:
+        return all(shape_reads(a, found) for a in arg.args)
+    return False
+
+
+def foreign_sizes(ctx: OpContext, node: fx.Node) -> list[tuple[int, bool, list[tuple[fx.Node, int | None]]]]:
+    """The sizes of a view/reshape/unflatten ``node`` read from the shape of a tensor outside its chain
+    (``b, n, c = x.shape`` of the block input, then ``y.reshape(b, n, c)``): (output dim, whether the size
+    is exactly one such read, the (tensor, dim) reads)."""
+    sizes = size_args(ctx, node)
+    if sizes is None:
+        return []
+    first, args = sizes
+    chain = {n.name for n in chain_nodes(ctx, node)}
+    root = chain_nodes(ctx, node)[0].args[0]
+    chain |= {root.name} if isinstance(root, fx.Node) else set()
+    out = []
+    for k, a in enumerate(args):
+        found: list[tuple[fx.Node, int | None]] = []
+        if isinstance(a, fx.Node) and shape_reads(a, found) and found and not {t.name for t, _ in found} <= chain:
+            pure = len(found) == 1 and found[0][1] is not None and _is_read(a)
+            out.append((first + k, pure, found))
+    return out
+
+
+def _is_read(a: fx.Node) -> bool:
+    """``x.size(d)`` or ``x.shape[d]`` itself (no arithmetic on it)."""
+    return (a.op == "call_method" and a.target == "size") or (
+        a.op == "call_function" and a.target is operator.getitem)
+
+
 def free_dims(ctx: OpContext, node: fx.Node, literals: set[int]) -> set[int]:
     """The output dims of ``node`` whose size may shrink with pruning: for view/reshape/unflatten,
     those written as -1 or computed from the shape of the tensor being reshaped (or of one before it

@@ -1,0 +1,114 @@
+"""Channels whose removed entries stop being zero: a broadcast operand added along the channel dim.
+
+Removing a channel is exact when its (soft-)zeroed entries contribute nothing downstream, or only a
+constant that the next layer's bias absorbs (``prune/fold.py``). An element-wise op that *adds* an
+operand which has size 1 along the channel dim (``h + h.sum(1, keepdim=True)``, ``scores + mask``)
+turns a removed channel's zero into that operand's value: it varies with the input (it is no constant
+per channel, so no bias can absorb it) and the consumer that reads it changes its result when the
+channel is removed. Such channels are *tainted* here, and the taint follows the couplings the op rules
+declare, node by node in graph order:
+
+* an additive op (add, sub, maximum, minimum, where) whose operand depends on the model's inputs and is
+  broadcast along an output dim that carries channels taints that output dim;
+* a taint passes every coupling a node declares (element-wise ops, layouts, concatenation, norms);
+* a product (mul, matmul's batch dims) clears it when another operand's channels on that dim are not
+  tainted: a removed channel is zero there, and so is the product (eager attention's heads:
+  ``softmax(scores + mask) @ v`` is zero for a removed head, whose ``v`` is zero);
+* a tainted space read by a parameter (an ``in`` member: a conv, a linear) or mixed into a sum over
+  channels (a sink) makes its group inexact, with a reason that names the op that broke the zeros.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from sparsify.graph.builder import GraphFacts, OpContext, Space
+from sparsify.graph.trace import TensorInfo
+
+_ADDITIVE = {"add", "add_", "iadd", "sub", "sub_", "isub", "subtract", "rsub", "maximum", "minimum", "max", "min",
+             "where"}
+_PRODUCTS = {"mul", "mul_", "imul", "multiply", "matmul", "bmm", "mm"}
+
+
+class BroadcastValues:
+    """Tracks tainted channel spaces while ``collect_facts`` runs the op rules in graph order."""
+
+    def __init__(self, facts: GraphFacts, graph: fx.Graph) -> None:
+        self.facts = facts
+        self.tainted: dict[Space, str] = {}
+        self._input_dependent: dict[str, bool] = {}  # whether a value is computed from a model input
+        for n in graph.nodes:  # graph order is a topological order
+            self._input_dependent[n.name] = n.op == "placeholder" or any(
+                self._input_dependent.get(a.name, False) for a in n.all_input_nodes)
+
+    def mark(self) -> tuple[int, int, int, int, int]:
+        """How much the facts hold before a node's rule runs."""
+        f = self.facts
+        return len(f.same), len(f.pairs), len(f.merges), len(f.members), len(f.sinks)
+
+    def after_rule(self, ctx: OpContext, before: tuple[int, int, int, int, int]) -> None:
+        """Update the taint with what the rule of ``ctx.node`` declared since ``before``."""
+        f, node = self.facts, ctx.node
+        same, pairs, merges, members, sinks = before
+        edges = list(f.same[same:]) + [(a, b) for a, b, _, _ in f.pairs[pairs:]]
+        edges += [(factor, m.out) for m in f.merges[merges:] for factor in m.factors]
+        neighbours: dict[Space, set[Space]] = {}
+        for a, b in edges:
+            neighbours.setdefault(a, set()).add(b)
+            neighbours.setdefault(b, set()).add(a)
+        reached = self._reach(neighbours)
+        own = [s for s in reached if _is_output(s, node)]
+        product = ctx.op_name in _PRODUCTS
+        for s in own:
+            clean = [n for n in neighbours[s] if n not in self.tainted and not _is_output(n, node)]
+            if product and clean:
+                continue  # a removed channel is zero in the clean operand, so in the product
+            self.tainted.setdefault(s, reached[s])
+        self._sources(ctx)
+        readers = [(m.space, f"'{m.tensor}' reads them") for m in f.members[members:] if m.role == "in"]
+        readers += [(s, f"{f.sinks[s]}") for s in list(f.sinks)[sinks:]]
+        for space, what in readers:
+            why = self.tainted.get(space) or reached.get(space)
+            if why:
+                ctx.mark_inexact(space, f"{why}; at {ctx.describe()} {what}, so removing them changes the result")
+
+    def _reach(self, neighbours: dict[Space, set[Space]]) -> dict[Space, str]:
+        """Spaces connected to a tainted one by this node's couplings, with the taint's reason."""
+        reached: dict[Space, str] = {}
+        for seed in [s for s in neighbours if s in self.tainted]:
+            stack = [seed]
+            while stack:
+                s = stack.pop()
+                if s in reached:
+                    continue
+                reached[s] = self.tainted[seed]
+                stack.extend(neighbours.get(s, ()))
+        return reached
+
+    def _sources(self, ctx: OpContext) -> None:
+        """An additive op with an input-dependent operand broadcast along an output channel dim."""
+        out = ctx.out_info
+        if ctx.op_name not in _ADDITIVE or out is None or ctx.node.op == "call_module":
+            return
+        args = list(ctx.node.args)
+        operands = args[1:3] if ctx.op_name == "where" else args
+        tensors = [a for a in operands if isinstance(a, fx.Node) and isinstance(ctx.info(a), TensorInfo)]
+        if len(tensors) < 2 and ctx.op_name in ("max", "min"):
+            return  # a reduction, not the element-wise form
+        for t in tensors:
+            info = ctx.info(t)
+            if not self._depends_on_input(t):
+                continue
+            for d in range(out.ndim):
+                k = d - (out.ndim - info.ndim)
+                if out.shape[d] > 1 and (k < 0 or info.shape[k] == 1) and (ctx.node.name, d) in self.facts.widths:
+                    self.tainted.setdefault((ctx.node.name, d), (
+                        f"{ctx.describe()} adds '{t.name}', which has size 1 along dim {d} (broadcast) and varies "
+                        "with the input: a removed channel of that dim becomes its value instead of zero"))
+
+    def _depends_on_input(self, node: fx.Node) -> bool:
+        return self._input_dependent.get(node.name, True)
+
+
+def _is_output(space: Space, node: fx.Node) -> bool:
+    return space[0] == node.name or space[0].startswith(node.name + ".")
