@@ -3,7 +3,7 @@
     python -m benchmarks.llm_lib.corpus                      # once, here: builds lmdata/corpus (≈6 MiB)
     python -m benchmarks.llm_train --model llama --minutes 8 --out out/lm/llama
     python -m benchmarks.llm_train --model moe --minutes 8 --out out/lm/moe
-    python -m benchmarks.llm_train --model llama --minutes 0 --tokens 200000000   # deterministic: tokens only
+    python -m benchmarks.llm_train --model llama --minutes 0 --tokens 200000000   # same data and schedule: tokens only
 
 The corpus folder needs only ``train.txt.xz``, ``heldout.txt.xz`` and ``tokenizer.json``: the token
 arrays are rebuilt (and cached beside it, ``lmdata/corpus-tokens.npz``) in seconds. The output folder holds the model in

@@ -3,7 +3,8 @@
 Batches are non-overlapping windows of ``seq_len + 1`` tokens of the train split, shuffled per epoch
 by a seeded generator. The learning-rate schedule runs on ``progress`` = the larger of the time and
 token fractions used, so a run stopped by ``--minutes`` still ends its cosine; a run stopped by
-``--tokens`` alone (no time budget) is deterministic for a seed on one device. Held-out perplexity
+``--tokens`` alone (no time budget) repeats the same data order and schedule for a seed (on CPU
+bit for bit; on GPUs up to the nondeterminism of some kernels, e.g. index backward). Held-out perplexity
 is measured every ``eval_every`` steps and the best weights are the ones kept.
 """
 
@@ -145,5 +146,6 @@ def train(config: TrainConfig, tokens: dict[str, np.ndarray], vocab_size: int,
               "best_step": best[2], "heldout_ppl": best[0], "final_heldout_ppl": history[-1]["heldout_ppl"],
               "heldout_tokens": len(tokens["heldout"]), "train_tokens": len(tokens["train"]),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-              "torch": torch.__version__, "history": history}
+              "torch": torch.__version__, "attention": model.config._attn_implementation,
+              "experts": getattr(model.config, "_experts_implementation", None), "history": history}
     return model, record

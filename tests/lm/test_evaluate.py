@@ -114,3 +114,17 @@ def test_lm_eval_hook_wraps_the_model_and_returns_results(model, monkeypatch):
     assert calls["evaluate"][1:] == (["piqa"], 10, {"num_fewshot": 0})
     with pytest.raises(SparsifyError, match="non-empty list"):
         lm_eval_tasks(model, "tok", "piqa")
+
+
+@pytest.mark.gpu
+def test_speed_and_memory_on_cuda(model):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    cuda = LlamaForCausalLM(model.config).cuda().eval()
+    memory = peak_memory(cuda, batch_size=4, seq_len=32)
+    assert memory["peak_bytes"] >= memory["weight_bytes"] > 0
+    speed = throughput(cuda, batch_size=4, seq_len=32, new_tokens=8, iters=3, warmup=1)
+    assert speed["forward_tokens_per_s"] > 0 and speed["generate_tokens_per_s"] > 0
+    tokens = torch.randint(97, (4 * 32,))
+    assert perplexity(cuda, tokens, seq_len=32)["ppl"] == pytest.approx(
+        perplexity(cuda.cpu(), tokens, seq_len=32)["ppl"], rel=1e-3)
