@@ -30,8 +30,8 @@ from sparsify.graph.channel_graph import build_channel_graph
 from sparsify.graph.rules import find_rule
 from sparsify.graph.trace import as_args, trace
 from sparsify.sparsifier import Sparsifier
+from sparsify.testing import coverage_rule_models as coverage_models
 from sparsify.testing import models as zoo
-from sparsify.testing import resample_models as resample
 from sparsify.testing import rule_models as extra
 from sparsify.testing import sequence_models as seq
 from sparsify.testing import unary_models as unary
@@ -87,7 +87,8 @@ RULE_MODELS: dict[str, Builder] = {
     "aten_batch_norm": _export["residual_cnn"], "aten_vector_norm": _export["norm_net"],
     "aten_group_norm": _export["group_norm_net"],
     "aten_unary_more": unary.more_unary_net,
-    "group_norm_functional": resample.subclass_group_norm_net, "aten_upsample": resample.upsample_net,
+    "group_norm_functional": coverage_models.subclass_group_norm_net, "aten_upsample": coverage_models.upsample_net,
+    "pow": coverage_models.star_relu_net,
 }
 
 

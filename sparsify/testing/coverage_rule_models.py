@@ -1,7 +1,7 @@
-"""Contract models for the coverage-zoo rules of timm families: a GroupNorm subclass that calls
-``F.group_norm`` in its forward (timm's GroupNorm1, poolformerv2) and ATen resampling (timm
-mobilenetv5's bilinear upsampling under torch.export). Each builder returns ``(model, example_inputs)``
-in the requested dtype and names the rules it is for."""
+"""Contract models for the rules the coverage zoo found missing in timm families: a GroupNorm subclass that
+calls ``F.group_norm`` in its forward (timm's GroupNorm1, poolformerv2), ATen resampling (timm
+mobilenetv5's bilinear upsampling under torch.export) and powers (StarReLU). Each builder returns
+``(model, example_inputs)`` in the requested dtype and names the rules it is for."""
 
 from __future__ import annotations
 
@@ -61,4 +61,28 @@ def _upsample_net(dtype: torch.dtype = torch.float32) -> Example:
 upsample_net = export_only(_upsample_net)
 upsample_net.__name__ = "upsample_net"
 
-MODELS = {"subclass_group_norm_net": subclass_group_norm_net, "upsample_net": upsample_net}
+
+
+class StarReLUNet(nn.Module):
+    """conv → BN → StarReLU (``s * relu(x) ** 2 + b``, scalar s and b) → 1×1 conv → mean → Linear, plus a
+    torch.pow by 0.5 of a softplus branch.
+
+    Rules: pow, conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn, self.b, self.fc = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1), nn.Linear(4, 3)
+        self.scale, self.shift = nn.Parameter(torch.tensor([0.8])), nn.Parameter(torch.tensor([-0.1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(self.a(x))
+        h = self.scale * F.relu(h) ** 2 + self.shift + torch.pow(F.softplus(h), 0.5)
+        return self.fc(self.b(h).mean((2, 3)))
+
+
+def star_relu_net(dtype: torch.dtype = torch.float32) -> Example:
+    return StarReLUNet().to(dtype), torch.randn(2, 3, 4, 4, dtype=dtype)
+
+
+MODELS = {"subclass_group_norm_net": subclass_group_norm_net, "upsample_net": upsample_net,
+          "star_relu_net": star_relu_net}
