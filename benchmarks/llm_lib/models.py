@@ -2,8 +2,10 @@
 
 ``llama``: LLaMA-style (GQA 8 query / 2 KV heads, RoPE, RMSNorm, SwiGLU), hidden 512, 8 layers,
 intermediate 1408, tied embeddings: 26.7 M parameters with the 8192-token vocabulary (53 MB in bf16).
-``moe``: Mixtral-style, same attention, 8 experts of intermediate 192, top-2 routing: 28.3 M
-parameters, 14.2 M active per token (10 M without the embedding). ``tiny=True`` gives the same classes at test sizes.
+``moe``: Mixtral-style, same attention, 8 experts of intermediate 192, top-2 routing: 28.4 M
+parameters, 14.2 M active per token (10 M without the embedding); the router's balance loss is asked for
+in training only (``output_router_logits=True`` at the call), so the saved config runs pruned models too.
+``tiny=True`` gives the same classes at test sizes.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def llama_config(vocab_size: int = 8192, *, max_positions: int = 1024, tiny: boo
 
 def moe_config(vocab_size: int = 8192, *, max_positions: int = 1024, tiny: bool = False) -> MixtralConfig:
     return MixtralConfig(intermediate_size=32 if tiny else 192, num_local_experts=8, num_experts_per_tok=2,
-                         router_aux_loss_coef=0.01, output_router_logits=True, sliding_window=None,
+                         router_aux_loss_coef=0.01, output_router_logits=False, sliding_window=None,
                          **_common(vocab_size, max_positions, tiny))
 
 

@@ -71,7 +71,8 @@ def lr_factor(progress: float, step: int, config: TrainConfig) -> float:
 
 def _loss(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(total loss, language-model loss): cross-entropy in float32, plus the router's balance loss for MoE."""
-    out = model(input_ids=batch[:, :-1])
+    moe = getattr(model.config, "num_local_experts", None) is not None
+    out = model(input_ids=batch[:, :-1], **({"output_router_logits": True} if moe else {}))
     logits = out.logits.float()
     lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
     aux = getattr(out, "aux_loss", None)

@@ -135,3 +135,18 @@ def test_entry_point_trains_and_saves_a_loadable_checkpoint(built, tmp_path, cap
     assert tokenizer.eos_token_id == tokens.EOS_ID
     assert "best held-out ppl" in capsys.readouterr().out
     assert lzma.decompress((built / "heldout.txt.xz").read_bytes())  # the corpus was left intact
+
+
+def test_trained_models_are_prunable_by_sparsify():
+    from sparsify import apply_plan, make_plan
+    from sparsify.hf import experts
+
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    llama = build_model("llama", 64, tiny=True).float().eval()
+    before = parameter_counts(llama)["total"]
+    apply_plan(llama, {"input_ids": ids}, make_plan(llama, {"input_ids": ids}, 0.3))
+    assert parameter_counts(llama)["total"] < before and llama(input_ids=ids).logits.shape == (2, 16, 64)
+    moe = build_model("moe", 64, tiny=True).float().eval()
+    experts.prune_experts(moe, experts.expert_importance(moe, [{"input_ids": ids}]), 0.5)
+    assert moe.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 4
+    assert moe(input_ids=ids).logits.shape == (2, 16, 64)  # the saved config asks for no router loss
