@@ -88,7 +88,7 @@ RULE_MODELS: dict[str, Builder] = {
     "aten_group_norm": _export["group_norm_net"],
     "aten_unary_more": unary.more_unary_net,
     "group_norm_functional": coverage_models.subclass_group_norm_net, "aten_upsample": coverage_models.upsample_net,
-    "pow": coverage_models.star_relu_net,
+    "pow": coverage_models.star_relu_net, "aten_pad": coverage_models.pad_net,
 }
 
 

@@ -84,5 +84,28 @@ def star_relu_net(dtype: torch.dtype = torch.float32) -> Example:
     return StarReLUNet().to(dtype), torch.randn(2, 3, 4, 4, dtype=dtype)
 
 
+class PadNet(nn.Module):
+    """conv → ReLU → F.pad (constant, then reflect) → 3×3 conv → mean → Linear; under torch.export the pads
+    are aten.pad / aten.constant_pad_nd.
+
+    Rules (under torch.export): aten_pad, aten_conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.fc = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 3), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.pad(F.pad(F.relu(self.a(x)), (1, 1, 0, 0)), (0, 0, 1, 1), mode="reflect")
+        return self.fc(self.b(h).mean((2, 3)))
+
+
+def _pad_net(dtype: torch.dtype = torch.float32) -> Example:
+    return PadNet().to(dtype), torch.randn(2, 3, 4, 4, dtype=dtype)
+
+
+pad_net = export_only(_pad_net)
+pad_net.__name__ = "pad_net"
+
+
 MODELS = {"subclass_group_norm_net": subclass_group_norm_net, "upsample_net": upsample_net,
-          "star_relu_net": star_relu_net}
+          "star_relu_net": star_relu_net, "pad_net": pad_net}

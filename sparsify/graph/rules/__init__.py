@@ -11,6 +11,7 @@ from sparsify.graph.rules import (  # noqa: F401
     group_norm_functional,  # F.group_norm inside a GroupNorm subclass (timm GroupNorm1)
     layers,
     layout,
+    pad_aten,  # aten.pad, aten.constant_pad_nd
     pow,  # x ** p, torch.pow, Tensor.pow
     rnn,  # nn.RNN, nn.LSTM, nn.GRU hidden units
     rnn_cells,  # nn.LSTMCell, nn.GRUCell, nn.RNNCell (and aten cell ops), torch.stack, zeros
