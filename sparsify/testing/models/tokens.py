@@ -85,7 +85,8 @@ class TransformerBlock(nn.Module):
 
     Rules: split (chunk), layout (view into heads: a barrier for now), scaled_dot_product_attention,
     layer_norm, linear. The qkv output (and so the projection's input) is a barrier; the MLP hidden
-    group stays prunable and exact; the residual stream is prunable but not exact.
+    group stays prunable and exact; the residual stream is a barrier (the attention reads its width c from
+    the block input's shape into its views).
     """
 
     def __init__(self, dim: int = 12, heads: int = 3) -> None:
