@@ -123,3 +123,26 @@ def test_llama_heads_are_aggregated_and_missing_biases_are_opt_in() -> None:
         for pruned in (plain, added):
             errors.append(sum(float((pruned(**b).logits - model(**b).logits).pow(2).mean()) for b in batches))
     assert errors[1] < errors[0], errors
+
+
+def test_added_biases_survive_save_pretrained_when_the_config_declares_them(tmp_path) -> None:
+    """What docs/llm.md promises: LLaMA reloads the added o_proj/down_proj biases only with the config flags."""
+    pytest.importorskip("transformers")
+    from sparsify.hf import from_pretrained, save_pretrained
+    from sparsify.testing.hf_models import tiny_causal_lm
+
+    model, x = tiny_causal_lm("llama", dtype=torch.float32)
+    batches = [{"input_ids": torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(i))}
+               for i in range(2)]
+    apply_plan(model, x, make_plan(model, x, 0.5, unit="channels"), importance="fluctuation", calibration=batches,
+               compensate="add_bias")
+    with torch.no_grad():
+        ref = model(**x).logits
+    diffs = []
+    for flag in (False, True):
+        model.config.attention_bias = model.config.mlp_bias = flag
+        save_pretrained(model, tmp_path / str(flag))
+        back = from_pretrained(tmp_path / str(flag)).eval()
+        with torch.no_grad():
+            diffs.append((back(**x).logits - ref).abs().max().item())
+    assert diffs[0] > 1e-3 and diffs[1] <= 1e-6, diffs  # dropped without the flags; zero sibling biases with them
