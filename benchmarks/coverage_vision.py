@@ -22,6 +22,8 @@ from torch import nn
 from benchmarks.coverage_models import IMAGE, Built, NotBuilt, _first_line
 from sparsify._compat import import_torchvision
 
+MAX_PARAMS = 300_000_000  #: timm families whose smallest variant is larger are 'not built'
+
 
 # ---------------------------------------------------------------------------------------------- timm
 def timm_families() -> list[str]:
@@ -51,7 +53,10 @@ def timm_smallest(family: str) -> tuple[str, int]:
 def build_timm(family: str) -> tuple[str, Built]:
     import timm
 
-    name, _ = timm_smallest(family)
+    name, params = timm_smallest(family)
+    if params > MAX_PARAMS:
+        raise NotBuilt(f"the smallest variant {name} has {params / 1e6:.0f}M parameters, beyond the zoo's "
+                       f"{MAX_PARAMS / 1e6:.0f}M cap (float64 on a small CPU machine)")
     x = torch.randn(1, 3, IMAGE, IMAGE, dtype=torch.float64)
     for kwargs in ({}, {"img_size": IMAGE}):
         try:
@@ -174,7 +179,7 @@ PART["optical_flow.raft_small"] = "the whole model, 2 flow updates"
 
 TORCHVISION: dict[str, Callable[[], Built]] = {
     **{f"classification.{m}": _classifier(m) for m in _CLASSIFICATION},
-    **{f"detection.{n}": _detector(n) for n in _DETECTION},
+    **{f"detection.{n}": _detector(n, 300 if n == "ssd300_vgg16" else 128) for n in _DETECTION},
     **{f"segmentation.{n}": _whole(n, (1, 3, IMAGE, IMAGE), weights_backbone=None)
        for n in ("deeplabv3_mobilenet_v3_large", "fcn_resnet50", "lraspp_mobilenet_v3_large")},
     **{f"video.{n}": _whole(n, (1, 3, 4, 32, 32)) for n in ("r3d_18", "mc3_18", "r2plus1d_18")},

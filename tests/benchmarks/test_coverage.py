@@ -145,3 +145,12 @@ def test_a_parameter_dim_no_rule_declares_is_not_the_first_reason() -> None:
     cg = type("CG", (), {"groups": [Group("parameter 'e.weight' dim 0 is read by 'embedding'"),
                                     Group("reshape at node 'r' hard-codes the size 4")]})()
     assert coverage.refusal_reasons(cg)[0].startswith("reshape")
+
+
+def test_a_timm_family_beyond_the_parameter_cap_is_not_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("timm")
+    from benchmarks import coverage_vision
+
+    monkeypatch.setattr(coverage_vision, "timm_smallest", lambda family: ("huge_vit", 412_000_000))
+    with pytest.raises(coverage_models.NotBuilt, match="huge_vit has 412M parameters, beyond the zoo's 300M cap"):
+        coverage_vision.build_timm("huge")
