@@ -294,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.task:
         todo = [f for f in todo if zoo.hf_task_of(f) == args.task]
     todo = todo[: args.limit] if args.limit else todo
-    command = "python -m benchmarks.coverage " + " ".join(argv if argv is not None else sys.argv[1:])
+    shown = [f"<{len(a.split(','))} families>" if a.count(",") > 8 else a for a in (argv or sys.argv[1:])]
+    runs = [data["command"]] if data.get("command") else []  # every run that wrote this file, in order
+    command = "; ".join([*runs, "python -m benchmarks.coverage " + " ".join(shown)])
 
     def one(family: str) -> dict[str, Any]:
         return run_child(args.suite, family, args.timeout, not args.no_torch_pruning)
