@@ -229,7 +229,7 @@ _BERT = Family(fields={"intermediate_size": "intermediate_size", "num_attention_
                        "head_dim": None},
                layers=lambda base: base.encoder.layer, read=_bert_read, resize=_bert_resize)
 
-for _type in ("llama", "mistral", "qwen2"):
+for _type in ("llama", "mistral", "qwen2", "qwen3"):
     register_family(_type, _LLAMA)
 register_family("gpt2", _GPT2)
 register_family("bert", _BERT)

@@ -252,3 +252,18 @@ def test_unknown_family() -> None:
     model.config.model_type = "my_llama"
     with pytest.raises(SparsifyError, match="register_family"):
         hf.sync_config(model)
+
+
+def test_qwen3_heads_and_mlp_round_trip(tmp_path: Path) -> None:
+    """Qwen3 (per-head q_norm/k_norm) is a LLaMA-style family: non-uniform widths save and load."""
+    config = transformers.Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=100,
+                                      use_cache=False, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.Qwen3ForCausalLM(config).eval().double()
+    _prune(model, [0.25, 0.5], heads={0: [1]})
+    widths = hf.layer_widths(model)
+    assert [w["intermediate_size"] for w in widths] == [96, 64]
+    assert [(w["num_attention_heads"], w["num_key_value_heads"]) for w in widths] == [(2, 1), (4, 2)]
+    loaded = _round_trip(model, tmp_path)
+    _same_generation(model, loaded)
