@@ -91,7 +91,11 @@ def render(results: Path) -> str:
         "about half of every exact group is zeroed and pruned, and the outputs are compared in float64 "
         "(relative error = max |diff| / max |output|, pass ≤ 1e-9). Torch-Pruning runs on a fresh copy of the "
         "same model: `DependencyGraph.build_dependency`, one 50 % `MetaPruner` step (classifier / LM head "
-        "ignored), a forward. Results: `exact` (≥ 1 exact group pruned, outputs agree), `FAIL` (a group "
+        "ignored), a forward (a family run with `--no-torch-pruning` shows — there). Hugging Face decoders are "
+        "checked with `use_cache` off and on (on: the cache's tensors are outputs, compared too; its KV heads "
+        "are then outputs and stay). Sub-model types (`*_text_model`) are built with their own `*Model` class; "
+        "MoE experts run with `experts_implementation=\"batched_mm\"` (float64, exportable). "
+        "Results: `exact` (≥ 1 exact group pruned, outputs agree), `FAIL` (a group "
         "marked exact changed the outputs: a bug), `refused` (no exact group prunable; the first reason the "
         "graph gives), `error` (tracing or grouping raised; the error), `not built` (the tiny model or its "
         "inputs could not be made: left out of the shares), `timeout`.",
@@ -102,12 +106,12 @@ def render(results: Path) -> str:
         "nice -n 19 env OMP_NUM_THREADS=1 python -m benchmarks.coverage --suite timm --jobs 2 "
         "--out benchmarks/results/coverage_timm.json",
         "nice -n 19 env OMP_NUM_THREADS=1 python -m benchmarks.coverage --suite hf --jobs 2 "
-        "--out benchmarks/results/coverage_hf.json",
+        "--out benchmarks/results/coverage_hf.json  # --task causal_lm: decoders first",
         "python -m benchmarks.coverage_report",
         "```",
         "",
         "The whole zoo takes hours on 2 shared cores (timm: 98 families at ~30 s each with Torch-Pruning; "
-        "Hugging Face: ~770 model types), beyond CI's budget for `-m slow`; CI runs the fast sample of "
+        "Hugging Face: ~820 model types), beyond CI's budget for `-m slow`; CI runs the fast sample of "
         "`tests/benchmarks/test_coverage.py` (timm cspnext, Hugging Face llama with use_cache on and off, bert). "
         "Families not yet in the JSON files have not been run.",
         "",
