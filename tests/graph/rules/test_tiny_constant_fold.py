@@ -1,11 +1,9 @@
-"""A known silent-wrong case (issue #21, the HF coverage zoo's apertus): removed channels that emit a constant
-smaller than the fold's ``atol`` (1e-6) are removed without folding it, so a consumer without a bias loses it.
-Apertus' xIELU activation gives a zero channel ``alpha_n · expm1(-1e-6)``. ``xfail(strict=True)``: the day a fix
-lands this passes, the suite fails, and the marker must go."""
+"""A silent-wrong case found by the HF coverage zoo (issue #21, apertus): removed channels that emitted a constant
+smaller than the fold's ``atol`` (1e-6) were removed without folding it, so a consumer without a bias lost it.
+Apertus' xIELU activation gives a zero channel ``alpha_n · expm1(-1e-6)``. The constant is now folded."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
@@ -27,8 +25,6 @@ class TinyConstantActivation(nn.Module):
         return self.b(torch.where(h > 0, h * h, torch.expm1(torch.minimum(h, self.eps))))
 
 
-@pytest.mark.xfail(strict=True, reason="issue #21: a constant below the fold's atol emitted by removed channels is "
-                                       "dropped, not folded (apertus)")
 def test_a_constant_below_the_fold_tolerance_is_not_dropped() -> None:
     model, x = ExportOnly(TinyConstantActivation()).double(), torch.randn(16, 4, dtype=torch.float64)
     randomize_(model, 0)
