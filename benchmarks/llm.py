@@ -1,0 +1,237 @@
+"""Prune the trained LM with every method at 25 % and 50 % fewer parameters, recover briefly, measure (issue #20).
+
+    python -m benchmarks.llm --model-dir out/lm/llama --out out/llm --device cuda --max-minutes 7
+    python -m benchmarks.llm --report --out out/llm --results-json benchmarks/results/llm_llama.json
+
+Methods (``--methods``): sparsify width pruning with the ``activation`` (Wanda), ``magnitude``
+(filter_norm), ``taylor`` (LLM-Pruner) and ``fluctuation`` (FLAP, bias compensation) importances;
+``depth`` (block influence, whole layers); ``experts`` (MoE models only); Torch-Pruning's
+``tp_magnitude`` and ``tp_taylor``; ``modelopt`` (NVIDIA ModelOpt, when installed). Parameters are
+counted once per tensor, embedding included (tied with the LM head). Each (method, target) is pruned
+one-shot from the dense model, measured (held-out perplexity, forward tokens/s, peak CUDA memory),
+then recovered by ``--recovery-steps`` of distillation from the dense teacher and measured again. One
+JSON per (method, target, phase) goes to ``--out``; the report is a table of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.llm_lib.budget import count_params, target_params, within
+from benchmarks.llm_lib.ours import Calibration
+
+OURS = ("activation", "magnitude", "taylor", "fluctuation", "depth", "experts")
+PEERS = ("tp_magnitude", "tp_taylor", "modelopt")
+DEFAULT_METHODS = ("activation", "magnitude", "taylor", "fluctuation", "depth", "experts", "tp_magnitude",
+                   "tp_taylor")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", type=Path, default=Path("out/lm/llama"), help="save_pretrained folder of llm_train")
+    p.add_argument("--corpus", type=Path, default=Path("lmdata/corpus"))
+    p.add_argument("--out", type=Path, default=Path("out/llm"))
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {OURS + PEERS}")
+    p.add_argument("--targets", default="0.25,0.5", help="fractions of fewer parameters")
+    p.add_argument("--recovery-steps", type=int, default=100)
+    p.add_argument("--recovery-lr", type=float, default=3e-4)
+    p.add_argument("--recovery-batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--calib-windows", type=int, default=32, help="calibration windows of the train split")
+    p.add_argument("--calib-batch", type=int, default=8)
+    p.add_argument("--eval-windows", type=int, default=128, help="held-out windows scored (0: all)")
+    p.add_argument("--eval-batch", type=int, default=16)
+    p.add_argument("--throughput-batch", type=int, default=16)
+    p.add_argument("--tp-timeout", type=float, default=90.0, help="seconds before a Torch-Pruning run is abandoned")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--max-minutes", type=float, default=7.0, help="stop before starting a run that may not end in time")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report", action="store_true", help="only tabulate the JSONs already in --out")
+    p.add_argument("--results-json", type=Path, default=None, help="default: benchmarks/results/llm_<model>.json")
+    p.add_argument("--markdown", type=Path, default=None, help="default: <out>/report.md")
+    return p
+
+
+def windows(tokens: np.ndarray, seq_len: int, count: int, seed: int) -> torch.Tensor:
+    """``count`` non-overlapping windows of ``seq_len`` tokens, drawn at random (seeded)."""
+    n = len(tokens) // seq_len
+    order = np.random.default_rng(seed).permutation(n)[:count]
+    stream = torch.from_numpy(tokens[: n * seq_len].astype(np.int64)).view(n, seq_len)
+    return stream[torch.from_numpy(np.sort(order))]
+
+
+def load_model(model_dir: Path, device: torch.device) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    return model.to(device).eval()
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def measure(model: torch.nn.Module, heldout: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
+    from sparsify.lm.evaluate import peak_memory, perplexity, throughput
+
+    device = next(model.parameters()).device
+    with autocast(device):
+        ppl = perplexity(model, heldout, seq_len=args.seq_len, batch_size=args.eval_batch)
+    fast = copy.deepcopy(model).to(torch.bfloat16) if device.type == "cuda" else model
+    iters, warmup = (10, 3) if device.type == "cuda" else (2, 1)
+    speed = throughput(fast, batch_size=args.throughput_batch, seq_len=args.seq_len, iters=iters, warmup=warmup)
+    memory = peak_memory(fast, batch_size=args.throughput_batch, seq_len=args.seq_len)
+    del fast
+    return {"ppl": ppl["ppl"], "nll": ppl["nll"], "eval_tokens": ppl["tokens"],
+            "tokens_per_s": speed["forward_tokens_per_s"], "peak_bytes": memory["peak_bytes"],
+            "weight_bytes": memory["weight_bytes"]}
+
+
+def prune(method: str, model: torch.nn.Module, calibration: Calibration, target: int,
+          args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.llm_lib import ours
+
+    if method in ours.WIDTH:
+        return ours.width(model, calibration, target, method)
+    if method == "depth":
+        return ours.depth(model, calibration, target)
+    if method == "experts":
+        return ours.experts(model, calibration, target)
+    from benchmarks.llm_lib import peers
+
+    if method in ("tp_magnitude", "tp_taylor"):
+        return peers.torch_pruning(model, calibration, target, method.removeprefix("tp_"), timeout_s=args.tp_timeout)
+    if method == "modelopt":
+        return peers.modelopt(model, calibration, target)
+    raise ValueError(f"unknown method {method!r}; choose from {OURS + PEERS}")
+
+
+def recover(student: torch.nn.Module, teacher: torch.nn.Module, train: np.ndarray,
+            args: argparse.Namespace) -> dict[str, Any]:
+    """``--recovery-steps`` of distillation from the dense teacher (plain LM loss if distill is missing)."""
+    device = next(student.parameters()).device
+    data = windows(train, args.seq_len, args.recovery_steps * args.recovery_batch, args.seed + 1)
+    batches = [{"input_ids": b.to(device)} for b in data.split(args.recovery_batch)]
+    student.train()
+    start = time.perf_counter()
+    try:
+        from sparsify.lm.distill import distill
+    except ImportError:
+        distill = None
+    if distill is not None:
+        log = distill(student, teacher, batches, steps=len(batches), lr=args.recovery_lr)
+        how, last = "distill (KL from the dense teacher, T=2)", log[-1]["loss"]
+    else:
+        optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=args.recovery_lr)
+        for batch in batches:
+            with autocast(device):
+                loss = student(**batch, labels=batch["input_ids"]).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        how, last = "LM-loss fine-tuning (sparsify.lm.distill missing)", float(loss)
+    student.eval()
+    return {"recovery": how, "recovery_steps": len(batches), "recovery_s": time.perf_counter() - start,
+            "recovery_final_loss": last}
+
+
+def write(out: Path, record: dict[str, Any]) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{record['method']}_{round(100 * record['target']):02d}_{record['phase']}.json"
+    path.write_text(json.dumps(record, indent=1, default=float) + "\n")
+    return path
+
+
+def run_one(method: str, fewer: float, dense: torch.nn.Module, dense_params: dict[str, int],
+            calibration: Calibration, heldout: torch.Tensor, train: np.ndarray,
+            args: argparse.Namespace) -> list[dict[str, Any]]:
+    target = target_params(dense_params["total"], fewer)
+    base = {"method": method, "target": fewer, "target_params": target, "dense_params": dense_params["total"]}
+    model = copy.deepcopy(dense)  # the student; the dense model stays frozen as the teacher
+    for p in model.parameters():
+        p.requires_grad_(True)
+    try:
+        info = prune(method, model, calibration, target, args)
+        with torch.no_grad():
+            model(**calibration.example)  # the pruned model runs
+    except Exception as error:  # a method that cannot run here is a result too: recorded, not fatal
+        record = {**base, "phase": "oneshot", "status": "failed", "error": f"{type(error).__name__}: {error}"[:600]}
+        print(f"  {method} @ {fewer:.0%}: FAILED {record['error'][:200]}")
+        return [record]
+    params = count_params(model)
+    common = {**base, **info, "params": params["total"], "non_embedding_params": params["non_embedding"],
+              "embedding_params": params["embedding"], "target_met": within(params["total"], target),
+              "status": "ok"}
+    records = [{**common, "phase": "oneshot", **measure(model, heldout, args)}]
+    print(f"  {method} @ {fewer:.0%}: {params['total']:,} params (target {target:,}), "
+          f"ppl {records[0]['ppl']:.2f}, prune {info['prune_s']:.2f}s")
+    if args.recovery_steps > 0:
+        recovery = recover(model, dense, train, args)
+        records.append({**common, "phase": "recovered", **recovery, **measure(model, heldout, args)})
+        print(f"    after {recovery['recovery_steps']} recovery steps: ppl {records[1]['ppl']:.2f}")
+    del model
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from benchmarks.llm_lib.report import report
+
+    if args.report:
+        report(args.out, args.results_json, args.markdown)
+        return 0
+    clock = time.perf_counter()
+    from benchmarks.llm_lib.tokens import load_tokens
+
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    tokens = load_tokens(args.corpus)
+    dense = load_model(args.model_dir, device)
+    for p in dense.parameters():
+        p.requires_grad_(False)
+    calib = windows(tokens["train"], args.seq_len, args.calib_windows, args.seed).to(device)
+    calibration = Calibration(
+        batches=[{"input_ids": b} for b in calib.split(args.calib_batch)], example={"input_ids": calib[:1, :64]},
+        labeled=[{"input_ids": b, "labels": b} for b in calib.split(args.calib_batch)])
+    heldout = torch.from_numpy(tokens["heldout"].astype(np.int64))
+    if args.eval_windows:
+        heldout = heldout[: args.eval_windows * args.seq_len]
+    dense_params = count_params(dense)
+    meta = {"model_dir": str(args.model_dir), "model_type": dense.config.model_type, "device": str(device),
+            "seq_len": args.seq_len, "calib_windows": args.calib_windows, "eval_windows": args.eval_windows,
+            "torch": torch.__version__}
+    write(args.out, {"method": "dense", "target": 0.0, "phase": "oneshot", "status": "ok",
+                     "params": dense_params["total"], "non_embedding_params": dense_params["non_embedding"],
+                     "embedding_params": dense_params["embedding"], "meta": meta, **measure(dense, heldout, args)})
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    targets = [float(t) for t in args.targets.split(",")]
+    longest = 0.0
+    for method in methods:
+        for fewer in targets:
+            elapsed = time.perf_counter() - clock
+            if elapsed + 1.2 * longest > 60 * args.max_minutes:
+                print(f"--max-minutes {args.max_minutes}: stopping before {method} @ {fewer:.0%} "
+                      f"({elapsed:.0f}s used, the longest run took {longest:.0f}s)")
+                report(args.out, args.results_json, args.markdown)
+                return 0
+            start = time.perf_counter()
+            for record in run_one(method, fewer, dense, dense_params, calibration, heldout, tokens["train"], args):
+                write(args.out, {**record, "meta": meta})
+            longest = max(longest, time.perf_counter() - start)
+    report(args.out, args.results_json, args.markdown)
+    print(f"done in {time.perf_counter() - clock:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""sparsify's pruning methods for the LM benchmark, each to a parameter target.
+
+Width (``activation`` = Wanda, ``filter_norm`` = magnitude, ``taylor`` = LLM-Pruner, ``fluctuation``
+= FLAP with bias compensation): trace the channel graph once, search the ``make_plan`` sparsity
+(``unit="params"``, uniform over every exact group: MLP neurons and KV groups) whose first-order
+count meets the target, then ``apply_plan`` with the importance. Depth: ShortGPT's block influence,
+removing the fewest least-influential layers that reach the target. Experts (MoE models): router mass,
+removing the same number of experts from every layer. Every function prunes ``model`` in place and
+returns seconds per phase and notes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from benchmarks.llm_lib.budget import count_params, search_ratio
+
+WIDTH = {"activation": "activation", "magnitude": "filter_norm", "taylor": "taylor", "fluctuation": "fluctuation"}
+
+
+@dataclass
+class Calibration:
+    """Calibration windows of the training split (dicts of ``input_ids``; ``labeled`` adds ``labels``)."""
+
+    batches: list[dict[str, torch.Tensor]]
+    example: dict[str, torch.Tensor]
+    labeled: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def width(model: nn.Module, calibration: Calibration, target: int, importance: str) -> dict[str, Any]:
+    """Prune MLP neurons and KV groups of ``model`` to ``target`` parameters, ranked by ``importance``."""
+    from sparsify import build_channel_graph
+    from sparsify.oneshot import apply_plan, make_plan
+
+    kind = WIDTH[importance]
+    if kind in ("taylor", "fluctuation"):
+        from sparsify.adapters.base import ADAPTERS
+        if kind not in ADAPTERS:
+            raise RuntimeError(f"the {kind!r} adapter is not registered in this sparsify")
+    device = _device(model)
+    model.config.use_cache = False  # a cache in the output makes the heads' channels a model output (a barrier)
+    _sync(device)
+    start = time.perf_counter()
+    cg = build_channel_graph(model, calibration.example)
+    graph_s = time.perf_counter() - start
+    total = count_params(model)["total"]
+
+    def params_at(sparsity: float) -> float:
+        return total - make_plan(model, None, sparsity, unit="params", graph=cg).params["removed"]
+
+    sparsity = search_ratio(params_at, target, high=0.99)
+    plan = make_plan(model, None, sparsity, unit="params", graph=cg)
+    plan_s = time.perf_counter() - start - graph_s
+    batches = calibration.labeled if kind == "taylor" else calibration.batches
+    compensate = "add_bias" if kind == "fluctuation" else False
+    apply_plan(model, calibration.example, plan, importance=kind, calibration=batches, graph=cg,
+               compensate=compensate)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    kinds = sorted({g.kind for g in plan.groups})
+    return {"prune_s": seconds, "graph_s": graph_s, "plan_s": plan_s, "apply_s": seconds - graph_s - plan_s,
+            "sparsity_in_groups": sparsity, "kinds": kinds,
+            "note": f"sparsify {kind} importance; make_plan uniform over {len(plan.groups)} exact groups {kinds}"
+                    + ("; FLAP bias compensation (add_bias)" if compensate else "")}
+
+
+def _layer_params(layer: nn.Module) -> int:
+    return sum(p.numel() for p in layer.parameters())
+
+
+def depth(model: nn.Module, calibration: Calibration, target: int) -> dict[str, Any]:
+    """Remove the fewest least-influential decoder layers (block influence) that reach ``target``."""
+    from sparsify import hf
+
+    device = _device(model)
+    _sync(device)
+    start = time.perf_counter()
+    scores = hf.layer_importance(model, calibration.batches, method="block_influence")
+    layers = list(model.model.layers)
+    per_layer = _layer_params(layers[0])
+    need = count_params(model)["total"] - target
+    count = min(max(math.ceil(need / per_layer - 0.01 * target / per_layer), 0), len(layers) - 1)
+    removed = sorted(scores.argsort()[:count].tolist())
+    if removed:
+        hf.remove_layers(model, removed)
+    _sync(device)
+    return {"prune_s": time.perf_counter() - start, "removed_layers": removed,
+            "note": f"block influence (ShortGPT); {count} of {len(layers)} layers removed "
+                    f"({per_layer:,} params each: the target is met to a layer)"}
+
+
+def experts(model: nn.Module, calibration: Calibration, target: int) -> dict[str, Any]:
+    """Remove the same number of least router-mass experts from every MoE layer to reach ``target``."""
+    from sparsify.hf import experts as moe
+
+    layers = moe.moe_layers(model)
+    if not layers:
+        raise RuntimeError("the model has no MoE layer (experts need a Mixtral-style model)")
+    device = _device(model)
+    _sync(device)
+    start = time.perf_counter()
+    importance = moe.expert_importance(model, calibration.batches, method="router_mass")
+    per_expert = sum(p.numel() for p in layers[0].experts.parameters()) // layers[0].num_experts
+    need = count_params(model)["total"] - target
+    each = min(round(need / (per_expert * len(layers))), min(m.num_experts - m.top_k for m in layers))
+    fraction = each / layers[0].num_experts
+    report = moe.prune_experts(model, importance, fraction=fraction, budget="uniform")
+    _sync(device)
+    return {"prune_s": time.perf_counter() - start, "experts_removed_per_layer": each,
+            "note": f"router mass; {each} of {layers[0].num_experts} experts removed per layer "
+                    f"(fraction {fraction:.3f}, counts {getattr(report, 'counts', None)})"}

@@ -1,0 +1,154 @@
+"""Peer pruners on the same Hugging Face decoder: Torch-Pruning (and NVIDIA ModelOpt when installed).
+
+Torch-Pruning (TP) 1.6 as in its ``examples/LLMs/prune_llm.py``: ``MetaPruner`` with a local (per
+layer) ratio on the hidden size (embedding, norms, every projection's input/output) and the MLP
+neurons, the LM head ignored as a root. Its dependency graph does not finish on a GQA attention
+(the query/key/value reshapes and ``repeat_kv``; TP issue #527 reports the same loop on Qwen3-8B),
+so each attention module is given to TP as one opaque layer (``customized_pruners``) whose input and
+output channels are the hidden size: TP prunes the hidden size through it and keeps its heads. The
+ratio meeting the parameter target is searched by pruning copies (not timed); the timed run is one
+``MetaPruner`` build plus ``step()``. A run longer than ``timeout_s`` is abandoned (SIGALRM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from benchmarks.llm_lib.budget import count_params, search_ratio
+from benchmarks.llm_lib.ours import Calibration, _device, _sync
+
+
+@contextlib.contextmanager
+def deadline(seconds: float | None, what: str) -> Iterator[None]:
+    """Raise TimeoutError inside the block after ``seconds`` (main thread only; elsewhere no limit)."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"{what} did not finish in {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _attention_pruner() -> Any:
+    import torch_pruning as tp
+
+    def cut(linear: nn.Linear, idxs: list[int], dim: int) -> None:
+        keep = torch.tensor(sorted(set(range(linear.weight.shape[dim])) - set(int(i) for i in idxs)),
+                            device=linear.weight.device)
+        linear.weight = nn.Parameter(linear.weight.data.index_select(dim, keep))
+        if dim == 0 and linear.bias is not None:
+            linear.bias = nn.Parameter(linear.bias.data.index_select(0, keep))
+        if dim == 0:
+            linear.out_features = len(keep)
+        else:
+            linear.in_features = len(keep)
+
+    class AttentionAsLayer(tp.pruner.function.BasePruningFunc):
+        """A whole attention module as one layer: input = q/k/v columns, output = o_proj rows (hidden size)."""
+
+        TARGET_MODULES = None
+
+        def prune_out_channels(self, layer: nn.Module, idxs: list[int]) -> nn.Module:
+            cut(layer.o_proj, idxs, 0)
+            return layer
+
+        def prune_in_channels(self, layer: nn.Module, idxs: list[int]) -> nn.Module:
+            for name in ("q_proj", "k_proj", "v_proj"):
+                cut(getattr(layer, name), idxs, 1)
+            return layer
+
+        def get_out_channels(self, layer: nn.Module) -> int:
+            return layer.o_proj.out_features
+
+        def get_in_channels(self, layer: nn.Module) -> int:
+            return layer.q_proj.in_features
+
+    return AttentionAsLayer()
+
+
+def _attention_classes(model: nn.Module) -> set[type]:
+    return {type(m) for name, m in model.named_modules() if name.endswith("self_attn")}
+
+
+def _finish(model: nn.Module, tied: bool) -> None:
+    """Re-tie the LM head to the pruned embedding and write the new widths into the config."""
+    embed = model.get_input_embeddings()
+    if tied:
+        model.lm_head.weight = embed.weight
+    config = model.config
+    config.hidden_size = embed.weight.shape[1]
+    mlp = model.model.layers[0].mlp
+    config.intermediate_size = mlp.gate_proj.out_features
+
+
+def _tp_prune(model: nn.Module, calibration: Calibration, ratio: float, criterion: str) -> None:
+    import torch_pruning as tp
+
+    tied = model.lm_head.weight is model.get_input_embeddings().weight
+    if criterion == "taylor":
+        importance = tp.importance.GroupTaylorImportance()
+        model.zero_grad(set_to_none=True)
+        for batch in calibration.labeled:
+            model(**batch).loss.backward()
+    else:
+        importance = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean")
+    head_dim = model.model.layers[0].self_attn.head_dim
+    model.config.head_dim = head_dim  # the rotary embedding reads it; hidden_size / heads changes below
+    pruner = tp.pruner.MetaPruner(
+        model, example_inputs=calibration.example["input_ids"], importance=importance, global_pruning=False,
+        pruning_ratio=ratio, ignored_layers=[model.lm_head], round_to=None,
+        customized_pruners={cls: _attention_pruner() for cls in _attention_classes(model)})
+    pruner.step()
+    model.zero_grad(set_to_none=True)
+    _finish(model, tied)
+
+
+def torch_pruning(model: nn.Module, calibration: Calibration, target: int, criterion: str = "magnitude", *,
+                  timeout_s: float | None = 90.0) -> dict[str, Any]:
+    """Prune ``model`` in place with Torch-Pruning to about ``target`` parameters."""
+    import torch_pruning as tp
+
+    def params_at(ratio: float) -> float:
+        trial = copy.deepcopy(model)
+        _tp_prune(trial, calibration, ratio, "magnitude")  # counts do not depend on the criterion (local ratio)
+        return count_params(trial)["total"]
+
+    with deadline(timeout_s, "Torch-Pruning's ratio search"):
+        ratio = search_ratio(params_at, target, high=0.9, iters=10, tolerance=0.004)
+    device = _device(model)
+    _sync(device)
+    start = time.perf_counter()
+    with deadline(timeout_s, "Torch-Pruning"):
+        _tp_prune(model, calibration, ratio, criterion)
+    _sync(device)
+    return {"prune_s": time.perf_counter() - start, "tp_ratio": ratio, "torch_pruning": tp.__version__,
+            "note": f"Torch-Pruning {tp.__version__} MetaPruner, {criterion}, local ratio {ratio:.3f} on the "
+                    "hidden size and MLP neurons; attention as one opaque layer (heads kept: TP's graph loops on "
+                    "GQA)"}
+
+
+def modelopt(model: nn.Module, calibration: Calibration, target: int) -> dict[str, Any]:
+    """NVIDIA ModelOpt's Minitron pruning, where ``nvidia-modelopt`` is installed and runs here."""
+    try:
+        import modelopt.torch.prune as mtp
+    except ImportError as error:
+        raise RuntimeError(f"nvidia-modelopt is not installed ({error})") from error
+    raise RuntimeError(f"ModelOpt {getattr(mtp, '__name__', '')} is importable but its HF LLaMA path is not wired "
+                       "into this benchmark (its Minitron mode needs Megatron-Core / NeMo models)")
