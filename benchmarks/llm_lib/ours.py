@@ -3,10 +3,11 @@
 Width (``activation`` = Wanda, ``filter_norm`` = magnitude, ``taylor`` = LLM-Pruner, ``fluctuation``
 = FLAP with bias compensation): trace the channel graph once, search the ``make_plan`` sparsity
 (``unit="params"``, uniform over every exact group: MLP neurons and KV groups) whose first-order
-count meets the target, then ``apply_plan`` with the importance. Depth: ShortGPT's block influence,
-removing the fewest least-influential layers that reach the target. Experts (MoE models): router mass,
-removing the same number of experts from every layer. Every function prunes ``model`` in place and
-returns seconds per phase and notes.
+count meets the target (MLP neurons only where removing a whole KV group overshoots), then
+``apply_plan`` with the importance. Depth: ShortGPT's block influence, removing the fewest
+least-influential layers that reach the target. Experts (MoE models): router mass, removing the same
+number of experts from every layer. Every function prunes ``model`` in place and returns seconds per
+phase and notes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.llm_lib.budget import count_params, search_ratio
+from benchmarks.llm_lib.budget import count_params, search_ratio, within
 
 WIDTH = {"activation": "activation", "magnitude": "filter_norm", "taylor": "taylor", "fluctuation": "fluctuation"}
 
@@ -60,11 +61,17 @@ def width(model: nn.Module, calibration: Calibration, target: int, importance: s
     graph_s = time.perf_counter() - start
     total = count_params(model)["total"]
 
-    def params_at(sparsity: float) -> float:
-        return total - make_plan(model, None, sparsity, unit="params", graph=cg).params["removed"]
+    plans = []
+    for kinds in (None, {"channel"}):  # heads and MLP neurons; MLP neurons only where a KV group is too coarse
+        def params_at(sparsity: float, kinds: set[str] | None = kinds) -> float:
+            return total - make_plan(model, None, sparsity, unit="params", graph=cg, kinds=kinds).params["removed"]
 
-    sparsity = search_ratio(params_at, target, high=0.99)
-    plan = make_plan(model, None, sparsity, unit="params", graph=cg)
+        sparsity = search_ratio(params_at, target, high=0.99)
+        plans.append(make_plan(model, None, sparsity, unit="params", graph=cg, kinds=kinds))
+        if within(total - plans[-1].params["removed"], target):
+            break
+    plan = min(plans, key=lambda p: abs(total - p.params["removed"] - target))
+    sparsity = plan.sparsity
     plan_s = time.perf_counter() - start - graph_s
     batches = calibration.labeled if kind == "taylor" else calibration.batches
     compensate = "add_bias" if kind == "fluctuation" else False

@@ -2,10 +2,12 @@
 
 Torch-Pruning (TP) 1.6 as in its ``examples/LLMs/prune_llm.py``: ``MetaPruner`` with a local (per
 layer) ratio on the hidden size (embedding, norms, every projection's input/output) and the MLP
-neurons, the LM head ignored as a root. Its dependency graph does not finish on a GQA attention
-(the query/key/value reshapes and ``repeat_kv``; TP issue #527 reports the same loop on Qwen3-8B),
-so each attention module is given to TP as one opaque layer (``customized_pruners``) whose input and
-output channels are the hidden size: TP prunes the hidden size through it and keeps its heads. The
+neurons, the LM head ignored as a root. Its dependency graph does not finish on the GQA attention
+of transformers 5 (the tracing loops in ``get_all_groups``, TP issue #527 reports the same on
+Qwen3-8B; with an attention given as a customized layer it fails on the rotary ``cat``), so while
+TP traces, each attention runs inside one opaque autograd node and is given to TP as one layer
+(``customized_pruners``) whose input and output channels are the hidden size: TP prunes the hidden
+size through it (q/k/v columns, o_proj rows) and keeps its heads. The
 ratio meeting the parameter target is searched by pruning copies (not timed); the timed run is one
 ``MetaPruner`` build plus ``step()``. A run longer than ``timeout_s`` is abandoned (SIGALRM).
 """
@@ -83,8 +85,40 @@ def _attention_pruner() -> Any:
     return AttentionAsLayer()
 
 
-def _attention_classes(model: nn.Module) -> set[type]:
-    return {type(m) for name, m in model.named_modules() if name.endswith("self_attn")}
+def _attentions(model: nn.Module) -> list[nn.Module]:
+    return [m for name, m in model.named_modules() if name.endswith("self_attn")]
+
+
+class _Opaque(torch.autograd.Function):
+    """Runs a module's forward as one autograd node (tracing only: never differentiated)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, run: Any) -> torch.Tensor:  # type: ignore[override]
+        return run(hidden)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:  # type: ignore[override]
+        raise RuntimeError("the opaque attention is for Torch-Pruning's tracing only")
+
+
+@contextlib.contextmanager
+def opaque_attention(model: nn.Module) -> Iterator[None]:
+    """While inside, every attention module's output is one autograd node whose input is the hidden state."""
+    patched = []
+    for attention in _attentions(model):
+        original = attention.forward
+
+        def forward(hidden_states: torch.Tensor, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            out = _Opaque.apply(hidden_states, lambda h: _original(h, *args, **kwargs)[0])
+            return out, None
+
+        attention.forward = forward
+        patched.append(attention)
+    try:
+        yield
+    finally:
+        for attention in patched:
+            del attention.forward
 
 
 def _finish(model: nn.Module, tied: bool) -> None:
@@ -111,10 +145,11 @@ def _tp_prune(model: nn.Module, calibration: Calibration, ratio: float, criterio
         importance = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean")
     head_dim = model.model.layers[0].self_attn.head_dim
     model.config.head_dim = head_dim  # the rotary embedding reads it; hidden_size / heads changes below
-    pruner = tp.pruner.MetaPruner(
-        model, example_inputs=calibration.example["input_ids"], importance=importance, global_pruning=False,
-        pruning_ratio=ratio, ignored_layers=[model.lm_head], round_to=None,
-        customized_pruners={cls: _attention_pruner() for cls in _attention_classes(model)})
+    with opaque_attention(model):
+        pruner = tp.pruner.MetaPruner(
+            model, example_inputs=calibration.example["input_ids"], importance=importance, global_pruning=False,
+            pruning_ratio=ratio, ignored_layers=[model.lm_head], round_to=None,
+            customized_pruners={type(a): _attention_pruner() for a in _attentions(model)})
     pruner.step()
     model.zero_grad(set_to_none=True)
     _finish(model, tied)
