@@ -43,9 +43,14 @@ def plan_folds(cg: ChannelGraph, removals: list[tuple[Member, torch.Tensor]], at
     model = cg.model
     deltas: dict[str, BiasFold] = {}
     for (member, idx), ss in zip(removals, sites, strict=True):
-        ks = [_constants(next(values), atol) for _ in ss]
+        vs = [next(values) for _ in ss]
+        ks = [_constants(v, atol) for v in vs]
         k = ks[0]
-        if any(not torch.allclose(k, other, rtol=0.0, atol=atol) for other in ks[1:]):
+        if any(bool(_zero_padded_constants(v, atol).any()) for v in vs):
+            fold = BiasFold(member.module, torch.empty(0), False,
+                            f"removed input channels of '{member.module}' carry a constant that was zero-padded "
+                            "on the way (a pad between them and the layer): no bias reproduces its border")
+        elif any(not torch.allclose(k, other, rtol=0.0, atol=atol) for other in ks[1:]):
             fold = BiasFold(member.module, torch.empty(0), False,
                             f"'{member.module}' is called at {len(ss)} places whose removed input channels carry "
                             "different constants; one bias cannot absorb them")
@@ -91,6 +96,19 @@ def _constants(v: torch.Tensor, atol: float) -> torch.Tensor:
     scale = v.abs().amax(dim=1).clamp_min(1.0)
     is_const = ((v - const[:, None]).abs() <= atol * scale[:, None]).all(dim=1)
     return torch.where(is_const & (const != 0), const, torch.zeros_like(const))
+
+
+def _zero_padded_constants(v: torch.Tensor, atol: float) -> torch.Tensor:
+    """Per channel: True if it is one non-zero constant except at positions where it is exactly zero (a
+    constant that went through a zero pad): folding it into a bias would add it at the border too."""
+    if v.numel() == 0:
+        return torch.zeros(v.shape[0], dtype=torch.bool, device=v.device)
+    zero = v == 0
+    live = ~zero
+    first = torch.where(live, v, torch.zeros_like(v)).sum(dim=1) / live.sum(dim=1).clamp_min(1)
+    scale = v.abs().amax(dim=1).clamp_min(1.0)
+    same = ((v - first[:, None]).abs() <= atol * scale[:, None]) | zero
+    return same.all(dim=1) & zero.any(dim=1) & live.any(dim=1) & (first.abs() > atol * scale)
 
 
 def _call_sites(cg: ChannelGraph, member: Member) -> list[Space]:

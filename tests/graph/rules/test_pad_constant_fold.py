@@ -1,12 +1,11 @@
 """A channel that emits a constant (BN shift after a pruned conv) through F.pad (fx) or aten.pad /
 aten.constant_pad_nd (torch.export) into a convolution: the pad writes zeros around the constant, so
 folding it into the next bias is exact only away from the border. Today the prune neither folds nor
-refuses and the outputs change silently (found with timm's 'same'-padded convs, coverage zoo issue #21).
+refused and the outputs changed silently (found with timm's 'same'-padded convs, coverage zoo issue #21).
 
-The fix belongs where constants are folded (``sparsify/prune/fold.py`` / the pad rule in
-``graph/rules/layers.py``): a pad between the emitting channel and its consumer must make the fold
-inexact, as a conv's own padding does, so that prune_channels raises InexactPruneError. Strict xfail: a fix
-must remove the marker."""
+Fixed where constants are folded (``sparsify/prune/fold.py``): a channel that is one constant except where
+it is exactly zero went through a zero pad, so the fold is inexact, as a conv's own padding makes it, and
+prune_channels raises InexactPruneError."""
 
 from __future__ import annotations
 
@@ -30,7 +29,6 @@ class _PadThenConv(nn.Module):
         return self.b(F.pad(torch.relu(self.bn(self.a(x))), (1, 1, 1, 1)))
 
 
-@pytest.mark.xfail(strict=True, reason="a constant through F.pad / aten.pad into a conv is dropped silently")
 @pytest.mark.parametrize("front_end", ["fx", "export"])
 def test_a_constant_through_a_pad_is_refused_or_stays_exact(front_end: str) -> None:
     torch.manual_seed(0)
