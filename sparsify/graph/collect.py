@@ -75,14 +75,6 @@ def _apply_rule(traced: TracedModel, facts: GraphFacts, node: fx.Node, deferred:
             ctx.block_all(f"no op rule for {ctx.describe()}; its channels are not prunable. "
                           f"Fix: register one with {fix} (see docs/op_rules.md)")
         return
-    if makes_tensor and not node.users and not _in_place(ctx):
-        for key, info in value_infos(traced.values.get(node.name), node.name):
-            for d in range(info.ndim):
-                ctx.block(ctx._space_of_key(key, d, info), (
-                    f"{ctx.describe()} computes a value that nothing uses (torch.export keeps such a node where "
-                    "Python code reads its shape, e.g. a size check that chooses a branch); couplings through it "
-                    "are not taken as evidence"))
-        return
     before = _Declared.of(facts)
     mark = broadcasts.mark()
     try:
@@ -96,6 +88,14 @@ def _apply_rule(traced: TracedModel, facts: GraphFacts, node: fx.Node, deferred:
     if not ctx.asked_for_spaces and makes_tensor:
         deferred.add(node.name)
     broadcasts.after_rule(ctx, mark)
+    if makes_tensor and not node.users and not _in_place(ctx):
+        # a value nothing uses still runs (its members are sliced), but torch.export keeps such a node where
+        # Python reads its shape (CLIPSeg's position table: a size check that chooses a branch), so its
+        # couplings do not count as a consumer declaring a parameter's dim a channel dim
+        facts.layout_cache.setdefault(_DEAD, []).append((before, _Declared.of(facts)))
+
+
+_DEAD = "__unused_value_couplings__"  # key in facts.layout_cache: [(_Declared before, after)] of unused values
 
 
 def _in_place(ctx: OpContext) -> bool:
@@ -176,9 +176,13 @@ def _block_undeclared_parameter_dims(facts: GraphFacts, parameter_spaces: list[t
     """A dim of a parameter read by ``get_attr`` is a channel dim only if a consumer's rule couples it
     (``same``/``pairs``/``merge``, or a member on the consumer's space such as F.conv2d's weight dim
     0). Others, like a kernel's spatial dims, are barriers rather than prunable on their own."""
-    coupled = {s for pair in facts.same for s in pair}
-    coupled |= {s for a, b, _, _ in facts.pairs for s in (a, b)}
-    coupled |= {s for m in facts.merges for s in (m.out, *m.factors)}
+    dead = facts.layout_cache.get(_DEAD, [])
+    same = [p for k, p in enumerate(facts.same) if not any(a.same <= k < b.same for a, b in dead)]
+    pairs = [p for k, p in enumerate(facts.pairs) if not any(a.pairs <= k < b.pairs for a, b in dead)]
+    merges = [m for k, m in enumerate(facts.merges) if not any(a.merges <= k < b.merges for a, b in dead)]
+    coupled = {s for pair in same for s in pair}
+    coupled |= {s for a, b, _, _ in pairs for s in (a, b)}
+    coupled |= {s for m in merges for s in (m.out, *m.factors)}
     own = {space for space, _ in parameter_spaces}
     tensor_of = {m.space: m.tensor for m in facts.members if m.space in own}
     declared = {(m.tensor, m.dim) for m in facts.members if m.space not in own}

@@ -4,7 +4,6 @@ marked inexact for the reason that names the op."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
