@@ -132,7 +132,8 @@ def _finish(model: nn.Module, tied: bool) -> None:
     config.intermediate_size = mlp.gate_proj.out_features
 
 
-def _tp_prune(model: nn.Module, calibration: Calibration, ratio: float, criterion: str) -> None:
+def _tp_prune(model: nn.Module, calibration: Calibration, ratio: float, criterion: str,
+              timings: dict[str, float] | None = None) -> None:
     import torch_pruning as tp
 
     tied = model.lm_head.weight is model.get_input_embeddings().weight
@@ -145,14 +146,21 @@ def _tp_prune(model: nn.Module, calibration: Calibration, ratio: float, criterio
         importance = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean")
     head_dim = model.model.layers[0].self_attn.head_dim
     model.config.head_dim = head_dim  # the rotary embedding reads it; hidden_size / heads changes below
+    start = time.perf_counter()
     with opaque_attention(model):
         pruner = tp.pruner.MetaPruner(
             model, example_inputs=calibration.example["input_ids"], importance=importance, global_pruning=False,
             pruning_ratio=ratio, ignored_layers=[model.lm_head], round_to=None,
             customized_pruners={type(a): _attention_pruner() for a in _attentions(model)})
+    graph_s = time.perf_counter() - start
     pruner.step()
     model.zero_grad(set_to_none=True)
     _finish(model, tied)
+    if timings is not None:
+        timings.update(graph_s=graph_s, step_s=time.perf_counter() - start - graph_s)
+
+
+_RATIOS: dict[tuple[int, int], float] = {}  # (params, target) → ratio: the counts do not depend on the criterion
 
 
 def torch_pruning(model: nn.Module, calibration: Calibration, target: int, criterion: str = "magnitude", *,
@@ -165,15 +173,19 @@ def torch_pruning(model: nn.Module, calibration: Calibration, target: int, crite
         _tp_prune(trial, calibration, ratio, "magnitude")  # counts do not depend on the criterion (local ratio)
         return count_params(trial)["total"]
 
-    with deadline(timeout_s, "Torch-Pruning's ratio search"):
-        ratio = search_ratio(params_at, target, high=0.9, iters=10, tolerance=0.004)
+    key = (count_params(model)["total"], target)
+    if key not in _RATIOS:
+        with deadline(timeout_s, "Torch-Pruning's ratio search"):
+            _RATIOS[key] = search_ratio(params_at, target, high=0.9, iters=10, tolerance=0.004)
+    ratio = _RATIOS[key]
     device = _device(model)
+    timings: dict[str, float] = {}
     _sync(device)
     start = time.perf_counter()
     with deadline(timeout_s, "Torch-Pruning"):
-        _tp_prune(model, calibration, ratio, criterion)
+        _tp_prune(model, calibration, ratio, criterion, timings)
     _sync(device)
-    return {"prune_s": time.perf_counter() - start, "tp_ratio": ratio, "torch_pruning": tp.__version__,
+    return {"prune_s": time.perf_counter() - start, **timings, "tp_ratio": ratio, "torch_pruning": tp.__version__,
             "note": f"Torch-Pruning {tp.__version__} MetaPruner, {criterion}, local ratio {ratio:.3f} on the "
                     "hidden size and MLP neurons; attention as one opaque layer (heads kept: TP's graph loops on "
                     "GQA)"}

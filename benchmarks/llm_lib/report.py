@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 COLUMNS = ("method", "target", "params", "met", "ppl one-shot", "ppl recovered", "tokens/s", "peak MiB",
-           "prune s")
+           "prune s", "graph s")
 
 
 def load(out: Path) -> list[dict[str, Any]]:
@@ -42,13 +42,13 @@ def rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def cells(row: dict[str, Any]) -> list[str]:
     if "error" in row and "params" not in row:
         return [row["method"], f"{row['target']:.0%}", "failed: " + row["error"][:70].replace("|", "/"), "", "", "", "",
-                "", ""]
+                "", "", ""]
     met = {True: "yes", False: "no", None: ""}[row.get("target_met")]
     peak = row.get("peak_bytes")
     return [row["method"], f"{row['target']:.0%}", _fmt(row.get("params"), ","), met,
             _fmt(row.get("ppl_oneshot"), ".2f"), _fmt(row.get("ppl_recovered"), ".2f"),
             _fmt(row.get("tokens_per_s"), ",.0f"), _fmt(None if peak is None else peak / 2**20, ".0f"),
-            _fmt(row.get("prune_s"), ".2f")]
+            _fmt(row.get("prune_s"), ".2f"), _fmt(row.get("graph_s"), ".2f")]
 
 
 def markdown(table: list[dict[str, Any]]) -> str:

@@ -100,9 +100,12 @@ def test_every_method_at_both_targets(tmp_path, corpus_dir) -> None:
         for target in (0.25, 0.5):
             assert (method, target) in ok, [r for r in rows if r["method"] == method]
     for r in rows:
-        if r["method"] != "dense" and r["method"] != "depth" and "error" not in r:
-            assert r["target_met"], r
-            assert math.isfinite(r["ppl_oneshot"]) and math.isfinite(r["ppl_recovered"])
+        if r["method"] in ("dense", "depth"):
+            continue
+        # Torch-Pruning's local ratio moves whole hidden channels (~1 % of this tiny model each)
+        tolerance = 0.02 if r["method"].startswith("tp_") else 0.01
+        assert abs(r["params"] - r["target_params"]) <= tolerance * r["target_params"], r
+        assert math.isfinite(r["ppl_oneshot"]) and math.isfinite(r["ppl_recovered"])
     moe_rows = _run(_saved(tmp_path, "moe"), corpus_dir, tmp_path / "moe_out", "experts", "0.25")
     experts = next(r for r in moe_rows if r["method"] == "experts")
     assert "error" not in experts and math.isfinite(experts["ppl_recovered"])
