@@ -6,7 +6,7 @@
 Methods (``--methods``): sparsify width pruning with the ``activation`` (Wanda), ``magnitude``
 (filter_norm), ``taylor`` (LLM-Pruner) and ``fluctuation`` (FLAP, bias compensation) importances;
 ``depth`` (block influence, whole layers); ``experts`` (MoE models only); Torch-Pruning's
-``tp_magnitude`` and ``tp_taylor``; ``modelopt`` (NVIDIA ModelOpt, when installed). Parameters are
+``tp_magnitude`` and ``tp_taylor``; ``modelopt`` (NVIDIA ModelOpt FastNAS, when installed). Parameters are
 counted once per tensor, embedding included (tied with the LM head). Each (method, target) is pruned
 one-shot from the dense model, measured (held-out perplexity, forward tokens/s, peak CUDA memory),
 then recovered by ``--recovery-steps`` of distillation from the dense teacher and measured again. One
@@ -31,8 +31,8 @@ from benchmarks.llm_lib.ours import Calibration
 
 OURS = ("activation", "magnitude", "taylor", "fluctuation", "depth", "experts")
 PEERS = ("tp_magnitude", "tp_taylor", "modelopt")
-DEFAULT_METHODS = ("activation", "magnitude", "taylor", "fluctuation", "depth", "experts", "tp_magnitude",
-                   "tp_taylor")
+DEFAULT_METHODS = ("activation", "magnitude", "depth", "tp_magnitude", "taylor", "fluctuation", "tp_taylor",
+                   "experts", "modelopt")  # the first four first: --max-minutes stops the sweep in this order
 
 
 def parser() -> argparse.ArgumentParser:

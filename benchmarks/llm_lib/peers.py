@@ -191,11 +191,62 @@ def torch_pruning(model: nn.Module, calibration: Calibration, target: int, crite
                     "GQA)"}
 
 
+class _Logits(nn.Module):
+    """``ids -> logits`` of a causal LM (ModelOpt traces a module of one tensor input)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids).logits
+
+
 def modelopt(model: nn.Module, calibration: Calibration, target: int) -> dict[str, Any]:
-    """NVIDIA ModelOpt's Minitron pruning, where ``nvidia-modelopt`` is installed and runs here."""
+    """NVIDIA ModelOpt's FastNAS pruning (``pip install nvidia-modelopt``) to ``target`` parameters.
+
+    FastNAS searches the widths ModelOpt finds configurable (on the HF LLaMA: the MLP neurons) for the
+    subnet of highest score under the parameter constraint; the score is minus the LM loss on the
+    calibration batches. ModelOpt counts a tied LM head apart from the embedding, so the constraint
+    is the target plus the embedding.
+    """
     try:
         import modelopt.torch.prune as mtp
     except ImportError as error:
-        raise RuntimeError(f"nvidia-modelopt is not installed ({error})") from error
-    raise RuntimeError(f"ModelOpt {getattr(mtp, '__name__', '')} is importable but its HF LLaMA path is not wired "
-                       "into this benchmark (its Minitron mode needs Megatron-Core / NeMo models)")
+        raise RuntimeError(f"nvidia-modelopt is not installed here ({error}): pip install nvidia-modelopt") from error
+    import tempfile
+
+    import torch.nn.functional as F
+
+    batches = [b["input_ids"] for b in calibration.batches[:2]]
+
+    @torch.no_grad()
+    def score(candidate: nn.Module) -> float:
+        losses = []
+        for ids in batches:
+            logits = candidate(ids)[:, :-1].float()
+            losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
+        return -float(torch.stack(losses).mean())
+
+    tied = model.lm_head.weight is model.get_input_embeddings().weight
+    extra = model.get_input_embeddings().weight.numel() if tied else 0
+    device = _device(model)
+    _sync(device)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        pruned, _ = mtp.prune(_Logits(model), mode="fastnas", constraints={"params": float(target + extra)},
+                              dummy_input=calibration.example["input_ids"],
+                              config={"data_loader": batches, "score_func": score,
+                                      "checkpoint": f"{folder}/search.pth"})
+    _sync(device)
+    seconds = time.perf_counter() - start
+    if pruned.model is not model:
+        raise RuntimeError("ModelOpt returned a new model; the benchmark measures the one it pruned in place")
+    if tied:
+        model.lm_head.weight = model.get_input_embeddings().weight
+    model.config.intermediate_size = model.model.layers[0].mlp.gate_proj.out_features
+    import modelopt as mo
+
+    return {"prune_s": seconds, "modelopt": mo.__version__,
+            "note": f"ModelOpt {mo.__version__} FastNAS, params constraint, score = -LM loss on 2 calibration "
+                    "batches (the search is timed: it is the method)"}
