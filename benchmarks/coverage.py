@@ -130,7 +130,8 @@ def prune_leaving_out_unfoldable(cg: Any, plan: dict[int, Any]) -> list[str]:
             prune_channels(cg, {k: v for k, v in plan.items() if k not in left_out})
             return [by_id[k].name for k in left_out]
         except InexactPruneError as exc:
-            named = set(re.findall(r"'([^']+)' pads its input", str(exc)))
+            padded = r"'([^']+)' pads its input|input channels of '([^']+)' carry a constant that was zero-padded"
+            named = {a or b for a, b in re.findall(padded, str(exc))}
             culprits = [k for k in plan if k not in left_out
                         and any(m.role == "in" and m.module in named for m in by_id[k].members)]
             if not culprits or len(left_out) + len(culprits) >= len(plan):
