@@ -34,6 +34,8 @@ def _tp(rec: dict[str, Any]) -> str:
 
 def _result(rec: dict[str, Any]) -> str:
     text = rec["result"] if rec["result"] == "exact" else f"**{rec['result']}**: {_cell(rec.get('reason', ''))}"
+    if rec.get("precision"):  # x.float() inside the float64 model: that precision's tolerance
+        text += f" (it {_cell(rec['precision'], 90)}: pass ≤ {rec['rel_tol']:g})"
     cache = rec.get("use_cache")
     if cache:
         extra = cache["result"]
@@ -89,7 +91,9 @@ def render(results: Path) -> str:
         "intermediate 128, vocabulary 128 where the config has those fields — and the first task head of "
         "causal LM, masked LM, seq2seq LM, image / audio classification, AutoModel), traced and grouped, "
         "about half of every exact group is zeroed and pruned, and the outputs are compared in float64 "
-        "(relative error = max |diff| / max |output|, pass ≤ 1e-9). Torch-Pruning runs on a fresh copy of the "
+        "(relative error = max |diff| / max |output|, pass ≤ 1e-9; a model that computes in a lower "
+        "precision inside, such as `x.float()`, passes within that precision's rounding: ≤ 1e-5 for float32). "
+        "Torch-Pruning runs on a fresh copy of the "
         "same model: `DependencyGraph.build_dependency`, one 50 % `MetaPruner` step (classifier / LM head "
         "ignored), a forward (a family run with `--no-torch-pruning` shows — there). Hugging Face decoders are "
         "checked with `use_cache` off and on (on: the cache's tensors are outputs, compared too; its KV heads "
