@@ -12,14 +12,20 @@ declare, node by node in graph order:
   broadcast along an output dim that carries channels taints that output dim;
 * a taint passes every coupling a node declares (element-wise ops, layouts, concatenation, norms);
 * a product (mul, matmul's batch dims) clears it when another operand's channels on that dim are not
-  tainted: a removed channel is zero there, and so is the product (eager attention's heads:
-  ``softmax(scores + mask) @ v`` is zero for a removed head, whose ``v`` is zero);
+  tainted and carry no offset: a removed channel is zero there, and so is the product (eager attention's
+  heads: ``softmax(scores + mask) @ v`` is zero for a removed head, whose ``v`` is zero);
+* an *offset* marks spaces whose removed channels may hold a non-zero constant: a parameter-free op on one
+  tensor that does not map zero to zero (``sigmoid``, ``cos``, ``x + 1``; tried on zeros) starts it, and it
+  follows the couplings like the taint. An offset alone is harmless (``prune/fold.py`` folds constants), but
+  an offset operand does not clear a product's taint (``sigmoid(gate(x)) * tainted``: a removed gate
+  channel is ``sigmoid(0) = 0.5``, so the product keeps the varying value);
 * a tainted space read by a parameter (an ``in`` member: a conv, a linear) or mixed into a sum over
   channels (a sink) makes its group inexact, with a reason that names the op that broke the zeros.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 from sparsify.graph.builder import GraphFacts, OpContext, Space
@@ -36,6 +42,7 @@ class BroadcastValues:
     def __init__(self, facts: GraphFacts, graph: fx.Graph) -> None:
         self.facts = facts
         self.tainted: dict[Space, str] = {}
+        self.offset: set[Space] = set()  # removed channels may hold a non-zero constant
         self._input_dependent: dict[str, bool] = {}  # whether a value is computed from a model input
         for n in graph.nodes:  # graph order is a topological order
             self._input_dependent[n.name] = n.op == "placeholder" or any(
@@ -56,15 +63,17 @@ class BroadcastValues:
         for a, b in edges:
             neighbours.setdefault(a, set()).add(b)
             neighbours.setdefault(b, set()).add(a)
-        reached = self._reach(neighbours)
-        own = [s for s in reached if _is_output(s, node)]
+        reached = _reach(neighbours, self.tainted)
         product = ctx.op_name in _PRODUCTS
-        for s in own:
-            clean = [n for n in neighbours[s] if n not in self.tainted and not _is_output(n, node)]
-            if product and clean:
+        for s in [s for s in _reach(neighbours, dict.fromkeys(self.offset, "")) if _is_output(s, node)]:
+            if not (product and self._zero_operands(neighbours[s], node)):
+                self.offset.add(s)
+        for s in [s for s in reached if _is_output(s, node)]:
+            if product and self._zero_operands(neighbours[s], node):
                 continue  # a removed channel is zero in the clean operand, so in the product
             self.tainted.setdefault(s, reached[s])
         self._sources(ctx)
+        self._offset_sources(ctx)
         readers = [(m.space, f"'{m.tensor}' reads them") for m in f.members[members:] if m.role == "in"]
         readers += [(s, f"{f.sinks[s]}") for s in list(f.sinks)[sinks:]]
         for space, what in readers:
@@ -72,18 +81,22 @@ class BroadcastValues:
             if why:
                 ctx.mark_inexact(space, f"{why}; at {ctx.describe()} {what}, so removing them changes the result")
 
-    def _reach(self, neighbours: dict[Space, set[Space]]) -> dict[Space, str]:
-        """Spaces connected to a tainted one by this node's couplings, with the taint's reason."""
-        reached: dict[Space, str] = {}
-        for seed in [s for s in neighbours if s in self.tainted]:
-            stack = [seed]
-            while stack:
-                s = stack.pop()
-                if s in reached:
-                    continue
-                reached[s] = self.tainted[seed]
-                stack.extend(neighbours.get(s, ()))
-        return reached
+    def _zero_operands(self, spaces: set[Space], node: fx.Node) -> bool:
+        """Whether an operand space of ``node`` is zero on removed channels (neither tainted nor offset)."""
+        return any(n not in self.tainted and n not in self.offset and not _is_output(n, node) for n in spaces)
+
+    def _offset_sources(self, ctx: OpContext) -> None:
+        """A parameter-free op on one tensor whose result on zeros is not zero: its removed channels hold a
+        constant (``sigmoid(0) = 0.5``). Tried on a zero tensor; an op that cannot be tried counts as one."""
+        node, out = ctx.node, ctx.out_info
+        tensors = ctx.tensor_args()
+        if out is None or len(node.all_input_nodes) != 1 or len(tensors) != 1 or ctx.op_name in _PRODUCTS:
+            return
+        spaces = [(node.name, d) for d in range(out.ndim) if (node.name, d) in self.facts.widths]
+        if not spaces or all(s in self.offset for s in spaces):
+            return
+        if not _maps_zero_to_zero(ctx, tensors[0]):
+            self.offset.update(spaces)
 
     def _sources(self, ctx: OpContext) -> None:
         """An additive op with an input-dependent operand broadcast along an output channel dim."""
@@ -108,6 +121,47 @@ class BroadcastValues:
 
     def _depends_on_input(self, node: fx.Node) -> bool:
         return self._input_dependent.get(node.name, True)
+
+
+def _reach(neighbours: dict[Space, set[Space]], seeds: dict[Space, str]) -> dict[Space, str]:
+    """Spaces connected to a seed by one node's couplings, with the seed's reason."""
+    reached: dict[Space, str] = {}
+    for seed in [s for s in neighbours if s in seeds]:
+        stack = [seed]
+        while stack:
+            s = stack.pop()
+            if s in reached:
+                continue
+            reached[s] = seeds[seed]
+            stack.extend(neighbours.get(s, ()))
+    return reached
+
+
+def _maps_zero_to_zero(ctx: OpContext, operand: fx.Node) -> bool:
+    """Run ``ctx.node`` on zeros in place of ``operand`` (on the CPU); modules with parameters or buffers
+    produce zeros on removed channels (their members are zeroed with them) and are not run."""
+    node, info = ctx.node, ctx.info(operand)
+    assert info is not None
+    if node.op == "call_module":
+        module = ctx.module
+        if next(module.parameters(), None) is not None or next(module.buffers(), None) is not None:
+            return True
+    elif node.op not in ("call_function", "call_method"):
+        return True
+    zeros = torch.zeros(info.shape, dtype=info.dtype)
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda _: zeros)
+    try:
+        with torch.no_grad():
+            if node.op == "call_module":
+                result = ctx.module(*args, **kwargs)
+            elif node.op == "call_method":
+                result = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+            else:
+                result = node.target(*args, **kwargs)
+    except Exception:  # an op that cannot run on a plain zero tensor: assume the worst
+        return False
+    flat, _ = torch.utils._pytree.tree_flatten(result)
+    return all(not isinstance(t, torch.Tensor) or not bool(t.ne(0).any()) for t in flat)
 
 
 def _is_output(space: Space, node: fx.Node) -> bool:
