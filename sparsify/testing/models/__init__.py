@@ -4,12 +4,16 @@ Every builder returns ``(model, example_input)`` in the requested dtype (token i
 models are tiny (a few thousand parameters, 8×8 images, batch 2) so that the exactness oracle runs on
 each of them in well under a second. ``MODELS`` maps a name to each builder. The builders live by
 topology in ``cnn``, ``branches``, ``layout``, ``ops`` and ``tokens``; every one is importable from here.
+``fused_roles`` and ``attention_variants`` hold issue #21's sweep of the silent-wrong class (not in ``MODELS``:
+tests/graph/rules/test_silent_wrong_class.py runs them under fx and torch.export).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from sparsify.testing.models import attention_variants as attention_variants
+from sparsify.testing.models import fused_roles as fused_roles
 from sparsify.testing.models.branches import ChannelReduceNet as ChannelReduceNet
 from sparsify.testing.models.branches import ConcatNet as ConcatNet
 from sparsify.testing.models.branches import SENet as SENet
