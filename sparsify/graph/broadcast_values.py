@@ -150,6 +150,9 @@ def _maps_zero_to_zero(ctx: OpContext, operand: fx.Node) -> bool:
         return True
     zeros = torch.zeros(info.shape, dtype=info.dtype)
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda _: zeros)
+    # tried on the CPU whatever device the trace names (a meta-device model: .to(device=meta) would give
+    # a result without values)
+    args, kwargs = torch.utils._pytree.tree_map_only(torch.device, lambda _: torch.device("cpu"), (args, kwargs))
     try:
         with torch.no_grad():
             if node.op == "call_module":
