@@ -12,7 +12,7 @@ batches. Prune one-shot with the ``gmp`` policy (``update`` to the final sparsit
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
@@ -60,23 +60,9 @@ class ActivationStats:
 
     def collect(self, model: nn.Module, modules: Iterable[str], batches: Iterable[Any]) -> None:
         """Run ``model`` on every batch (eval mode, no_grad) and accumulate the layers' input Σx²."""
-        handles = []
-        for name in dict.fromkeys(modules):
-            module = model.get_submodule(name) if name else model
-            handles.append(module.register_forward_pre_hook(self._hook(name, module), with_kwargs=True))
-        modes = {m: m.training for m in model.modules()}
-        try:
-            model.eval()
-            with torch.no_grad():
-                for batch in batches:
-                    args, kwargs = as_args(batch)
-                    model(*args, **kwargs)
-                    self.samples += 1
-        finally:
-            for h in handles:
-                h.remove()
-            for m, mode in modes.items():
-                m.training = mode
+        hooks = {name: self._hook(name, model.get_submodule(name) if name else model)
+                 for name in dict.fromkeys(modules)}
+        self.samples += calibration_pass(model, hooks, batches)
         self.version += 1
 
     def _hook(self, name: str, module: nn.Module):
@@ -94,6 +80,29 @@ class ActivationStats:
     def norm(self, name: str) -> torch.Tensor | None:
         t = self.sumsq.get(name)
         return None if t is None else t.sqrt()
+
+
+def calibration_pass(model: nn.Module, hooks: dict[str, Callable[..., None]], batches: Iterable[Any]) -> int:
+    """Run ``model`` on every batch in eval mode without gradients, with each ``hooks[name]`` as a forward
+    pre-hook (``with_kwargs``) of submodule ``name`` (``""``: the model); hooks and train/eval modes are
+    restored whatever happens. Returns the number of batches run."""
+    handles = [(model.get_submodule(name) if name else model).register_forward_pre_hook(hook, with_kwargs=True)
+               for name, hook in hooks.items()]
+    modes = {m: m.training for m in model.modules()}
+    count = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                args, kwargs = as_args(batch)
+                model(*args, **kwargs)
+                count += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    return count
 
 
 class ActivationAdapter(FilterNormAdapter):

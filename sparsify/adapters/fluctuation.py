@@ -32,12 +32,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from sparsify.adapters.activation import ActivationAdapter
+from sparsify.adapters.activation import ActivationAdapter, calibration_pass
 from sparsify.adapters.base import AdapterConfig, ImportanceVector, original, register_adapter
 from sparsify.adapters.filter_norm import _SCALED_ROLES, _index
 from sparsify.errors import SparsifyError
 from sparsify.graph.channel_graph import ChannelGraph, Member
-from sparsify.graph.trace import as_args
 
 
 class FluctuationConfig(AdapterConfig):
@@ -64,21 +63,7 @@ class FluctuationStats:
         return sum(t.numel() * t.element_size() for d in (self.mean, self.m2) for t in d.values())
 
     def collect(self, model: nn.Module, modules: Iterable[str], batches: Iterable[Any]) -> None:
-        handles = [model.get_submodule(n).register_forward_pre_hook(self._hook(n), with_kwargs=True)
-                   for n in dict.fromkeys(modules)]
-        modes = {m: m.training for m in model.modules()}
-        try:
-            model.eval()
-            with torch.no_grad():
-                for batch in batches:
-                    args, kwargs = as_args(batch)
-                    model(*args, **kwargs)
-                    self.samples += 1
-        finally:
-            for h in handles:
-                h.remove()
-            for m, mode in modes.items():
-                m.training = mode
+        self.samples += calibration_pass(model, {n: self._hook(n) for n in dict.fromkeys(modules)}, batches)
         self.version += 1
 
     def _hook(self, name: str):
