@@ -35,6 +35,7 @@ from torch import nn
 from sparsify.graph.channel_graph import ChannelGraph
 from sparsify.graph.cost import module_macs
 from sparsify.graph.trace import TensorInfo
+from sparsify.measure.network import network_latency
 from sparsify.measure.progress import progress
 from sparsify.measure.timing import autocast_context, measure_latency
 
@@ -140,12 +141,19 @@ class LatencyModel:
         latency_fn: ``fn(spec, in_w, out_w) -> ms`` instead of timing.
         cache: configurations already timed → ms (share it between models; keys include batch, device,
             dtype, channels_last and ``latency_fn``).
+        measure: ``fn(pruned_model) -> ms``, the whole network's measured latency as the user runs it (a
+            pruned deep copy is passed; deploy it, compile it, time it). Default: :meth:`network_ms` times it
+            eagerly (:func:`sparsify.measure.network.network_latency`: eval, channels_last, autocast
+            ``dtype``, the traced inputs repeated to ``batch``). Used by latency targets
+            (``GMPConfig(budget="latency", target_speedup=...)``).
+        network_bench: :func:`sparsify.measure.bench.benchmark` options for the default whole-network timing.
     """
 
     def __init__(self, cg: ChannelGraph, *, batch: int | None = None, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None, channels_last: bool = True, step: int = 8,
                  grid_points: int | None = 5, iters: int = 10, warmup: int = 3, latency_fn: LatencyFn | None = None,
-                 cache: dict[tuple, float] | None = None) -> None:
+                 cache: dict[tuple, float] | None = None, measure: Callable[[nn.Module], float] | None = None,
+                 network_bench: Mapping[str, Any] | None = None) -> None:
         if int(step) != step or step < 1:
             raise ValueError(f"step must be a positive integer (e.g. 8), got {step!r}")
         if grid_points is not None and grid_points < 2:
@@ -154,6 +162,9 @@ class LatencyModel:
         self.dtype = torch.bfloat16 if dtype is None and self.device.type == "cuda" else dtype
         self.step, self.grid_points = int(step), grid_points
         self.cache: dict[tuple, float] = {} if cache is None else cache
+        self.graph, self.measure, self.channels_last = cg, measure, channels_last
+        self.network_bench = dict(network_bench or {})
+        self.network_timings: list[dict[str, Any]] = []  # every default whole-network timing, as plain data
         self.skipped: dict[str, str] = {}
         self.layers = self._collect(cg)
         self.batch = int(batch if batch is not None else self._traced_batch(cg))
@@ -296,6 +307,20 @@ class LatencyModel:
     def reduction(self, keep: Mapping[int, np.ndarray]) -> float:
         """Estimated dense ms / ms after removal."""
         return self.total / max(self.after(keep), 1e-12)
+
+    def network_ms(self, model: nn.Module) -> float:
+        """Measured ms of a whole (pruned) network: ``measure(model)`` if given, else the p50 of an eager timing
+        on this model's device, dtype and batch (its :class:`~sparsify.measure.bench.Timing` is appended to
+        ``network_timings``). ``model`` may be moved and put in eval mode: pass a copy."""
+        if self.measure is not None:
+            ms = float(self.measure(model))
+            if not math.isfinite(ms) or ms <= 0:
+                raise ValueError(f"the measure function returned {ms!r} ms; it must return a positive latency")
+            return ms
+        timing = network_latency(model, self.graph.traced.inputs, batch=self.batch, device=self.device,
+                                 dtype=self.dtype, channels_last=self.channels_last, **self.network_bench)
+        self.network_timings.append(timing.as_dict())
+        return timing.p50
 
     def describe(self) -> dict[str, Any]:
         """Settings and counts, for reports."""

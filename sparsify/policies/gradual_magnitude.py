@@ -8,6 +8,7 @@ channels, parameters or MACs; each group keeps its largest-importance structures
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ from sparsify.errors import SparsifyError
 from sparsify.policies.allocation import budgets
 from sparsify.policies.allocation.budgets import Budget, Unit
 from sparsify.policies.allocation.latency_budget import allocate_by_latency
+from sparsify.policies.allocation.latency_target import LatencyTargetReport, pruned_copy, solve_latency_target
 from sparsify.policies.allocation.macs_target import budget_keeps
 from sparsify.policies.base import (
     GroupView,
@@ -53,6 +55,15 @@ class GMPConfig(PolicyConfig):
     max_group_sparsity: float = Field(
         1.0, gt=0, le=1, description="largest fraction of one group's structures the budget may remove (e.g. 0.5 "
                                      "keeps at least half the heads of every layer); budget='latency' only for now")
+    target_speedup: float | None = Field(
+        None, description="budget='latency': the measured speedup over the dense network to reach (e.g. 2.0); the "
+                          "MACs fraction is then solved by measuring pruned copies, and `sparsity` is not used")
+    target_ms: float | None = Field(
+        None, gt=0, description="budget='latency': the measured latency in ms to reach (instead of target_speedup)")
+    latency_tolerance: float = Field(
+        0.05, gt=0, lt=1, description="a latency target is met when the measured ms is within this fraction of it")
+    latency_max_iterations: int = Field(
+        8, ge=1, description="pruned networks measured at most per solve of a latency target")
     start_step: int = Field(0, ge=0, description="first step that updates masks")
     end_step: int = Field(1000, ge=1, description="step at which the final sparsity is reached")
     update_every: int = Field(100, ge=1, description="steps between mask updates (Δt)")
@@ -76,11 +87,31 @@ class GMPConfig(PolicyConfig):
         if self.budget == "latency" and self.unit != "macs":
             raise ValueError(f"budget='latency' needs unit='macs' (sparsity is the exact fraction of MACs removed), "
                              f"got unit={self.unit!r}")
+        self._check_latency_target()
         if self.max_group_sparsity < 1 and self.budget != "latency":
             raise ValueError(f"max_group_sparsity={self.max_group_sparsity} is only honoured by budget='latency' "
                              f"(got budget={self.budget!r}); use budget='latency' (with unit='macs') or leave "
                              "max_group_sparsity at 1.0")
         return self
+
+
+    def _check_latency_target(self) -> None:
+        if self.target_speedup is None and self.target_ms is None:
+            return
+        if self.target_speedup is not None and self.target_ms is not None:
+            raise SparsifyError(f"GMPConfig got both target_speedup={self.target_speedup} and target_ms="
+                                f"{self.target_ms}: they contradict each other; give one of them")
+        if self.budget != "latency":
+            raise SparsifyError(f"a latency target (target_speedup / target_ms) needs budget='latency' (with "
+                                f"unit='macs'), got budget={self.budget!r}")
+        if self.target_speedup is not None and not (math.isfinite(self.target_speedup) and self.target_speedup > 1):
+            raise SparsifyError(f"target_speedup must be > 1 (2.0: twice as fast as the dense network), got "
+                                f"{self.target_speedup}; to keep the dense speed, prune nothing")
+
+    @property
+    def latency_target(self) -> bool:
+        """Whether the final sparsity is solved for a measured latency target."""
+        return self.target_speedup is not None or self.target_ms is not None
 
 
 def allocate_keep(groups: Sequence[GroupView], sparsity: float, unit: Unit, budget: Budget,
@@ -160,15 +191,23 @@ class GMPPolicy(Policy):
             raise SparsifyError("GMPConfig(budget='latency') needs a latency model: pass Sparsifier(model, inputs, "
                                 "..., latency_model=lambda graph: sparsify.measure.LatencyModel(graph, batch=..., "
                                 "device=..., step=...)) (or a LatencyModel built on the same model)")
+        if self.config.latency_target and not any(
+                hasattr(x, "shape") for x in context.latency_model.graph.traced.inputs):  # type: ignore[union-attr]
+            raise SparsifyError("a latency target measures the pruned network on the example inputs, but the "
+                                "traced inputs hold no tensor: pass Sparsifier(model, example_inputs=...) with the "
+                                "tensors the model runs on")
         self.groups, self.context = list(groups), context
         self.current = 0.0
+        self.final: float | None = None if self.config.latency_target else self.config.sparsity
+        self.latency_report: LatencyTargetReport | None = None  # a latency target's last solve
         for g in self.groups:
             for v in g.vectors:
                 v.adapter.install(v, Mask(len(v), v.raw().device))
 
     def target(self, step: int) -> float:
         c = self.config
-        return budgets.cubic_sparsity(step, c.sparsity, c.start_step, c.end_step, c.initial_sparsity)
+        final = self._final_sparsity()
+        return budgets.cubic_sparsity(step, final, c.start_step, c.end_step, min(c.initial_sparsity, final))
 
     def step(self, step: int) -> None:
         c = self.config
@@ -200,15 +239,50 @@ class GMPPolicy(Policy):
                                    max_group_sparsity=self.config.max_group_sparsity)
 
     def finalize(self) -> None:
+        if self.config.latency_target:  # solved again on the final magnitudes, from the last solution
+            final = self._solve(start=self.final)
+            if final <= 0:
+                set_masks(self.groups, [np.ones(g.width, dtype=bool) for g in self.groups])
+                self.current = 0.0
+            else:
+                self.update(final)
+            return
         if self.current < self.config.sparsity:
             self.update(self.config.sparsity)
 
+    # ----- latency targets
+    def _final_sparsity(self) -> float:
+        if self.final is None:
+            self.final = self._solve()
+        return self.final
+
+    def _solve(self, start: float | None = None) -> float:
+        """Solve the MACs fraction for the latency target on the current magnitudes (0: dense); sets
+        ``latency_report``."""
+        c, lat = self.config, self.context.latency_model
+        assert lat is not None  # attach checks
+        mags = [g.magnitude() for g in self.groups]
+        by_id = {g.id: m for g, m in zip(self.groups, mags, strict=True)}
+
+        def keeps_for(f: float) -> dict[int, np.ndarray]:
+            return {g.id: k for g, k in zip(self.groups, self._latency_keeps(f, mags), strict=True)}
+
+        def measure(keep: dict[int, np.ndarray] | None) -> float:
+            return lat.network_ms(pruned_copy(lat.graph, keep or {}, by_id.__getitem__, self.context.round_to))
+
+        _, self.latency_report = solve_latency_target(
+            keeps_for, lat.after, measure, c.target_ms, target_speedup=c.target_speedup,
+            tolerance=c.latency_tolerance, max_iterations=c.latency_max_iterations, start=start)
+        self.final = self.latency_report.fraction
+        return self.final
+
     def state_dict(self) -> dict[str, Any]:
-        return {"current": self.current,
+        return {"current": self.current, "final": self.final,
                 "masks": [v.transform.mask.detach().clone() for g in self.groups for v in g.vectors]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.current = state["current"]
+        self.final = state.get("final", self.final)
         with torch.no_grad():
             vectors = [v for g in self.groups for v in g.vectors]
             for v, m in zip(vectors, state["masks"], strict=True):
