@@ -147,6 +147,12 @@ def report_keeps(report: LatencyTargetReport, keeps_for: Callable[[float], Keeps
     return (keeps_for(report.fraction) if report.fraction > 0 else None), report
 
 
+def _signature(keep: Keeps) -> bytes:
+    """The identity of a pruned network: its keep vectors, packed."""
+    return b"|".join(f"{gid}:{np.asarray(k).dtype}:{len(k)}:".encode() + np.asarray(k).tobytes()
+                     for gid, k in sorted(keep.items()))
+
+
 class _Search:
     def __init__(self, keeps_for: Callable[[float], Keeps], estimate: Callable[[Keeps], float],
                  measure: Callable[[Keeps | None], float], target: float, tol: float, max_iterations: int,
@@ -179,28 +185,35 @@ class _Search:
 
     def run(self, start: float | None) -> None:
         r, target = self.report, self.target
-        f = start if start is not None and 0 < start < self.hi_bound else self.fraction_for_estimate(
+        f: float | None = start if start is not None and 0 < start < self.hi_bound else self.fraction_for_estimate(
             r.dense_estimated_ms * target / r.dense_ms)
         slow: LatencyProbe | None = None  # the most pruned probe still too slow
         fast: LatencyProbe | None = None  # the least pruned probe fast enough
-        for _ in range(self.max_iterations):
+        measured: dict[bytes, LatencyProbe] = {}  # network (keep vectors) → its probe: each is measured once
+        steps = 0
+        while f is not None and len(r.probes) < self.max_iterations and steps < 8 * self.max_iterations:
+            steps += 1
             k = self.keeps(f)
             if k is None:  # cannot reach f: the bound comes down
                 self.hi_bound = f
                 f = ((slow.fraction if slow else 0.0) + f) / 2
                 continue
-            probe = LatencyProbe(f, float(self.estimate(k)), float(self.measure(k)))
-            r.probes.append(probe)
-            if abs(probe.measured_ms / target - 1) <= self.tol:
-                self._choose(probe, True, f"measured within {self.tol:.0%} of the target")
-                return
+            key = _signature(k)
+            same = measured.get(key)
+            if same is not None:  # the same network as a probe before: move that end of the bracket, no timing
+                probe = LatencyProbe(f, same.estimated_ms, same.measured_ms)
+            else:
+                probe = LatencyProbe(f, float(self.estimate(k)), float(self.measure(k)))
+                measured[key] = probe
+                r.probes.append(probe)
+                if abs(probe.measured_ms / target - 1) <= self.tol:
+                    self._choose(probe, True, f"measured within {self.tol:.0%} of the target")
+                    return
             if probe.measured_ms > target:
                 slow = probe if slow is None or probe.fraction > slow.fraction else slow
             else:
                 fast = probe if fast is None or probe.fraction < fast.fraction else fast
             f = self._next(probe, slow, fast)
-            if f is None:
-                break
         self._give_up(fast)
 
     def _next(self, probe: LatencyProbe, slow: LatencyProbe | None, fast: LatencyProbe | None) -> float | None:
@@ -213,7 +226,7 @@ class _Search:
             f = lo + (math.log(self.target) - a) * (hi - lo) / (b - a) if b != a else (lo + hi) / 2
         else:  # the estimate, corrected by what the last probe measured
             f = self.fraction_for_estimate(self.target * probe.estimated_ms / probe.measured_ms)
-        if not lo < f < hi or any(p.fraction == f for p in self.report.probes):
+        if not lo < f < hi:
             f = (lo + hi) / 2
         return f
 
@@ -225,8 +238,8 @@ class _Search:
     def _give_up(self, fast: LatencyProbe | None) -> None:
         n = len(self.report.probes)
         if fast is not None:
-            self._choose(fast, True, f"no probe within {self.tol:.0%} after {n} probes; the least pruned one "
-                                     "that is faster than the target")
+            self._choose(fast, True, f"no network within {self.tol:.0%} of the target after {n} probes (the "
+                                     "widths step past it); the least pruned one faster than the target")
             return
         best = min(self.report.probes, key=lambda p: p.measured_ms, default=None)
         if best is not None and best.measured_ms < self.report.dense_ms:
