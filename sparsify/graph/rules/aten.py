@@ -134,4 +134,4 @@ register_op_rule("aten_softmax", structural.softmax, functions=_overloads(aten.s
 register_op_rule("aten_matmul", structural.matmul, functions=_overloads(aten.matmul, aten.bmm, aten.mm))
 register_op_rule("layout_aten", layout.layout, functions=_overloads(
     aten.view, aten.reshape, aten._unsafe_view, aten.transpose, aten.permute, aten.unsqueeze, aten.squeeze,
-    aten.expand, aten.slice, aten.select, aten.t, aten.flatten, aten.unflatten))
+    aten.expand, aten.slice, aten.select, aten.t, aten.flatten, aten.unflatten, aten.repeat, aten.numpy_T))

@@ -52,7 +52,8 @@ LAYOUT_FUNCTIONS = (torch.flatten, torch.reshape, torch.permute, torch.transpose
                     torch.broadcast_to, torch.channel_shuffle, torch.nn.functional.channel_shuffle,
                     operator.getitem)
 LAYOUT_METHODS = ("view", "reshape", "flatten", "permute", "transpose", "swapaxes", "contiguous",
-                  "squeeze", "unsqueeze", "expand", "t", "movedim", "unflatten", "broadcast_to")
+                  "squeeze", "unsqueeze", "expand", "t", "movedim", "unflatten", "broadcast_to",
+                  "repeat")
 LAYOUT_MODULES = (nn.Flatten, nn.Unflatten, nn.ChannelShuffle)
 
 

@@ -1,0 +1,132 @@
+"""Selection by a tensor of indices: ``aten.index.Tensor`` (``x[idx]``), ``index_select`` and ``topk``.
+
+Which positions an index tensor selects is data (a Mixture-of-Experts router's choice, a token
+gather), so the dims it indexes are barriers, with the op named. The dims it does not index keep
+their channels position for position, so the channels there stay prunable: a per-expert weight
+``w[expert_ids]`` (``w`` of shape (experts, out, in)) keeps the experts' inner neurons as a group while
+the expert dim is blocked. The refusal stays local to the indexed dims.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sparsify.graph.builder import OpContext
+from sparsify.graph.op_rules import register_op_rule
+
+aten = torch.ops.aten
+
+
+def _overloads(*packets: object) -> tuple[object, ...]:
+    return tuple(getattr(p, name) for p in packets for name in p.overloads())
+
+
+def index_tensor(ctx: OpContext) -> None:
+    """``aten.index.Tensor(x, [None, idx, ...])``: the dims read by index tensors are blocked in ``x``
+    and in the output (where their broadcast shape stands); every other dim of ``x`` is the same dim of
+    the output. A boolean mask (it consumes as many dims as it has) is treated the same way."""
+    x, indices = ctx.node.args[0], list(ctx.node.args[1])
+    xi, out = ctx.info(x), ctx.out_info
+    if xi is None or out is None:
+        ctx.block_all(f"{ctx.describe()}: index of a value whose shape was not recorded")
+        return
+    reason = f"{ctx.describe()} selects positions of this dim by a tensor of indices (data, not a channel map)"
+    consumed: list[int] = []  # for each index entry, how many dims of x it reads (None: 1, bool mask: its ndim)
+    index_ndim = 0
+    for idx in indices:
+        info = ctx.info(idx) if idx is not None else None
+        if idx is not None and info is None:
+            ctx.block_all(f"{ctx.describe()}: an index that is not a recorded tensor")
+            return
+        mask = info is not None and info.dtype in (torch.bool, torch.uint8)
+        consumed.append(info.ndim if mask else 1)
+        if info is not None:
+            index_ndim = max(index_ndim, 1 if mask else info.ndim)
+    tensor_entries = [k for k, idx in enumerate(indices) if idx is not None]
+    if not tensor_entries:
+        for d in range(xi.ndim):
+            ctx.same(ctx.space(x, d), ctx.out(d))
+        return
+    starts = [sum(consumed[:k]) for k in range(len(indices))]
+    indexed = {starts[k] + j for k in tensor_entries for j in range(consumed[k])}
+    adjacent = tensor_entries == list(range(tensor_entries[0], tensor_entries[-1] + 1))
+    first = starts[tensor_entries[0]] if adjacent else 0  # where the index dims stand in the output
+    if out.ndim != xi.ndim - len(indexed) + index_ndim:
+        ctx.block_all(f"{ctx.describe()}: output rank {out.ndim} does not match the indexing of rank {xi.ndim}")
+        return
+    for d in sorted(indexed):
+        ctx.block(ctx.space(x, d), reason)
+    for j in range(index_ndim):
+        ctx.block(ctx.out(first + j), reason)
+    kept = [d for d in range(xi.ndim) if d not in indexed]
+    positions = [d if d < first else d - len(indexed) + index_ndim for d in kept] if adjacent else \
+        [index_ndim + k for k in range(len(kept))]
+    for d, od in zip(kept, positions, strict=True):
+        if xi.shape[d] == out.shape[od]:
+            ctx.same(ctx.space(x, d), ctx.out(od))
+
+
+def index_select(ctx: OpContext) -> None:
+    """``index_select(x, dim, idx)``: dim ``dim`` is selected by data (a barrier), the others pass through."""
+    x = ctx.node.args[0]
+    xi = ctx.info(x)
+    if xi is None or ctx.out_info is None:
+        return
+    dim = int(ctx.value(ctx.arg(1, "dim"))) % xi.ndim
+    reason = f"{ctx.describe()} selects positions of dim {dim} by a tensor of indices"
+    ctx.block(ctx.space(x, dim), reason)
+    ctx.block(ctx.out(dim), reason)
+    for d in range(xi.ndim):
+        if d != dim:
+            ctx.same(ctx.space(x, d), ctx.out(d))
+
+
+def topk(ctx: OpContext) -> None:
+    """``topk(x, k, dim)`` (values, indices), also ``sort``: the ranked dim is a barrier (which channels
+    come out where depends on the values); every other dim is the same dim of both outputs."""
+    x = ctx.node.args[0]
+    xi = ctx.info(x)
+    outs = ctx.value(ctx.node)
+    if xi is None or not isinstance(outs, (tuple, list)):
+        ctx.block_all(f"{ctx.describe()}: values and indices were not recorded")
+        return
+    default = -1
+    dim = ctx.value(ctx.arg(2 if ctx.op_name == "topk" else 1, "dim", default))
+    dim = int(dim) % xi.ndim
+    reason = f"{ctx.describe()} ranks the channels of dim {dim}: which come out where depends on their values"
+    ctx.block(ctx.space(x, dim), reason)
+    for k in range(len(outs)):
+        ctx.block(ctx.out(dim, element=k), reason)
+        for d in range(xi.ndim):
+            if d != dim:
+                ctx.same(ctx.space(x, d), ctx.out(d, element=k))
+
+
+def repeat_interleave(ctx: OpContext) -> None:
+    """``repeat_interleave(x, r, dim)`` with a constant ``r``: output position i of ``dim`` is channel
+    i // r of ``x`` (removing a channel removes its r copies); other dims pass through. Repeats given
+    as a tensor, no ``dim`` (a flattened result) or a fixed ``output_size`` are barriers."""
+    x = ctx.node.args[0]
+    xi, out = ctx.info(x), ctx.out_info
+    repeats, dim = ctx.value(ctx.arg(1, "repeats")), ctx.value(ctx.arg(2, "dim"))
+    if xi is None or out is None or not isinstance(repeats, int) or dim is None \
+            or ctx.node.kwargs.get("output_size") is not None:
+        ctx.block_all(f"{ctx.describe()}: only a constant number of repeats along a given dim is modelled")
+        return
+    dim = int(dim) % xi.ndim
+    for d in range(xi.ndim):
+        if d != dim:
+            ctx.same(ctx.space(x, d), ctx.out(d))
+    i = np.arange(out.shape[dim])
+    ctx.pairs(ctx.space(x, dim), ctx.out(dim), i // repeats, i)
+
+
+register_op_rule("aten_index_tensor", index_tensor, functions=_overloads(aten.index))
+register_op_rule("index_select", index_select, functions=(torch.index_select, *_overloads(aten.index_select)),
+                 methods=("index_select",))
+register_op_rule("topk", topk, functions=(torch.topk, torch.sort, *_overloads(aten.topk, aten.sort)),
+                 methods=("topk", "sort"))
+register_op_rule("repeat_interleave", repeat_interleave,
+                 functions=(torch.repeat_interleave, *_overloads(aten.repeat_interleave)),
+                 methods=("repeat_interleave",))
