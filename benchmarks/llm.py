@@ -26,13 +26,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.llm_lib.budget import count_params, target_params, within
+from benchmarks.llm_lib.budget import (
+    RECOVERY_FRACTION,
+    count_params,
+    pretraining_tokens,
+    recovery_steps,
+    target_params,
+    within,
+)
 from benchmarks.llm_lib.ours import Calibration
 
 OURS = ("activation", "magnitude", "taylor", "fluctuation", "depth", "experts")
 PEERS = ("tp_magnitude", "tp_taylor", "modelopt")
 DEFAULT_METHODS = ("activation", "magnitude", "depth", "tp_magnitude", "taylor", "fluctuation", "tp_taylor",
-                   "experts", "modelopt")  # the first four first: --max-minutes stops the sweep in this order
+                   "experts", "modelopt")  # the sweep's order: --max-minutes skips what does not fit, last first
 
 
 def parser() -> argparse.ArgumentParser:
@@ -42,7 +49,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("out/llm"))
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {OURS + PEERS}")
     p.add_argument("--targets", default="0.25,0.5", help="fractions of fewer parameters")
-    p.add_argument("--recovery-steps", type=int, default=100)
+    p.add_argument("--recovery-steps", type=int, default=None,
+                   help="default: the most steps within --recovery-fraction of training.json's tokens_seen")
+    p.add_argument("--recovery-fraction", type=float, default=RECOVERY_FRACTION,
+                   help="recovery budget as a fraction of the pretraining tokens (the issue: at most 2 %%)")
     p.add_argument("--recovery-lr", type=float, default=3e-4)
     p.add_argument("--recovery-batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=512)
@@ -50,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-batch", type=int, default=8)
     p.add_argument("--eval-windows", type=int, default=128, help="held-out windows scored (0: all)")
     p.add_argument("--eval-batch", type=int, default=16)
-    p.add_argument("--throughput-batch", type=int, default=16)
+    p.add_argument("--throughput-batch", type=int, default=64, help="sequences per timed forward (tokens/s)")
     p.add_argument("--tp-timeout", type=float, default=90.0, help="seconds before a Torch-Pruning run is abandoned")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-minutes", type=float, default=7.0, help="stop before starting a run that may not end in time")
@@ -87,13 +97,19 @@ def measure(model: torch.nn.Module, heldout: torch.Tensor, args: argparse.Namesp
     device = next(model.parameters()).device
     with autocast(device):
         ppl = perplexity(model, heldout, seq_len=args.seq_len, batch_size=args.eval_batch)
-    fast = copy.deepcopy(model).to(torch.bfloat16) if device.type == "cuda" else model
-    iters, warmup = (10, 3) if device.type == "cuda" else (2, 1)
+    cuda = device.type == "cuda"
+    if cuda:  # the teacher and the fp32 student stay on the device: count only what the bf16 copy adds
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+    fast = copy.deepcopy(model).to(torch.bfloat16) if cuda else model
+    iters, warmup = (20, 5) if cuda else (2, 1)
     speed = throughput(fast, batch_size=args.throughput_batch, seq_len=args.seq_len, iters=iters, warmup=warmup)
     memory = peak_memory(fast, batch_size=args.throughput_batch, seq_len=args.seq_len)
     del fast
+    peak = None if memory["peak_bytes"] is None else memory["peak_bytes"] - before
     return {"ppl": ppl["ppl"], "nll": ppl["nll"], "eval_tokens": ppl["tokens"],
-            "tokens_per_s": speed["forward_tokens_per_s"], "peak_bytes": memory["peak_bytes"],
+            "tokens_per_s": speed["forward_tokens_per_s"], "forward_ms": speed["forward_ms"],
+            "throughput_tokens": args.throughput_batch * args.seq_len, "peak_bytes": peak,
             "weight_bytes": memory["weight_bytes"]}
 
 
@@ -141,8 +157,10 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, train: np.ndarra
             optimizer.step()
         how, last = "LM-loss fine-tuning (sparsify.lm.distill missing)", float(loss)
     student.eval()
-    return {"recovery": how, "recovery_steps": len(batches), "recovery_s": time.perf_counter() - start,
-            "recovery_final_loss": last}
+    used = sum(b["input_ids"].numel() for b in batches)
+    return {"recovery": how, "recovery_steps": len(batches), "recovery_tokens": used,
+            "recovery_fraction_of_pretraining": used / args.pretraining_tokens if args.pretraining_tokens else None,
+            "recovery_s": time.perf_counter() - start, "recovery_final_loss": last}
 
 
 def write(out: Path, record: dict[str, Any]) -> Path:
@@ -154,9 +172,10 @@ def write(out: Path, record: dict[str, Any]) -> Path:
 
 def run_one(method: str, fewer: float, dense: torch.nn.Module, dense_params: dict[str, int],
             calibration: Calibration, heldout: torch.Tensor, train: np.ndarray,
-            args: argparse.Namespace) -> list[dict[str, Any]]:
+            args: argparse.Namespace, label: str | None = None) -> list[dict[str, Any]]:
     target = target_params(dense_params["total"], fewer)
-    base = {"method": method, "target": fewer, "target_params": target, "dense_params": dense_params["total"]}
+    base = {"method": method, "target": fewer, "target_params": target, "dense_params": dense_params["total"],
+            "target_kind": label or f"{fewer:.0%} fewer parameters"}
     model = copy.deepcopy(dense)  # the student; the dense model stays frozen as the teacher
     for p in model.parameters():
         p.requires_grad_(True)
@@ -183,6 +202,37 @@ def run_one(method: str, fewer: float, dense: torch.nn.Module, dense_params: dic
     return records
 
 
+def half_experts(dense: torch.nn.Module) -> float | None:
+    """The fraction of fewer parameters that removing half the experts of every MoE layer gives (None: no MoE)."""
+    from sparsify.errors import SparsifyError
+    from sparsify.hf.experts import moe_layers
+
+    try:
+        layers = moe_layers(dense)
+    except SparsifyError:  # not a mixture of experts: ``experts`` fails at its targets and says why
+        return None
+    if not layers:
+        return None
+    per_expert = sum(p.numel() for p in layers[0].experts.parameters()) // layers[0].num_experts
+    removed = sum(m.num_experts // 2 for m in layers) * per_expert
+    return removed / count_params(dense)["total"]
+
+
+def plan_runs(methods: list[str], targets: list[float], dense: torch.nn.Module) -> list[tuple[str, float, str]]:
+    """(method, fraction, label) in sweep order: every method at every target; ``experts`` also at half the experts."""
+    runs = [(m, t, f"{t:.0%} fewer parameters") for m in methods for t in targets]
+    half = half_experts(dense) if "experts" in methods else None
+    if half is not None:
+        at = max(i for i, run in enumerate(runs) if run[0] == "experts") + 1
+        runs.insert(at, ("experts", half, "half the experts"))
+    return runs
+
+
+def skipped(method: str, fewer: float, label: str, reason: str) -> dict[str, Any]:
+    return {"method": method, "target": fewer, "target_kind": label, "phase": "oneshot", "status": "skipped",
+            "error": reason}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from benchmarks.llm_lib.report import report
@@ -199,6 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     dense = load_model(args.model_dir, device)
     for p in dense.parameters():
         p.requires_grad_(False)
+    args.pretraining_tokens = pretraining_tokens(args.model_dir)
+    if args.recovery_steps is None:
+        args.recovery_steps = recovery_steps(args.pretraining_tokens, args.recovery_batch, args.seq_len,
+                                             args.recovery_fraction)
+    recovery_tokens = args.recovery_steps * args.recovery_batch * args.seq_len
+    print(f"recovery: {args.recovery_steps} steps = {recovery_tokens:,} tokens"
+          + (f" = {recovery_tokens / args.pretraining_tokens:.2%} of the {args.pretraining_tokens:,} pretraining "
+             "tokens" if args.pretraining_tokens else " (no tokens_seen in training.json)"))
     calib = windows(tokens["train"], args.seq_len, args.calib_windows, args.seed).to(device)
     calibration = Calibration(
         batches=[{"input_ids": b} for b in calib.split(args.calib_batch)], example={"input_ids": calib[:1, :64]},
@@ -208,28 +266,34 @@ def main(argv: list[str] | None = None) -> int:
         heldout = heldout[: args.eval_windows * args.seq_len]
     dense_params = count_params(dense)
     meta = {"model_dir": str(args.model_dir), "model_type": dense.config.model_type, "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "seq_len": args.seq_len, "calib_windows": args.calib_windows, "eval_windows": args.eval_windows,
-            "torch": torch.__version__}
+            "pretraining_tokens": args.pretraining_tokens, "recovery_steps": args.recovery_steps,
+            "recovery_tokens": recovery_tokens, "recovery_fraction": args.recovery_fraction,
+            "throughput_batch": args.throughput_batch, "max_minutes": args.max_minutes, "torch": torch.__version__}
     write(args.out, {"method": "dense", "target": 0.0, "phase": "oneshot", "status": "ok",
                      "params": dense_params["total"], "non_embedding_params": dense_params["non_embedding"],
                      "embedding_params": dense_params["embedding"], "meta": meta, **measure(dense, heldout, args)})
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     targets = [float(t) for t in args.targets.split(",")]
-    longest = 0.0
-    for method in methods:
-        for fewer in targets:
-            elapsed = time.perf_counter() - clock
-            if elapsed + 1.2 * longest > 60 * args.max_minutes:
-                print(f"--max-minutes {args.max_minutes}: stopping before {method} @ {fewer:.0%} "
-                      f"({elapsed:.0f}s used, the longest run took {longest:.0f}s)")
-                report(args.out, args.results_json, args.markdown)
-                return 0
-            start = time.perf_counter()
-            for record in run_one(method, fewer, dense, dense_params, calibration, heldout, tokens["train"], args):
-                write(args.out, {**record, "meta": meta})
-            longest = max(longest, time.perf_counter() - start)
+    took: dict[str, float] = {}  # seconds of each method's last run: the estimate of its next one
+    skips = []
+    for method, fewer, label in plan_runs(methods, targets, dense):
+        elapsed = time.perf_counter() - clock
+        estimate = took.get(method, max(took.values(), default=0.0))
+        if elapsed + 1.2 * estimate > 60 * args.max_minutes:
+            reason = (f"skipped by --max-minutes {args.max_minutes}: {elapsed:.0f}s used, this run was estimated at "
+                      f"{estimate:.0f}s")
+            print(f"  {method} @ {label}: {reason}")
+            write(args.out, {**skipped(method, fewer, label, reason), "meta": meta})
+            skips.append(f"{method} @ {label}")
+            continue
+        start = time.perf_counter()
+        for record in run_one(method, fewer, dense, dense_params, calibration, heldout, tokens["train"], args, label):
+            write(args.out, {**record, "meta": meta})
+        took[method] = time.perf_counter() - start
     report(args.out, args.results_json, args.markdown)
-    print(f"done in {time.perf_counter() - clock:.0f}s")
+    print(f"done in {time.perf_counter() - clock:.0f}s" + (f"; skipped: {', '.join(skips)}" if skips else ""))
     return 0
 
 

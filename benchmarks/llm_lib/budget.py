@@ -2,12 +2,15 @@
 
 Parameters are counted once per tensor (tied input/output embeddings count once), embedding included;
 ``non_embedding`` leaves the input embedding matrix out. The target of "25 % fewer parameters" is
-``round(0.75 · total)`` of the dense model's total.
+``round(0.75 · total)`` of the dense model's total. The recovery budget is a fraction of the pretraining
+tokens that ``training.json`` records.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 from torch import nn
 
@@ -48,3 +51,23 @@ def search_ratio(params_at: Callable[[float], float], target: float, *, low: flo
         else:
             high = mid
     return best
+
+
+RECOVERY_FRACTION = 0.02  # the issue's recovery budget: at most 2 % of the pretraining tokens
+
+
+def pretraining_tokens(model_dir: Path) -> int | None:
+    """``tokens_seen`` of the ``training.json`` that ``benchmarks.llm_train`` writes beside the model, if any."""
+    path = Path(model_dir) / "training.json"
+    if not path.is_file():
+        return None
+    seen = json.loads(path.read_text()).get("tokens_seen")
+    return int(seen) if seen else None
+
+
+def recovery_steps(pretrained: int | None, batch: int, seq_len: int, fraction: float = RECOVERY_FRACTION,
+                   fallback: int = 100) -> int:
+    """The most recovery steps of ``batch × seq_len`` tokens within ``fraction`` of ``pretrained`` tokens."""
+    if not pretrained:
+        return fallback
+    return int(fraction * pretrained) // (batch * seq_len)

@@ -4,15 +4,15 @@ Width (``activation`` = Wanda, ``filter_norm`` = magnitude, ``taylor`` = LLM-Pru
 = FLAP with bias compensation): trace the channel graph once, search the ``make_plan`` sparsity
 (``unit="params"``, uniform over every exact group: MLP neurons and KV groups) whose first-order
 count meets the target (MLP neurons only where removing a whole KV group overshoots), then
-``apply_plan`` with the importance. Depth: ShortGPT's block influence, removing the fewest
-least-influential layers that reach the target. Experts (MoE models): router mass, removing the same
+``apply_plan`` with the importance. Depth: block influence per attention / MLP sub-block (a layer
+losing both goes whole), the counts meeting the target at the least summed influence.
+Experts (MoE models): router mass, removing the same
 number of experts from every layer. Every function prunes ``model`` in place and returns seconds per
 phase and notes.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.llm_lib.budget import count_params, search_ratio, within
+from benchmarks.llm_lib.budget import TOLERANCE, count_params, search_ratio, within
 
 WIDTH = {"activation": "activation", "magnitude": "filter_norm", "taylor": "taylor", "fluctuation": "fluctuation"}
 
@@ -86,29 +86,64 @@ def width(model: nn.Module, calibration: Calibration, target: int, importance: s
                     + ("; FLAP bias compensation (add_bias)" if compensate else "")}
 
 
-def _layer_params(layer: nn.Module) -> int:
-    return sum(p.numel() for p in layer.parameters())
+def _params(*modules: nn.Module) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def depth_counts(n: int, attention: int, mlp: int, need: int, tolerance: float,
+                 cost: Any = None) -> tuple[int, int]:
+    """How many attention and MLP sub-blocks to remove: ``(b, a)`` with ``b · attention + a · mlp`` within
+    ``tolerance`` of ``need``, at the least ``cost(b, a)`` (default: the fewest sub-blocks); if none is
+    within, the closest. A layer losing both is a whole layer; at least one layer stays.
+    """
+    cost = cost or (lambda b, a: b + a)
+    options = [(b, a) for b in range(n + 1) for a in range(n + 1) if min(a, b) < n]
+    feasible = [o for o in options if abs(o[0] * attention + o[1] * mlp - need) <= tolerance]
+    if feasible:
+        return min(feasible, key=lambda o: (cost(*o), o))
+    return min(options, key=lambda o: abs(o[0] * attention + o[1] * mlp - need))
 
 
 def depth(model: nn.Module, calibration: Calibration, target: int) -> dict[str, Any]:
-    """Remove the fewest least-influential decoder layers (block influence) that reach ``target``."""
+    """Remove decoder sub-blocks (attention, MLP; both of a layer = the whole layer) to reach ``target``.
+
+    Whole layers alone meet a target only to a layer (~10 % of this model), so depth works on
+    sub-blocks (ShortGPT's block influence per sub-block, Men et al. 2024; "what matters in
+    transformers": attention removal): each sub-block is ranked by its influence on the dense model,
+    the counts (attention, MLP) are those within 1 % of the target at the least summed influence, and
+    the least influential of each kind go; a layer losing both is removed whole (``remove_layers``).
+    """
     from sparsify import hf
 
     device = _device(model)
     _sync(device)
     start = time.perf_counter()
-    scores = hf.layer_importance(model, calibration.batches, method="block_influence")
     layers = list(model.model.layers)
-    per_layer = _layer_params(layers[0])
-    need = count_params(model)["total"] - target
-    count = min(max(math.ceil(need / per_layer - 0.01 * target / per_layer), 0), len(layers) - 1)
-    removed = sorted(scores.argsort()[:count].tolist())
-    if removed:
-        hf.remove_layers(model, removed)
+    n = len(layers)
+    attention = _params(layers[0].self_attn, layers[0].input_layernorm)
+    mlp = _params(layers[0].mlp, layers[0].post_attention_layernorm)
+    scores = {kind: hf.layer_importance(model, calibration.batches, method=f"{kind}_block_influence")
+              for kind in ("attn", "mlp")}
+    ranked = {kind: s.argsort().tolist() for kind, s in scores.items()}
+
+    def cost(b: int, a: int) -> float:
+        return float(scores["attn"][ranked["attn"][:b]].sum() + scores["mlp"][ranked["mlp"][:a]].sum())
+
+    total = count_params(model)["total"]
+    b, a = depth_counts(n, attention, mlp, total - target, TOLERANCE * target, cost)
+    drop_attention, drop_mlp = set(ranked["attn"][:b]), set(ranked["mlp"][:a])
+    whole = sorted(drop_attention & drop_mlp)
+    only_attention, only_mlp = sorted(drop_attention - set(whole)), sorted(drop_mlp - set(whole))
+    if only_attention or only_mlp:
+        hf.remove_sublayers(model, attention=only_attention, mlp=only_mlp)
+    if whole:
+        hf.remove_layers(model, whole)
     _sync(device)
-    return {"prune_s": time.perf_counter() - start, "removed_layers": removed,
-            "note": f"block influence (ShortGPT); {count} of {len(layers)} layers removed "
-                    f"({per_layer:,} params each: the target is met to a layer)"}
+    return {"prune_s": time.perf_counter() - start, "removed_layers": whole,
+            "removed_attention": only_attention, "removed_mlp": only_mlp,
+            "note": f"sub-block influence (ShortGPT per sub-block): {len(whole)} of {n} whole layers, attention of "
+                    f"{only_attention}, MLP of {only_mlp} removed (layer indices of the dense model; "
+                    f"{attention:,} / {mlp:,} params per attention / MLP)"}
 
 
 def experts(model: nn.Module, calibration: Calibration, target: int) -> dict[str, Any]:

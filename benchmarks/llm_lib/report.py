@@ -22,9 +22,11 @@ def rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (method, target): the one-shot and recovered records side by side."""
     by_key: dict[tuple[str, float], dict[str, Any]] = {}
     for r in records:
-        row = by_key.setdefault((r["method"], r["target"]), {"method": r["method"], "target": r["target"]})
+        row = by_key.setdefault((r["method"], r["target"]), {"method": r["method"], "target": r["target"],
+                                                             "target_kind": r.get("target_kind")})
         if r.get("status") != "ok":
             row["error"] = r.get("error", r.get("status"))
+            row["status"] = r.get("status", "failed")
             continue
         phase = r["phase"]
         row[f"ppl_{phase}"] = r.get("ppl")
@@ -35,17 +37,23 @@ def rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["tokens_per_s"] = r.get("tokens_per_s")
         row["peak_bytes"] = r.get("peak_bytes")
         row["recovery_steps"] = r.get("recovery_steps", row.get("recovery_steps"))
+        row["recovery_tokens"] = r.get("recovery_tokens", row.get("recovery_tokens"))
     order = {"dense": -1}
     return sorted(by_key.values(), key=lambda row: (row["target"], order.get(row["method"], 0), row["method"]))
 
 
+def _target(row: dict[str, Any]) -> str:
+    percent = f"{row['target']:.0%}"
+    return f"half the experts ({percent})" if row.get("target_kind") == "half the experts" else percent
+
+
 def cells(row: dict[str, Any]) -> list[str]:
     if "error" in row and "params" not in row:
-        return [row["method"], f"{row['target']:.0%}", "failed: " + row["error"][:70].replace("|", "/"), "", "", "", "",
-                "", "", ""]
+        why = f"{row.get('status', 'failed')}: " + row["error"][:70].replace("|", "/")
+        return [row["method"], _target(row), why, "", "", "", "", "", "", ""]
     met = {True: "yes", False: "no", None: ""}[row.get("target_met")]
     peak = row.get("peak_bytes")
-    return [row["method"], f"{row['target']:.0%}", _fmt(row.get("params"), ","), met,
+    return [row["method"], _target(row), _fmt(row.get("params"), ","), met,
             _fmt(row.get("ppl_oneshot"), ".2f"), _fmt(row.get("ppl_recovered"), ".2f"),
             _fmt(row.get("tokens_per_s"), ",.0f"), _fmt(None if peak is None else peak / 2**20, ".0f"),
             _fmt(row.get("prune_s"), ".2f"), _fmt(row.get("graph_s"), ".2f")]

@@ -45,7 +45,7 @@ class Layout:
 
 
 #: Decoder families whose layers are ``h += attn(norm(h)); h += mlp(norm(h))`` (read from their code).
-LAYOUTS: dict[str, Layout] = {t: Layout() for t in ("llama", "mistral", "qwen2", "qwen3")}
+LAYOUTS: dict[str, Layout] = {t: Layout() for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3")}
 
 
 def layout_of(config: Any) -> Layout:

@@ -12,8 +12,16 @@ import torch
 
 from benchmarks import llm
 from benchmarks.llm_lib import corpus
-from benchmarks.llm_lib.budget import count_params, search_ratio, target_params, within
+from benchmarks.llm_lib.budget import (
+    count_params,
+    pretraining_tokens,
+    recovery_steps,
+    search_ratio,
+    target_params,
+    within,
+)
 from benchmarks.llm_lib.models import llama_config, moe_config
+from benchmarks.llm_lib.ours import depth_counts
 
 pytest.importorskip("transformers")
 
@@ -80,7 +88,10 @@ def test_width_methods_and_depth_meet_the_target_and_write_every_phase(tmp_path,
         assert math.isfinite(row["ppl_oneshot"]) and math.isfinite(row["ppl_recovered"])
         assert row["prune_s"] > 0 and row["tokens_per_s"] > 0
     depth = json.loads((out / "depth_25_oneshot.json").read_text())
-    assert len(depth["removed_layers"]) >= 1 and depth["params"] <= depth["target_params"] * 1.01
+    assert depth["removed_layers"] + depth["removed_attention"] + depth["removed_mlp"]
+    assert depth["params"] < depth["dense_params"] and math.isfinite(depth["ppl"])
+    recovered = json.loads((out / "activation_25_recovered.json").read_text())
+    assert recovered["recovery_tokens"] == 2 * 2 * 32 and recovered["recovery_fraction_of_pretraining"] is None
     assert (out / "report.md").read_text().count("\n") == len(rows) + 2
 
 
@@ -118,3 +129,43 @@ def test_count_params_counts_a_tied_embedding_once() -> None:
     counts = count_params(model)
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     assert counts["embedding"] == 320 * 64 and counts["non_embedding"] == counts["total"] - 320 * 64
+
+
+def test_depth_counts_meet_both_targets_of_the_real_llama_with_sub_blocks() -> None:
+    # the real llama: 8 layers, 655,872 params per attention (+ norm), 2,163,200 per MLP (+ norm), 26,747,392 in all
+    attention, mlp, total = 655_872, 2_163_200, 26_747_392
+    for fewer in (0.25, 0.5):
+        target = target_params(total, fewer)
+        b, a = depth_counts(8, attention, mlp, total - target, 0.01 * target)
+        assert within(total - b * attention - a * mlp, target) and min(a, b) < 8
+        assert not any(within(total - n * (attention + mlp), target) for n in range(8))  # whole layers alone miss
+    assert depth_counts(4, 1, 3, 3, 0.1, cost=lambda b, a: a) == (3, 0)  # the least cost among the feasible
+    assert depth_counts(2, 5, 5, 100, 0.5) in ((1, 2), (2, 1))  # nothing within: the closest, a layer kept
+
+
+def test_recovery_budget_is_two_percent_of_the_pretraining_tokens(tmp_path) -> None:
+    assert pretraining_tokens(tmp_path) is None and recovery_steps(None, 16, 512) == 100
+    (tmp_path / "training.json").write_text(json.dumps({"tokens_seen": 100_000_000}))
+    assert pretraining_tokens(tmp_path) == 100_000_000
+    steps = recovery_steps(100_000_000, 16, 512)
+    assert steps * 16 * 512 <= 0.02 * 100_000_000 < (steps + 1) * 16 * 512
+
+
+def test_max_minutes_skips_and_says_what(tmp_path, corpus_dir) -> None:
+    model_dir = _saved(tmp_path, "moe")
+    (model_dir / "training.json").write_text(json.dumps({"tokens_seen": 10_000_000}))
+    out = tmp_path / "out"
+    argv = ["--model-dir", str(model_dir), "--corpus", str(corpus_dir), "--out", str(out), "--methods",
+            "experts,magnitude", "--seq-len", "32", "--recovery-batch", "2", "--calib-windows", "2", "--eval-windows",
+            "2", "--throughput-batch", "1", "--device", "cpu", "--results-json", str(out / "r.json"),
+            "--max-minutes", "0"]
+    assert llm.main(argv) == 0
+    records = [json.loads(p.read_text()) for p in out.glob("*_oneshot.json")]
+    skipped = {(r["method"], r["target_kind"]) for r in records if r["status"] == "skipped"}
+    assert skipped == {("experts", "25% fewer parameters"), ("experts", "50% fewer parameters"),
+                       ("experts", "half the experts"), ("magnitude", "25% fewer parameters"),
+                       ("magnitude", "50% fewer parameters")}
+    assert all("--max-minutes" in r["error"] for r in records if r["status"] == "skipped")
+    meta = next(r["meta"] for r in records if r["method"] == "dense")
+    assert meta["recovery_steps"] == int(0.02 * 10_000_000) // (2 * 32) and meta["recovery_tokens"] <= 200_000
+    assert "half the experts" in (out / "report.md").read_text()
