@@ -186,7 +186,12 @@ class OpContext:
         """Channel ``ia[k]`` of ``a`` is channel ``ib[k]`` of ``b`` for every k."""
         if a is None or b is None:
             return
-        self.facts.pairs.append((a, b, np.asarray(ia, dtype=np.int64), np.asarray(ib, dtype=np.int64)))
+        ia, ib = np.asarray(ia, dtype=np.int64), np.asarray(ib, dtype=np.int64)
+        if len(ia) > 1 and ia.shape == ib.shape:  # repeats (one per sequence position) are the same edge
+            key = np.unique(ia * (int(ib.max(initial=0)) + 1) + ib)
+            if len(key) < len(ia):
+                ia, ib = np.divmod(key, int(ib.max(initial=0)) + 1)
+        self.facts.pairs.append((a, b, ia, ib))
         self._define(a)
         self._define(b)
 
