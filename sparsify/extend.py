@@ -17,6 +17,7 @@ from sparsify.graph.rules import register_op_rule as register_op_rule
 from sparsify.graph.trace import register_autowrap_function as register_autowrap_function
 from sparsify.graph.trace import register_leaf_module as register_leaf_module
 from sparsify.hf import cache as _hf_cache  # noqa: F401  (HF caches as pytrees when traced with use_cache on)
+from sparsify.hf import repeated as _hf_repeated  # noqa: F401  (trace two decoder layers, replicate the rest)
 from sparsify.hf import syncs as _hf_syncs  # noqa: F401  (Hugging Face module types, by dotted name)
 from sparsify.policies import Policy as Policy
 from sparsify.policies import PolicyConfig as PolicyConfig

@@ -17,10 +17,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.nn.utils import parametrize
 
 from sparsify.errors import TraceError
+from sparsify.graph.repeated_layers import export_replicated, repeated_layers
 from sparsify.registry import TypeRegistry
 
 #: Module types fx keeps as single nodes (class or dotted name; subclasses too).
@@ -168,6 +170,7 @@ def trace(model: nn.Module, example_inputs: Any) -> TracedModel:
         raise TraceError(f"the model's parameters and buffers are on several devices ({', '.join(devices)}); "
                          "sparsify prunes a model where it lives, on one device. Move it first: model.to(device).")
     fx_failed: Exception | None = None
+    replicated = False
     try:
         graph = _Tracer().trace(model, concrete_args=None)
         for node in graph.nodes:  # fx's code for a wrapped torch function (pack_padded_sequence) would register
@@ -177,7 +180,7 @@ def trace(model: nn.Module, example_inputs: Any) -> TracedModel:
     except Exception as fx_exc:  # fx raises many kinds of errors
         fx_failed = fx_exc
         try:
-            gm = _export(model, args, kwargs)
+            gm, replicated = _export_model(model, args, kwargs)
         except Exception as export_exc:
             raise TraceError(
                 f"could not trace {type(model).__name__}. torch.fx: {type(fx_exc).__name__}: {fx_exc}\n"
@@ -188,12 +191,52 @@ def trace(model: nn.Module, example_inputs: Any) -> TracedModel:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     by_fx = not isinstance(fx_failed, Exception)
     flat, defaulted = _bind_inputs(placeholders, args, kwargs, check_names=by_fx)
+    values, output = _record(model, gm, flat, args, kwargs, defaulted)
+    if fx_failed is not None and replicated and not _same_output(model, args, kwargs, output):
+        gm = _export(model, args, kwargs)  # the layers were not alike after all: trace them all
+        values, _ = _record(model, gm, flat, args, kwargs, defaulted)
+    return TracedModel(model, gm, values, flat)
+
+
+def _export_model(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[fx.GraphModule, bool]:
+    """torch.export's graph of ``model``, and whether it was built from two layers replicated (repeated_layers)."""
+    path = repeated_layers(model)
+    if path is not None:
+        try:
+            gm = export_replicated(model, path, lambda m: _export(m, args, kwargs))
+        except Exception:  # the cut model did not export: the full export below says why
+            gm = None
+        if gm is not None:
+            return gm, True
+    return _export(model, args, kwargs), False
+
+
+def _same_output(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> bool:
+    """Whether the model's own forward returns what the traced graph returned (eval mode, no_grad)."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            expected = model(*args, **kwargs)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    got, want = pytree.tree_leaves(output), pytree.tree_leaves(expected)
+    return len(got) == len(want) and all(
+        bool(a == b) if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor))
+        else a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
+        for a, b in zip(got, want, strict=True))
+
+
+def _record(model: nn.Module, gm: fx.GraphModule, flat: list[Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+            defaulted: list[str]) -> tuple[dict[str, Any], Any]:
+    """Run ``gm`` on the example inputs (eval mode, no_grad): every node's value description, and the output."""
     modes = {m: m.training for m in model.modules()}
     recorder = _Recorder(gm)
     try:
         model.eval()
         with torch.no_grad():
-            recorder.run(*flat)
+            output = recorder.run(*flat)
             values = recorder.values
     except Exception as exc:
         hint = ""
@@ -211,7 +254,7 @@ def trace(model: nn.Module, example_inputs: Any) -> TracedModel:
     finally:
         for m, mode in modes.items():
             m.training = mode
-    return TracedModel(model, gm, values, flat)
+    return values, output
 
 
 def _wrapper_fix(module: nn.Module) -> str | None:
