@@ -22,9 +22,8 @@ analytic model); it is called at the grid points only, once per distinct configu
 from __future__ import annotations
 
 import math
-import statistics
+import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,88 +34,35 @@ from torch import nn
 from sparsify.graph.channel_graph import ChannelGraph
 from sparsify.graph.cost import module_macs
 from sparsify.graph.trace import TensorInfo
+from sparsify.measure.layer_cache import LayerTimingCache
+from sparsify.measure.layer_timing import LayerSpec, time_layer
 from sparsify.measure.network import network_latency
 from sparsify.measure.progress import progress
-from sparsify.measure.timing import autocast_context, measure_latency
 
-__all__ = ["LatencyModel", "LayerSpec", "time_layer"]
+__all__ = ["LatencyModel", "LayerSpec", "time_layer"]  # LayerSpec, time_layer: from measure.layer_timing
 
 LatencyFn = Callable[["LayerSpec", int, int], float]
 
 
-@dataclass(frozen=True)
-class LayerSpec:
-    """One conv/linear call of the trace: its weight, hyper-parameters, full widths and input shape."""
-
-    name: str  # qualified name of the weight
-    op: str  # "conv" or "linear"
-    in_channels: int
-    out_channels: int
-    input_shape: tuple[int, ...]  # one example, no batch dim: (C, *spatial) for convs, (*tokens, C) for linear
-    kernel_size: tuple[int, ...] = ()
-    stride: tuple[int, ...] = ()
-    padding: Any = ()
-    dilation: tuple[int, ...] = ()
-    groups: int = 1
-    bias: bool = True
-    padding_mode: str = "zeros"
-    macs: float = 0.0  # per example, dense (sparsify.graph.cost.module_macs)
-
-    @property
-    def depthwise(self) -> bool:
-        return self.op == "conv" and self.groups > 1 and self.groups == self.in_channels == self.out_channels
-
-    def groups_at(self, out_w: int) -> int:
-        """The conv's ``groups`` once its output is ``out_w`` channels (whole conv groups are removed)."""
-        if self.op != "conv" or self.groups == 1:
-            return 1
-        return max(out_w // (self.out_channels // self.groups), 1)
-
-    def in_at(self, in_w: int, out_w: int) -> int:
-        """Input width for kept widths: a grouped conv's input follows its output."""
-        if self.op == "conv" and self.groups > 1:
-            return self.groups_at(out_w) * (self.in_channels // self.groups)
-        return in_w
-
-    def macs_at(self, in_w: int, out_w: int) -> float:
-        """Per example MACs at these widths."""
-        if self.op == "conv" and self.groups > 1:
-            return self.macs * out_w / self.out_channels
-        return self.macs * (in_w / self.in_channels) * (out_w / self.out_channels)
-
-    def signature(self, in_w: int, out_w: int) -> tuple:
-        """What a timing depends on: identical signatures share one measurement."""
-        return (self.op, self.input_shape[1:] if self.op == "conv" else self.input_shape[:-1], self.kernel_size,
-                self.stride, self.padding, self.dilation, self.groups_at(out_w), self.bias, self.padding_mode,
-                self.in_at(in_w, out_w), out_w)
+def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    """What a node computes, by name: a module's class, a function's or a method's name (lower case)."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target))).__name__.lower()
+    if node.op in ("call_function", "call_method"):
+        return str(getattr(node.target, "__name__", node.target)).lower()
+    return ""
 
 
-def time_layer(spec: LayerSpec, in_w: int, out_w: int, *, batch: int, device: torch.device | str = "cpu",
-               dtype: torch.dtype | None = None, channels_last: bool = True, iters: int = 10, warmup: int = 3) -> float:
-    """Median ms of a fresh layer like ``spec`` with ``in_w`` inputs and ``out_w`` outputs, alone."""
-    device = torch.device(device)
-    in_w = spec.in_at(in_w, out_w)
-    if spec.op == "linear":
-        layer: nn.Module = nn.Linear(in_w, out_w, bias=spec.bias)
-        x = torch.randn(batch, *spec.input_shape[:-1], in_w, device=device)
-    else:
-        nd = len(spec.kernel_size)
-        cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[nd]
-        layer = cls(in_w, out_w, spec.kernel_size, spec.stride, spec.padding, spec.dilation,
-                    spec.groups_at(out_w), bias=spec.bias, padding_mode=spec.padding_mode)
-        x = torch.randn(batch, in_w, *spec.input_shape[1:], device=device)
-        fmt = {2: torch.channels_last, 3: torch.channels_last_3d}.get(nd) if channels_last else None
-        if fmt is not None:
-            layer, x = layer.to(memory_format=fmt), x.contiguous(memory_format=fmt)
-    layer = layer.to(device).eval()
-    if dtype is not None:  # inside a network under autocast, activations arrive already cast
-        x = x.to(dtype)
-
-    def run() -> None:
-        with torch.no_grad(), autocast_context(device, dtype):
-            layer(x)
-
-    return float(statistics.median(measure_latency(run, iters=iters, warmup=warmup, device=device)))
+def _epilogue(gm: fx.GraphModule, node: fx.Node) -> tuple[bool, bool]:
+    """(a BatchNorm alone follows the conv, a ReLU follows it or that BN): what deployment folds and fuses."""
+    users = list(node.users)
+    folded_bn = len(users) == 1 and "batchnorm" in _op_name(gm, users[0]).replace("_", "")
+    if folded_bn:
+        users = list(users[0].users)
+        if len(users) == 1 and _op_name(gm, users[0]) == "getitem":  # ATen batch norm returns a tuple
+            users = list(users[0].users)
+    relu = len(users) == 1 and _op_name(gm, users[0]).split(".")[0] in ("relu", "relu_")
+    return folded_bn, relu
 
 
 def _grid(full: int, unit: int, points: int | None) -> np.ndarray:
@@ -147,13 +93,21 @@ class LatencyModel:
             ``dtype``, the traced inputs repeated to ``batch``). Used by latency targets
             (``GMPConfig(budget="latency", target_speedup=...)``).
         network_bench: :func:`sparsify.measure.bench.benchmark` options for the default whole-network timing.
+        in_context: time each conv as deployed (:mod:`sparsify.measure.layer_timing`: the bias a folded BN
+            gives it, its ReLU fused on CUDA); False: the layer alone.
+        cast_params: time with weights already in ``dtype`` (a ``deploy(..., dtype=...)`` model) instead of
+            autocast casting them at every call.
+        disk_cache: keep real timings in a JSON file per card, software versions and setting
+            (:mod:`sparsify.measure.layer_cache`): True, False, or a file path; None (default): on for
+            CUDA timings, off elsewhere and with ``latency_fn``. ``disk_cache_path`` is the file used.
     """
 
     def __init__(self, cg: ChannelGraph, *, batch: int | None = None, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None, channels_last: bool = True, step: int = 8,
                  grid_points: int | None = 5, iters: int = 10, warmup: int = 3, latency_fn: LatencyFn | None = None,
                  cache: dict[tuple, float] | None = None, measure: Callable[[nn.Module], float] | None = None,
-                 network_bench: Mapping[str, Any] | None = None) -> None:
+                 network_bench: Mapping[str, Any] | None = None, in_context: bool = True,
+                 cast_params: bool = False, disk_cache: bool | str | os.PathLike | None = None) -> None:
         if int(step) != step or step < 1:
             raise ValueError(f"step must be a positive integer (e.g. 8), got {step!r}")
         if grid_points is not None and grid_points < 2:
@@ -168,10 +122,15 @@ class LatencyModel:
         self.skipped: dict[str, str] = {}
         self.layers = self._collect(cg)
         self.batch = int(batch if batch is not None else self._traced_batch(cg))
-        self._setting = (self.batch, str(self.device), str(self.dtype), channels_last, latency_fn)
+        self._setting = (self.batch, str(self.device), str(self.dtype), channels_last, latency_fn, in_context,
+                         cast_params)
         measure = latency_fn or (lambda spec, i, o: time_layer(
             spec, i, o, batch=self.batch, device=self.device, dtype=self.dtype, channels_last=channels_last,
-            iters=iters, warmup=warmup))
+            iters=iters, warmup=warmup, in_context=in_context, cast_params=cast_params))
+        self._disk = self._disk_cache(disk_cache, latency_fn is not None, dict(
+            dtype=str(self.dtype), batch=self.batch, channels_last=channels_last, in_context=in_context,
+            cast_params=cast_params, iters=iters))
+        self.disk_cache_path = None if self._disk is None else str(self._disk.path)
         # per layer and sliced weight dim (0 = out, 1 = in): (group id, structure_of)
         prunable = {g.id for g in cg.prunable_groups()}
         self._dims: list[dict[int, tuple[int, np.ndarray]]] = []
@@ -190,10 +149,20 @@ class LatencyModel:
         layers = list(zip(self.layers, self._dims, strict=True))
         shown = layers if latency_fn is not None else progress(layers, "timing layers for the latency model")
         self._tables = [self._table(spec, dims, prunable, measure) for spec, dims in shown]
+        if self._disk is not None:
+            self._disk.save()
         self._memo: dict[tuple[int, int, int], float] = {}
         self.total = float(sum(self.layer_ms(i, s.in_channels, s.out_channels) for i, s in enumerate(self.layers)))
 
     # ----- building
+    def _disk_cache(self, choice: bool | str | os.PathLike | None, fake: bool, setting: dict[str, Any]
+                    ) -> LayerTimingCache | None:
+        if choice is None:
+            choice = self.device.type == "cuda" and not fake
+        if choice is False or (fake and choice is True):
+            return None
+        return LayerTimingCache(self.device, setting, None if choice is True else choice)
+
     @staticmethod
     def _traced_batch(cg: ChannelGraph) -> int:
         for x in cg.traced.inputs:
@@ -216,7 +185,8 @@ class LatencyModel:
                         continue
                     layers.append(LayerSpec(key, "conv", m.in_channels, m.out_channels, tuple(x.shape[1:]),
                                             tuple(m.kernel_size), tuple(m.stride), m.padding, tuple(m.dilation),
-                                            m.groups, m.bias is not None, m.padding_mode, float(macs.get(key, 0))))
+                                            m.groups, m.bias is not None, m.padding_mode, float(macs.get(key, 0)),
+                                            *_epilogue(gm, node)))
                 elif isinstance(m, nn.Linear):
                     if not isinstance(x, TensorInfo):
                         self.skipped[key] = "no input shape"
@@ -257,9 +227,11 @@ class LatencyModel:
 
         groups = int(arg(6, "groups", 1))
         padding = arg(4, "padding", 0)
+        folded_bn, relu = _epilogue(self.graph.traced.graph_module, node)
         return LayerSpec(key, "conv", w.shape[1] * groups, w.shape[0], tuple(x.shape[1:]), tuple(w.shape[2:]),
                          tup(arg(3, "stride", 1)), padding if isinstance(padding, str) else tup(padding),
-                         tup(arg(5, "dilation", 1)), groups, has_bias, macs=float(macs.get(key, 0)))
+                         tup(arg(5, "dilation", 1)), groups, has_bias, macs=float(macs.get(key, 0)),
+                         folded_bn=folded_bn, relu=relu)
 
     def _table(self, spec: LayerSpec, dims: dict[int, tuple[int, np.ndarray]], prunable: set[int],
                measure: LatencyFn) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
@@ -276,8 +248,14 @@ class LatencyModel:
             for b, i in enumerate(ins):
                 key = (*self._setting, *spec.signature(int(i), int(o)))
                 if key not in self.cache:
-                    self.cache[key] = float(measure(spec, spec.in_at(int(i), int(o)), int(o)))
-                    self.measured += 1
+                    signature = spec.signature(int(i), int(o))
+                    stored = self._disk.get(signature) if self._disk is not None else None
+                    if stored is None:
+                        stored = float(measure(spec, spec.in_at(int(i), int(o)), int(o)))
+                        self.measured += 1
+                        if self._disk is not None:
+                            self._disk.put(signature, stored)
+                    self.cache[key] = stored
                 ms[a, b] = self.cache[key]
         return out_grid, in_grid, ms
 
