@@ -84,6 +84,7 @@ class PruneResult:
     macs_after: int
     widths: dict[str, tuple[int, int]]
     kept_to_stay_connected: list[str] = field(default_factory=list)
+    latency: Any = None  # a latency target's LatencyTargetReport (estimated and measured ms), else None
 
     def __repr__(self) -> str:
         changed = sum(before != after for before, after in self.widths.values())
@@ -294,7 +295,7 @@ class Sparsifier:
         self.pruned = True
         macs_after = sum(module_macs(trace(self.model, self.graph.traced.inputs)).values())
         return PruneResult(self.model, surgery, params_before, count_params(self.model), macs_before, macs_after,
-                           surgery.widths, kept)
+                           surgery.widths, kept, getattr(self.policy, "latency_report", None))
 
     # ----- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

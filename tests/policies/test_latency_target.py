@@ -42,6 +42,7 @@ def test_latency_target_converges_and_stays_exact(speedup: float) -> None:
     result = sp.prune()
     report = sp.policy.latency_report
     assert report is not None and report.met, report.reason
+    assert result.latency is report  # PruneResult carries the estimated and measured latency
     if speedup == 1.6:  # this toy net's widths (multiples of 8) step from 1.50× to 1.69×: the faster one
         assert "step past" in report.reason and report.speedup > speedup and len(report.probes) <= 4
     else:
