@@ -304,4 +304,6 @@ class LatencyModel:
         """Settings and counts, for reports."""
         return {"layers": len(self.layers), "configurations_timed": self.measured, "cache_size": len(self.cache),
                 "batch": self.batch, "device": str(self.device), "dtype": str(self.dtype), "step": self.step,
-                "grid_points": self.grid_points, "total_ms": self.total, "skipped": dict(self.skipped)}
+                "grid_points": self.grid_points, "total_ms": self.total, "skipped": dict(self.skipped),
+                "in_context": self._setting[5], "cast_params": self._setting[6], "disk_cache": self.disk_cache_path,
+                "network_timings": list(self.network_timings)}
