@@ -14,6 +14,7 @@ the overall median (0.02: two blocks agree within about 2 %).
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -115,7 +116,8 @@ def _capture(fn: Callable[[], Any], device: torch.device) -> tuple[Callable[[], 
         torch.cuda.synchronize(device)
         return graph.replay, ""
     except Exception as exc:  # any capture failure means: time it eagerly
-        torch.cuda.synchronize(device)
+        with contextlib.suppress(Exception):  # an invalidated capture may report again here
+            torch.cuda.synchronize(device)
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
 
 

@@ -26,7 +26,7 @@ def deployed_ms(model: torch.nn.Module) -> float:
     """p50 ms of ``model`` deployed as a user runs it: BN folded, conv+bias+ReLU fused, bf16 parameters,
     channels_last, batch 256, CUDA graph, L2 flushed."""
     x = torch.randn(BATCH, 3, 224, 224, device="cuda", dtype=DTYPE).contiguous(memory_format=torch.channels_last)
-    net = deploy(model.cuda().eval(), x[:2], dtype=DTYPE)
+    net = deploy(model.cuda().eval(), x[:2].float(), dtype=DTYPE)  # traced in float32, then cast
 
     def call() -> None:
         with torch.no_grad():
