@@ -1,4 +1,5 @@
-"""In-place ATen ops (``x.add_(y)``, ``x /= s``, ``hardtanh_``) as torch.export keeps them, and ``hardtanh``.
+"""In-place ops (``x.add_(y)``, ``x /= s``, ``h.sigmoid_()``; fx methods and the ATen ops torch.export keeps), and
+``aten.hardtanh``.
 
 An in-place op is the element-wise op on its result only if nothing else sees the mutation: the
 mutated tensor is not a view of another one (the write would land in the base), not a parameter or
@@ -8,10 +9,12 @@ the reason named; a mutation the graph cannot follow is never treated as element
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from sparsify.graph.builder import OpContext
 from sparsify.graph.op_rules import register_op_rule
@@ -56,8 +59,10 @@ def _in_place(rule: Callable[[OpContext], None]) -> Callable[[OpContext], None]:
 inplace_binary = _in_place(binary)
 inplace_unary = _in_place(unary)
 
-register_op_rule("aten_binary_inplace", inplace_binary, functions=_overloads(
-    aten.add_, aten.sub_, aten.mul_, aten.div_))
-register_op_rule("aten_unary_inplace", inplace_unary, functions=_overloads(
-    aten.hardtanh_, aten.silu_, aten.sigmoid_, aten.tanh_, aten.gelu_, aten.clamp_))
+register_op_rule("binary_inplace", inplace_binary, functions=(
+    *_overloads(aten.add_, aten.sub_, aten.mul_, aten.div_), operator.iadd, operator.isub, operator.imul,
+    operator.itruediv), methods=("add_", "sub_", "mul_", "div_"))
+register_op_rule("unary_inplace", inplace_unary, functions=(
+    *_overloads(aten.hardtanh_, aten.silu_, aten.sigmoid_, aten.tanh_, aten.gelu_, aten.clamp_), F.relu_),
+    methods=("relu_", "sigmoid_", "tanh_", "clamp_"))
 register_op_rule("aten_hardtanh", unary, functions=_overloads(aten.hardtanh))

@@ -26,12 +26,12 @@ _ACTIVATION_FUNCTIONS = (
     F.hardtanh, F.hardswish, F.hardsigmoid, F.softplus, F.softsign, F.logsigmoid, F.dropout,
     F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.relu, torch.sigmoid, torch.tanh,
     torch.abs, torch.neg, torch.exp, torch.square, torch.sqrt, torch.rsqrt, torch.clamp, torch.clip,
-    torch.erf, torch.sin, torch.cos, torch.nn.functional.relu_, operator.neg, torch.dropout,
+    torch.erf, torch.sin, torch.cos, operator.neg, torch.dropout,
     torch.nan_to_num,
 )
 _ACTIVATION_METHODS = (
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "abs", "neg", "exp", "sqrt", "rsqrt",
-    "square", "clamp", "clamp_", "clip", "erf", "sin", "cos", "contiguous_format", "float", "double",
+    "relu", "sigmoid", "tanh", "abs", "neg", "exp", "sqrt", "rsqrt",
+    "square", "clamp", "clip", "erf", "sin", "cos", "contiguous_format", "float", "double",
     "half", "bfloat16", "to", "type_as", "clone", "detach", "requires_grad_", "nan_to_num",
 )
 
@@ -104,18 +104,34 @@ register_op_rule(
 )
 register_op_rule(
     "elementwise_binary", binary,
-    functions=(operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
-               operator.isub, torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div,
-               torch.true_divide, torch.maximum, torch.minimum, torch.where),
-    methods=("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "true_divide", "maximum",
-             "minimum"),
+    functions=(operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.subtract,
+               torch.mul, torch.multiply, torch.div, torch.true_divide, torch.maximum, torch.minimum, torch.where),
+    methods=("add", "sub", "mul", "div", "true_divide", "maximum", "minimum"),  # in place: rules/aten_inplace
 )
 
 
 def shape_query(ctx: OpContext) -> None:
     """Reads only metadata (shape, dim, dtype): no channel coupling; a size computed with (not just
-    passed to views) marks its dim inexact."""
+    passed to views) marks its dim inexact. ``getattr`` that yields a tensor is not metadata: see
+    :func:`tensor_attribute`."""
+    if ctx.node.target is getattr and ctx.out_info is not None and ctx.info(ctx.node.args[0]) is not None:
+        tensor_attribute(ctx)  # an attribute of a tensor that is a tensor (not one of an output object)
+        return
     mark_width_reads(ctx)
+
+
+def tensor_attribute(ctx: OpContext) -> None:
+    """``x.T`` / ``x.mT`` (``.H`` / ``.mH``, the same for real tensors) permute dims; any other attribute
+    that yields a tensor (``x.grad``, ``x.real``) is a barrier for ``x`` and the result, so that ``x``'s
+    channels cannot change a shape the graph does not follow (under fx ``x.T`` is ``getattr(x, "T")``)."""
+    x, name = ctx.node.args[0], ctx.node.args[1]
+    xi, out = ctx.info(x), ctx.out_info
+    if out is None or xi is None or name not in ("T", "mT", "H", "mH") or (name in ("mT", "mH") and xi.ndim < 2):
+        ctx.block_all(f"{ctx.describe()} reads the tensor attribute {name!r}, which has no channel model")
+        return
+    perm = list(range(xi.ndim))[::-1] if name in ("T", "H") else [*range(xi.ndim - 2), xi.ndim - 1, xi.ndim - 2]
+    for d, source in enumerate(perm):
+        ctx.same(ctx.space(x, source), ctx.out(d))
 
 
 register_op_rule(

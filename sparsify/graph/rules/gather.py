@@ -9,8 +9,11 @@ the expert dim is blocked. The refusal stays local to the indexed dims.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
+import torch.fx as fx
 
 from sparsify.graph.builder import OpContext
 from sparsify.graph.op_rules import register_op_rule
@@ -26,7 +29,36 @@ def index_tensor(ctx: OpContext) -> None:
     """``aten.index.Tensor(x, [None, idx, ...])``: the dims read by index tensors are blocked in ``x``
     and in the output (where their broadcast shape stands); every other dim of ``x`` is the same dim of
     the output. A boolean mask (it consumes as many dims as it has) is treated the same way."""
-    x, indices = ctx.node.args[0], list(ctx.node.args[1])
+    couple_index(ctx, ctx.node.args[0], list(ctx.node.args[1]))
+
+
+def tensor_index_of_getitem(ctx: OpContext) -> list[Any] | None:
+    """``x[idx]``, ``x[:, idx]``, ``x[..., idx]`` under fx (``operator.getitem``) as an ``aten.index``
+    index list (``None`` for a full slice), or None when the subscript holds no tensor or other items
+    (an int, a partial slice, a new axis) that the layout rule handles."""
+    x, index = ctx.node.args[0], ctx.node.args[1]
+    index = index if isinstance(index, tuple) else (index,)
+    xi = ctx.info(x)
+    if xi is None or not any(isinstance(i, fx.Node) and ctx.info(i) is not None for i in index):
+        return None
+    if sum(i is Ellipsis for i in index) > 1:
+        return None
+    entries: list[Any] = []
+    for i in index:
+        if i is Ellipsis:
+            entries += [None] * (xi.ndim - (len(index) - 1))
+        elif isinstance(i, slice) and i == slice(None):
+            entries.append(None)
+        elif isinstance(i, fx.Node) and ctx.info(i) is not None:
+            entries.append(i)
+        else:
+            return None
+    return entries
+
+
+def couple_index(ctx: OpContext, x: Any, indices: list[Any]) -> None:
+    """Block the dims of ``x`` read by the index tensors in ``indices`` and where their broadcast shape
+    stands in the output; pass every other dim through (``aten.index`` semantics)."""
     xi, out = ctx.info(x), ctx.out_info
     if xi is None or out is None:
         ctx.block_all(f"{ctx.describe()}: index of a value whose shape was not recorded")

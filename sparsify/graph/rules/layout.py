@@ -31,6 +31,7 @@ from sparsify.graph.builder import OpContext, value_infos
 from sparsify.graph.module_types import sizes_are_synced
 from sparsify.graph.op_rules import register_op_rule
 from sparsify.graph.rules.common import couple_slice
+from sparsify.graph.rules.gather import couple_index, tensor_index_of_getitem
 from sparsify.graph.rules.layout_chain import (
     UnsupportedLayout,
     chain_nodes,
@@ -65,7 +66,10 @@ def layout(ctx: OpContext) -> None:
         return
     if ctx.out_info is None:
         return
-    if all(is_layout(u, ctx) for u in node.users):
+    if node.target is operator.getitem and (tensor_index := tensor_index_of_getitem(ctx)) is not None:
+        couple_index(ctx, node.args[0], tensor_index)  # x[idx] with a tensor: selection by data (rules/gather)
+        return
+    if all(is_layout(u, ctx) and not _gathers(ctx, u) for u in node.users):
         if node.users:
             return  # interior of a chain: analysed from its exits
     try:
@@ -378,6 +382,13 @@ def _one_head_block(ctx: OpContext, exit_node: fx.Node, root: fx.Node, i: int, a
     width = ctx.traced.values[root.name].shape[i]
     slot = np.arange(width)
     return couple_slice(ctx, chain_nodes(ctx, exit_node), ctx.space(root, i), slot, slot, a, width) == ""
+
+
+def _gathers(ctx: OpContext, node: fx.Node) -> bool:
+    """Whether ``node`` is ``x[idx]`` with a tensor index: it couples its input itself, so a layout op
+    before it is a chain exit rather than deferring to it."""
+    return node.target is operator.getitem and tensor_index_of_getitem(OpContext(ctx.traced, ctx.facts, node,
+                                                                                 "layout")) is not None
 
 
 def _uniform_repeat(line: np.ndarray, width: int) -> bool:

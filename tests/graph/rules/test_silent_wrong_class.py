@@ -42,7 +42,8 @@ CASES: dict[str, tuple[Callable[[torch.dtype], Example], tuple[str, ...], tuple[
     "shared_qk": (_stack("shared_qk"), ("attn.0.q (+1)", "mlps.0.0"), ("attn.0.q.weight (+1)", "mlps.0.0")),
     "sliding_then_full": (_stack("sliding_then_full"), _HEADS2, None),
     "parallel_blocks": (_stack("parallel_blocks"), _HEADS2, None),
-    "gqa_repeat_interleave": (_stack("gqa_repeat_interleave"), ("mlps.0.0",), None),
+    # repeat_interleave of KV heads (rules/gather): each KV group's copies go with it, under both front ends
+    "gqa_repeat_interleave": (_stack("gqa_repeat_interleave"), ("attn.0.q (+2)", "mlps.0.0"), None),
     "gqa_expand": (_stack("gqa_expand"), ("attn.0.q (+2)", "mlps.0.0"), ("mlps.0.0",)),  # export bakes the heads in
     "head_bias_after_split": (_stack("head_bias_after_split"), ("attn.0.q (+3)", "mlps.0.0"),
                               ("attn.0.q_bias (+3)", "mlps.0.0")),
@@ -104,7 +105,6 @@ def test_a_product_with_a_zero_operand_still_clears_the_broadcast(front: str) ->
     ("split_by_size_roles", "fused.weight", "unequal or hard-coded sizes [10, 6]"),
     ("bias_after_reshape", "a.weight", "it is ambiguous which one shrinks"),
     ("interleaved_qkv", "attn.0.qkv.weight", "no op rule for unbind"),
-    ("gqa_repeat_interleave", "attn.0.k.weight", "no op rule for"),
     ("partial_rotary", "attn.0.q.weight", ("mixes or slices dims", "hard-codes the size 2")),
 ])
 def test_refused_roles_say_why(name: str, tensor: str, reason: str | tuple[str, str], front: str) -> None:

@@ -1,0 +1,150 @@
+"""Selection by tensor indices (issue #21: 10 HF MoE families refused at ``no op rule for index.Tensor()``).
+
+A Mixture-of-Experts layer in the shape of transformers 5's batched experts: the router's top-k picks
+experts, ``w[expert_ids]`` gathers per-expert weights (parameters of shape (experts, out, in)). The
+expert dim is data-selected (a barrier naming topk/index); the experts' inner neurons stay one exact
+group, pruned in every expert at once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsify import build_channel_graph
+from sparsify.testing.contracts import TOLERANCE
+from sparsify.testing.oracle import check_exactness, randomize_
+from sparsify.testing.rule_models import ExportOnly
+
+
+class BatchedExperts(nn.Module):
+    def __init__(self, hidden: int = 8, inner: int = 6, experts: int = 4, top: int = 2) -> None:
+        super().__init__()
+        self.top = top
+        self.embed = nn.Linear(5, hidden)
+        self.router = nn.Linear(hidden, experts, bias=False)
+        self.gate_up = nn.Parameter(torch.randn(experts, 2 * inner, hidden) / hidden**0.5)
+        self.down = nn.Parameter(torch.randn(experts, hidden, inner) / inner**0.5)
+        self.head = nn.Linear(hidden, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        weights, ids = torch.topk(self.router(h).softmax(-1), self.top, dim=-1)
+        ids = ids.reshape(-1)
+        rows = h.repeat_interleave(self.top, 0)
+        up = torch.bmm(self.gate_up[ids], rows.unsqueeze(-1)).squeeze(-1)
+        gate, up = up.chunk(2, dim=-1)
+        y = torch.bmm(self.down[ids], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)
+        y = (y * weights.reshape(-1, 1)).reshape(-1, self.top, y.shape[-1]).sum(1)
+        return self.head(h + y)
+
+
+@pytest.mark.parametrize("export", [False, True], ids=["fx", "export"])
+def test_moe_experts_inner_neurons_are_exact_and_the_expert_dim_is_a_barrier(export: bool) -> None:
+    torch.manual_seed(0)
+    model = BatchedExperts().double()
+    model = ExportOnly(model) if export else model
+    inner = model.inner if export else model
+    x = torch.randn(7, 5, dtype=torch.float64)
+    cg = build_channel_graph(model, x)
+    tensors = {g.id: {m.tensor.rpartition(".")[2] + f":{m.dim}" for m in g.members} for g in cg.groups}
+    neurons = [g for g in cg.groups if {"gate_up:1", "down:2"} <= tensors[g.id]]
+    assert len(neurons) == 1 and neurons[0].prunable and neurons[0].exact, [(g.name, g.why_not()) for g in neurons]
+    experts = [g for g in cg.groups if "gate_up:0" in tensors[g.id]]
+    assert experts and not any(g.prunable for g in experts)
+    router = next(g for g in cg.groups if any(m.module.endswith("router") and m.role == "out" for m in g.members))
+    assert not router.prunable and ("topk" in router.why_not() or "index" in router.why_not()), router.why_not()
+    randomize_(model, 0)
+    result = check_exactness(model, x, 0.5, 0)
+    assert result.groups_pruned >= 1
+    assert result.max_abs_diff <= TOLERANCE * (1 + result.output_scale)
+    assert inner.gate_up.shape[:2] == (4, 6) and (inner.down.shape[0], inner.down.shape[2]) == (4, 3)
+
+
+class GatherTokens(nn.Module):
+    """``h[:, idx]`` on the token dim with idx a model input: the feature dim passes through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.b(torch.ops.aten.index.Tensor(h, [None, idx]))
+
+
+def test_index_on_another_dim_keeps_the_channel_dim_exact() -> None:
+    x, idx = torch.randn(2, 4, 5, dtype=torch.float64), torch.tensor([3, 0, 0, 2])
+    model = GatherTokens().double()
+    cg = build_channel_graph(model, (x, idx))
+    group = next(g for g in cg.groups if any(m.module == "a" and m.role == "out" for m in g.members))
+    assert group.prunable and group.exact, group.why_not()
+    randomize_(model, 0)
+    result = check_exactness(model, (x, idx), 0.5, 0)
+    assert result.groups_pruned == 1 and model.a.out_features == 3
+    assert result.max_abs_diff <= TOLERANCE * (1 + result.output_scale)
+
+
+class GatherChannels(nn.Module):
+    """A data-dependent index on the channel dim itself: a barrier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.ops.aten.index.Tensor(self.a(x), [None, idx]))
+
+
+@pytest.mark.parametrize("op", ["index", "index_select"])
+def test_index_on_the_channel_dim_is_a_barrier(op: str) -> None:
+    model = GatherChannels()
+    if op == "index_select":
+        model.forward = lambda x, idx: model.b(model.a(x).index_select(1, idx))  # type: ignore[method-assign]
+    cg = build_channel_graph(model, (torch.randn(2, 5), torch.tensor([5, 1, 1, 0, 2, 3])))
+    group = next(g for g in cg.groups if any(m.module == "a" and m.role == "out" for m in g.members))
+    assert not group.prunable and "tensor of indices" in group.why_not(), group.why_not()
+
+
+class RepeatAndTranspose(nn.Module):
+    """``h.repeat(1, 2)`` and ``.T`` (HF Falcon's numpy_T) are layout ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(5, 6), nn.Linear(12, 3), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b(self.a(x).repeat(1, 2))
+        return self.c(y.T)
+
+
+@pytest.mark.parametrize("export", [False, True], ids=["fx", "export"])
+def test_repeat_and_numpy_t_are_exact(export: bool) -> None:
+    model = RepeatAndTranspose().double()
+    model = ExportOnly(model) if export else model
+    inner = model.inner if export else model
+    x = torch.randn(4, 5, dtype=torch.float64)
+    randomize_(model, 0)
+    result = check_exactness(model, x, 0.5, 0)
+    assert inner.a.out_features == 3 and inner.b.in_features == 6
+    assert result.max_abs_diff <= TOLERANCE * (1 + result.output_scale)
+
+
+class TransposedOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c = nn.Linear(5, 6), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.a(x).T)  # a's channels become the output's rows
+
+
+def test_tensor_attribute_t_couples_its_dims_under_fx() -> None:
+    """Regression: under fx ``x.T`` is ``getattr(x, "T")``, once read as a shape query, so a's channels
+    stayed an exact group whose pruning changed the output's shape."""
+    model = TransposedOutput().double()
+    cg = build_channel_graph(model, torch.randn(4, 5, dtype=torch.float64))
+    assert "shape_query" in cg.facts.rule_of.values()
+    group = next(g for g in cg.groups if any(m.module == "a" and m.role == "out" for m in g.members))
+    assert not group.prunable and "model output" in group.why_not(), group.why_not()
