@@ -19,7 +19,12 @@ there are skipped unless ``--redo``). Results:
 * ``refused``: nothing exact is prunable, with the first reason the graph gives (it names the op);
 * ``error``: tracing / grouping raised (the reason is the error's first line);
 * ``not built``: the tiny model or its inputs could not be made (left out of the goals' denominators);
-* ``timeout`` / ``crash``: the subprocess ran past its limit or died.
+* ``timeout`` / ``crash``: the subprocess ran past its limit or died;
+* ``sub-config`` (Hugging Face): a model type that is a part of another family (``clap_text_model`` of
+  ``clap``: no auto class of any task, its config a sub-config of the parent's), recorded, not run, and not
+  counted; a sub-config run before the rule keeps its result, marked ``sub_config_of``, also not counted.
+
+``--merge FILE`` copies the records of another run's JSON into ``--out`` (the file re-read right before writing).
 """
 
 from __future__ import annotations
@@ -251,13 +256,39 @@ def _text(value: str | bytes | None) -> str:
 
 
 def totals(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    counts = Counter(r["result"] for r in records.values())
-    built = [r for r in records.values() if r["result"] != "not built"]
+    """Counts over the families; sub-configs (``sub_config_of``: a part of another family) are not counted."""
+    families = [r for r in records.values() if not r.get("sub_config_of")]
+    counts = Counter(r["result"] for r in families)
+    built = [r for r in families if r["result"] != "not built"]
     tp = [r.get("torch_pruning", {}) for r in built]
-    return {"families": len(records), "built": len(built), "results": dict(counts),
+    return {"families": len(families), "built": len(built), "results": dict(counts),
             "exact_share_of_built": round(counts["exact"] / len(built), 4) if built else None,
-            "oracle_failures": counts["FAIL"],
+            "oracle_failures": counts["FAIL"], "sub_configs": len(records) - len(families),
             "torch_pruning": {k: sum(bool(t.get(k)) for t in tp) for k in ("builds", "prunes", "runs")}}
+
+
+def tag_sub_configs(records: dict[str, dict[str, Any]]) -> None:
+    """Mark every Hugging Face record that is a sub-config (``coverage_models.hf_sub_config_of``) with its parent."""
+    for family, rec in records.items():
+        parent = zoo.hf_sub_config_of(family)
+        if parent:
+            rec["sub_config_of"] = parent
+        else:
+            rec.pop("sub_config_of", None)
+
+
+def sub_config_record(family: str, parent: str) -> dict[str, Any]:
+    return {"family": family, "result": "sub-config", "sub_config_of": parent,
+            "reason": f"sub-config of {parent}: no auto class of any task, checked as a part of {parent}"}
+
+
+def write(out: Path, suite: str, command: str, records: dict[str, dict[str, Any]]) -> None:
+    if suite == "hf":
+        tag_sub_configs(records)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"suite": suite, "command": command, "date": date.today().isoformat(),
+                               "machine": _machine(), "rel_tol": REL_TOL, "totals": totals(records),
+                               "models": dict(sorted(records.items()))}, indent=1) + "\n")
 
 
 def _machine() -> dict[str, Any]:
@@ -285,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per family")
     parser.add_argument("--redo", action="store_true", help="re-run families already in --out")
     parser.add_argument("--no-torch-pruning", action="store_true")
+    parser.add_argument("--merge", type=Path, default=None, help="run nothing: copy the records of this JSON "
+                        "(only --families, if given) into --out, re-read right before writing")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -295,13 +328,26 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(f"benchmarks/results/coverage_{args.suite}.json")
     data = json.loads(out.read_text()) if out.exists() else {}
     records: dict[str, dict[str, Any]] = data.get("models", {})
+    shown = [f"<{len(a.split(','))} families>" if a.count(",") > 8 else a for a in (argv or sys.argv[1:])]
+    runs = [data["command"]] if data.get("command") else []  # every run that wrote this file, in order
+    if args.merge:
+        merged = json.loads(args.merge.read_text())
+        wanted = set(args.families.split(",")) if args.families else set(merged["models"])
+        records.update({f: r for f, r in merged["models"].items() if f in wanted})
+        write(out, args.suite, "; ".join([*runs, merged.get("command", str(args.merge))]), records)
+        print(json.dumps(totals(records), indent=1))
+        return 0
     todo = args.families.split(",") if args.families else families(args.suite)
     todo = [f for f in todo if args.redo or f not in records]
     if args.task:
         todo = [f for f in todo if zoo.hf_task_of(f) == args.task]
+    if args.suite == "hf":  # sub-configs are recorded, not run
+        parents = {f: zoo.hf_sub_config_of(f) for f in todo}
+        records.update({f: sub_config_record(f, p) for f, p in parents.items() if p})
+        todo = [f for f in todo if not parents[f]]
+        if any(parents.values()):
+            write(out, args.suite, "; ".join([*runs, "python -m benchmarks.coverage " + " ".join(shown)]), records)
     todo = todo[: args.limit] if args.limit else todo
-    shown = [f"<{len(a.split(','))} families>" if a.count(",") > 8 else a for a in (argv or sys.argv[1:])]
-    runs = [data["command"]] if data.get("command") else []  # every run that wrote this file, in order
     command = "; ".join([*runs, "python -m benchmarks.coverage " + " ".join(shown)])
 
     def one(family: str) -> dict[str, Any]:
@@ -312,11 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             records[rec["family"]] = rec
             print(f"{rec['family']:<40} {rec['result']:<10} {rec.get('rel_error', '')!s:<10} "
                   f"{rec.get('reason', '')[:100]}", flush=True)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"suite": args.suite, "command": command, "date": date.today().isoformat(),
-                                       "machine": _machine(), "rel_tol": REL_TOL,
-                                       "totals": totals(records), "models": dict(sorted(records.items()))},
-                                      indent=1) + "\n")
+            write(out, args.suite, command, records)
     print(json.dumps(totals(records), indent=1))
     return 0
 

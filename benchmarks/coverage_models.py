@@ -11,13 +11,17 @@ Every builder returns ``(model in float64 eval mode, example inputs, modules Tor
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from torch import nn
 
+from benchmarks import coverage_inputs
+from benchmarks.coverage_inputs import IMAGE
+
 Built = tuple[nn.Module, Any, list[nn.Module]]
-IMAGE = 64
+__all__ = ["IMAGE", "Built", "NotBuilt", "build_hf", "hf_config", "hf_families", "hf_model_class", "hf_sub_config_of"]
 
 
 class NotBuilt(Exception):
@@ -97,6 +101,13 @@ def _shrink(d: dict[str, Any], layers: bool = True) -> dict[str, Any]:
         for i, key in enumerate(_TOKEN_IDS):
             if isinstance(out.get(key), int) and out[key] >= vocab:
                 out[key] = i
+    text = out.get("text_config")
+    vocab = vocab if isinstance(vocab, int) else text.get("vocab_size") if isinstance(text, dict) else None
+    if isinstance(vocab, int):  # image / video / audio placeholders: the last ids of the shrunk vocabulary
+        placeholders = [k for k, v in out.items() if k.endswith(("_token_id", "_token_index")) and k not in _TOKEN_IDS
+                        and isinstance(v, int) and not isinstance(v, bool) and v >= vocab]
+        for i, key in enumerate(sorted(placeholders)):
+            out[key] = vocab - 1 - i
     return out
 
 
@@ -169,43 +180,49 @@ def hf_task_of(model_type: str) -> str | None:
     return None
 
 
+@functools.cache
+def _sub_config_parents() -> dict[str, str]:
+    """model type → the first model type (alphabetically) whose config class lists its config in ``sub_configs``."""
+    from transformers import CONFIG_MAPPING
+
+    parents: dict[str, str] = {}
+    for parent in sorted(CONFIG_MAPPING.keys()):
+        try:
+            subs = getattr(CONFIG_MAPPING[parent], "sub_configs", None) or {}
+        except Exception:  # a config module that does not import here
+            continue
+        for sub in subs.values():
+            child = getattr(sub, "model_type", None)
+            if isinstance(child, str) and child and child != parent:
+                parents.setdefault(child, parent)
+    return parents
+
+
+def _has_any_head(model_type: str) -> bool:
+    """Whether any task mapping of transformers' auto classes (AutoModel, backbones, segmentation, …) names it."""
+    from transformers.models.auto import modeling_auto
+
+    return any(model_type in names for key, names in vars(modeling_auto).items()
+               if key.startswith("MODEL_") and key.endswith("_MAPPING_NAMES") and isinstance(names, dict))
+
+
+def hf_sub_config_of(model_type: str) -> str | None:
+    """The family a sub-config belongs to, else None. A sub-config is a model type that no auto class of any
+    task knows and whose config class is a ``sub_configs`` entry of another model type's config (CLAP's
+    ``clap_text_model``); the parent is climbed to a model type that has a task head or no parent itself.
+    Such a type is checked as a part of its parent and is not a family of its own."""
+    parents = _sub_config_parents()
+    if model_type not in parents or _has_any_head(model_type):
+        return None
+    seen, parent = {model_type}, parents[model_type]
+    while not _has_any_head(parent) and parent in parents and parents[parent] not in seen:
+        seen.add(parent)
+        parent = parents[parent]
+    return parent
+
+
 def is_decoder(task: str, config: Any) -> bool:
     return task in ("causal_lm", "seq_to_seq_causal_lm") or bool(getattr(config, "is_encoder_decoder", False))
-
-
-def hf_inputs(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
-    """Inputs for the model's main input (text ids, image pixels or audio), or NotBuilt."""
-    g = torch.Generator().manual_seed(1)
-    kind = getattr(model, "main_input_name", "input_ids")
-    if kind == "input_ids":
-        return _ids(config)
-    if kind == "pixel_values":
-        return _pixels(config)
-    if kind == "input_values":
-        return {"input_values": torch.randn(1, 4000, generator=g, dtype=torch.float64)}
-    if kind == "input_features" and hasattr(config, "num_mel_bins"):
-        frames = 2 * int(getattr(config, "max_source_positions", 1500))
-        return {"input_features": torch.randn(1, config.num_mel_bins, frames, generator=g, dtype=torch.float64)}
-    raise NotBuilt(f"inputs of kind {kind!r} are not made by the coverage zoo")
-
-
-def _ids(config: Any) -> dict[str, torch.Tensor]:
-    """Token ids (2 × 8; decoder ids too for an encoder-decoder) below the text config's vocabulary."""
-    g = torch.Generator().manual_seed(1)
-    vocab = int(getattr(getattr(config, "text_config", None) or config, "vocab_size", None) or 128)
-    inputs = {"input_ids": torch.randint(3, max(4, min(vocab, 128)), (2, 8), generator=g)}
-    if getattr(config, "is_encoder_decoder", False):
-        inputs["decoder_input_ids"] = torch.randint(3, max(4, min(vocab, 128)), (2, 8), generator=g)
-    return inputs
-
-
-def _pixels(config: Any) -> dict[str, torch.Tensor]:
-    vision = getattr(config, "vision_config", None) or config
-    size = getattr(vision, "image_size", IMAGE)
-    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-    channels = int(getattr(vision, "num_channels", 3))
-    g = torch.Generator().manual_seed(2)
-    return {"pixel_values": torch.randn(1, channels, *size, generator=g, dtype=torch.float64)}
 
 
 def build_hf(model_type: str, use_cache: bool | None = None) -> tuple[str, Built]:
@@ -225,14 +242,7 @@ def _build_hf(model_type: str, use_cache: bool | None, layers: bool) -> tuple[st
         _, cls = hf_model_class(config)
         torch.manual_seed(0)
         model = cls(config).double().eval()
-        inputs = hf_inputs(model, config)
-        try:
-            with torch.no_grad():
-                model(**inputs)
-        except Exception:
-            inputs = {**_ids(config), **inputs, **_pixels(config)}  # text-image models (CLIP-, BLIP-2-like) take both
-            with torch.no_grad():
-                model(**inputs)
+        inputs = _inputs_that_run(model, config)
     except NotBuilt:
         raise
     except Exception as exc:
@@ -241,6 +251,31 @@ def _build_hf(model_type: str, use_cache: bool | None, layers: bool) -> tuple[st
     return f"{cls.__name__}", (model, inputs, [head] if isinstance(head, nn.Module) else [])
 
 
+def _inputs_that_run(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
+    """The first of ``coverage_inputs.input_candidates`` the model runs on (placeholder tokens added as
+    many as it asks for); the first candidate's error when none runs."""
+    first: Exception | None = None
+    try:
+        candidates = list(coverage_inputs.input_candidates(model, config))
+    except coverage_inputs.NoInputs as exc:
+        raise NotBuilt(str(exc)) from None
+    for inputs in candidates:
+        for _ in range(3):  # image, then video / audio placeholders
+            try:
+                with torch.no_grad():
+                    model(**inputs)
+                return inputs
+            except Exception as exc:
+                first = first or exc
+                inputs = coverage_inputs.with_placeholders(inputs, config, exc)
+                if inputs is None:
+                    break
+    assert first is not None
+    raise first
+
+
 def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:200]
+    """The error's first line; with the next one when the first only introduces it (a config validator's)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else "")
+    return (text or type(exc).__name__)[:200]

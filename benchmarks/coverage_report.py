@@ -33,7 +33,11 @@ def _tp(rec: dict[str, Any]) -> str:
 
 
 def _result(rec: dict[str, Any]) -> str:
+    if rec["result"] == "sub-config":
+        return f"sub-config of {rec['sub_config_of']} (not counted)"
     text = rec["result"] if rec["result"] == "exact" else f"**{rec['result']}**: {_cell(rec.get('reason', ''))}"
+    if rec.get("sub_config_of"):  # run before the rule: its result stays, not counted
+        text = f"sub-config of {rec['sub_config_of']} (not counted); run as a model: {text}"
     if rec.get("precision"):  # x.float() inside the float64 model: that precision's tolerance
         text += f" (it {_cell(rec['precision'], 90)}: pass ≤ {rec['rel_tol']:g})"
     cache = rec.get("use_cache")
@@ -59,8 +63,9 @@ def goal_lines(suite: str, data: dict[str, Any]) -> list[str]:
     verdict = "" if goal is None else f" (goal ≥ {goal:.0%}: {'met' if share >= goal else 'not met'})"
     others = {k: v for k, v in t["results"].items() if k not in ("exact", "not built")}
     tp = t["torch_pruning"]
-    return [f"* **{suite}**: {t['families']} families, {built} build; {exact} prune with at least one exact group "
-            f"= {share:.1%} of those that build{verdict}; oracle failures on groups marked exact: "
+    subs = f" (and {t['sub_configs']} sub-configs, not counted)" if t.get("sub_configs") else ""
+    return [f"* **{suite}**: {t['families']} families{subs}, {built} build; {exact} prune with at least one exact "
+            f"group = {share:.1%} of those that build{verdict}; oracle failures on groups marked exact: "
             f"{t['oracle_failures']}; the rest: {others or 'none'}; not built: {t['results'].get('not built', 0)}. "
             f"Torch-Pruning on the families that build: builds {tp['builds']}, prunes {tp['prunes']}, "
             f"runs {tp['runs']}."]
@@ -99,10 +104,16 @@ def render(results: Path) -> str:
         "checked with `use_cache` off and on (on: the cache's tensors are outputs, compared too; its KV heads "
         "are then outputs and stay). Sub-model types (`*_text_model`) are built with their own `*Model` class; "
         "MoE experts run with `experts_implementation=\"batched_mm\"` (float64, exportable). "
+        "A Hugging Face model type that no auto class of any task knows and whose config class is a "
+        "`sub_configs` entry of another model type's config (`clap_text_model` of `clap`) is a **sub-config**: "
+        "a part of that family, checked within it, not a family of its own; it is listed as `sub-config of "
+        "<parent>` and left out of the family counts and shares (one run as a model before this rule keeps "
+        "its result in the row, also not counted). A model type that some task head knows (AutoModel, "
+        "backbone, segmentation, …) is always a family. "
         "Results: `exact` (≥ 1 exact group pruned, outputs agree), `FAIL` (a group "
         "marked exact changed the outputs: a bug), `refused` (no exact group prunable; the first reason the "
         "graph gives), `error` (tracing or grouping raised; the error), `not built` (the tiny model or its "
-        "inputs could not be made: left out of the shares), `timeout`.",
+        "inputs could not be made: left out of the shares), `timeout`, `sub-config` (not run, not counted).",
         "",
         "Run (from the repository root; resumable, `--limit N` / `--families a,b` for a part, `--redo` to re-run):",
         "",
