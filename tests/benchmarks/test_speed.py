@@ -1,8 +1,10 @@
-"""benchmarks/speed.py at tiny CPU settings, and the width-latency tool (sparsify.measure)."""
+"""benchmarks/speed.py (benchmarks.speed_lib) at tiny CPU settings, and the width-latency tool (sparsify.measure)."""
 
 from __future__ import annotations
 
-import importlib.util
+import argparse
+import copy
+import importlib
 import json
 from pathlib import Path
 from types import ModuleType
@@ -14,24 +16,32 @@ from sparsify.measure import measure_latency, suggest_round_to, width_latency_ta
 
 pytest.importorskip("torch_pruning")
 
+SMOKE = ["--device", "cpu", "--models", "resnet18", "--batch", "2", "--size", "64", "--iters", "3", "--tp-steps", "8",
+         "--refine", "2", "--small-batches", "1", "--repeat", "2"]
+
 
 def _load() -> ModuleType:
     """The benchmark module (imported as the package module ``benchmarks.speed``)."""
     return importlib.import_module("benchmarks.speed")
 
 
+@pytest.mark.slow
 def test_speed_benchmark_smoke(tmp_path: Path) -> None:
+    """Every MACs-target arm, one latency target, profiles, two timings and batch 1 on a CPU resnet18."""
     bench = _load()
     out = tmp_path / "speed.json"
-    bench.main(["--device", "cpu", "--models", "resnet18", "--batch", "2", "--size", "64", "--iters", "3",
-                "--tp-steps", "8", "--refine", "2", "--profile", "--cast-params", "--out", str(out)])
+    bench.main([*SMOKE, "--profile", "--arms", "ours", "ours+round", "ours+latency", "tp", "tp+round",
+                "--latency-targets", "1.5", "--latency-iterations", "2", "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["torch"] == torch.__version__ and result["device"]
+    assert result["deployment"]["resnet18"]["picked"] == "eager" and out.with_suffix(".md").read_text()
     rows = {r["arm"]: r for r in result["rows"]}
-    assert set(rows) == {"dense", "ours", "ours+round", "ours+latency", "tp", "tp+round"}
+    assert set(rows) == {"dense", "ours", "ours+round", "ours+latency", "tp", "tp+round", "ours@1.5x"}
     for arm, r in rows.items():
         assert not r["error"], (arm, r["error"])
         assert r["ms"] > 0 and r["realised"] == pytest.approx(r["speedup"] / r["reduction"])
+        assert len(r["ms_repeats"]) == 2 and r["realised_spread"] is not None and set(r["small_batch_ms"]) == {"1"}
+        assert r["mode"] == "eager" and r["timing"]["method"] == "perf_counter"
     assert rows["ours"]["reduction"] == pytest.approx(2.0, abs=0.1)  # GMP's exact-MACs budget hits the target
     assert rows["ours+round"]["reduction"] >= 1.95 and rows["tp"]["reduction"] >= 1.95
     assert rows["ours+round"]["round_to"] == 8
@@ -39,9 +49,75 @@ def test_speed_benchmark_smoke(tmp_path: Path) -> None:
     assert odd["dense"] == 0 and odd["ours+round"] == 0 and odd["ours"] > 0, odd  # round_to=8 aligns every layer
     assert odd["ours+latency"] == 0 and rows["ours+latency"]["reduction"] >= 1.95, rows["ours+latency"]
     assert rows["ours+latency"]["info"]["latency_configs_timed"] > 0
+    report = rows["ours@1.5x"]["info"]["latency_target_report"]  # the policy measured pruned copies
+    assert report["probes"] and report["target_speedup"] == pytest.approx(1.5)
     for arm, r in rows.items():  # --profile: op time by kind, convolutions the largest part of a resnet18
         kinds = r["info"]["device_ms_by_kind"]
         assert max(kinds, key=kinds.__getitem__) == "conv" and r["info"]["top_kernels"], (arm, kinds)
+    for arm in ("dense", "ours+latency"):  # layers alone (latency model) against the same layers in the network
+        diag = rows[arm]["info"]["layers_alone_vs_network"]
+        assert diag["layers"] >= 20 and diag["layers_not_found"] == 0 and diag["in_network_sum_ms"] > 0, diag
+    assert set(rows["ours+latency"]["info"]["layers_alone_vs_network"]["saving"]) == {
+        "estimated_ms", "in_network_layers_ms", "measured_network_ms"}
+
+
+def test_speed_benchmark_time_budget_skips_and_reports(tmp_path: Path) -> None:
+    """A run over its --time-budget still times dense, marks the arms it skipped and writes JSON + markdown."""
+    bench = _load()
+    out = tmp_path / "speed.json"
+    bench.main([*SMOKE, "--repeat", "1", "--small-batches", "--time-budget", "1", "--reserve-s", "0",
+                "--latency-targets", "2", "--out", str(out)])
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert rows[0]["arm"] == "dense" and rows[0]["ms"] > 0 and not rows[0]["error"]
+    skipped = [r for r in rows[1:] if r["error"] == "skipped: over the time budget"]
+    assert len(skipped) == len(rows) - 1 == 5, [(r["arm"], r["error"]) for r in rows]
+    assert "skipped" in out.with_suffix(".md").read_text()
+
+
+def test_h200_preset_sets_the_issue_protocol() -> None:
+    """--preset h200: the issue's models, targets and repeatability; later flags override the preset."""
+    bench = _load()
+    args = bench.parse(["--preset", "h200", "--device", "cuda"])
+    assert args.models == ["resnet50", "mobilenet_v2", "vit_b_16"] and args.vit_heads
+    assert args.latency_targets == [1.5, 2.0, 3.0] and args.repeat == 2 and args.small_batches == [1, 16]
+    assert args.batch == 256 and args.vit_batch == 64 and args.dtype == "bf16" and args.profile
+    assert "compile" in args.reference_modes and "compile" not in args.modes and args.time_budget <= 540
+    assert bench.parse(["--preset", "h200", "--device", "cuda", "--models", "resnet50"]).models == ["resnet50"]
+
+
+def test_pick_mode_takes_the_fastest_that_fits() -> None:
+    from benchmarks.speed_lib.deployment import pick_mode
+
+    timings = {"eager": {"ms": 10.0, "setup_s": 2.0}, "compile": {"ms": 6.0, "setup_s": 40.0},
+               "cuda-graph": {"ms": 8.0, "setup_s": 2.0}, "max-autotune": {"error": "boom"}}
+    assert pick_mode(timings, networks=5, seconds_left=1000)[0] == "compile"
+    picked, why = pick_mode(timings, networks=5, seconds_left=100)  # 5 × 40 s of compiling does not fit
+    assert picked == "cuda-graph" and "compile was fastest" in why
+    with pytest.raises(RuntimeError, match="no deployment mode"):
+        pick_mode({"eager": {"error": "x"}}, 1, 10)
+
+
+def test_realised_spread_pairs_repeats_with_dense() -> None:
+    from benchmarks.speed_lib.report import Row, fill_ratios, spread
+
+    dense = Row("m", None, "dense", ms=10.0, reduction=1.0, ms_repeats=[10.0, 10.0], small_batch_ms={"1": 2.0})
+    row = Row("m", 2.0, "a", ms=5.0, reduction=2.0, ms_repeats=[5.0, 5.5], small_batch_ms={"1": 1.0})
+    fill_ratios(row, dense)
+    assert row.realised == pytest.approx(1.0) and row.small_batch_speedup == {"1": pytest.approx(2.0)}
+    assert row.realised_spread == pytest.approx(spread([1.0, 10 / 5.5 / 2]))
+    assert spread([1.0]) is None
+
+
+def test_layer_times_in_network_times_each_named_module() -> None:
+    from benchmarks.speed_lib.diagnostics import alone_vs_network, layer_times_in_network
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    x = torch.randn(4, 8)
+    inside = layer_times_in_network(model, lambda: model(x), ["0.weight", "2.weight", "9.weight"], torch.device("cpu"))
+    assert set(inside) == {"0.weight", "2.weight"} and all(v > 0 for v in inside.values())
+    diag = alone_vs_network({"0.weight": 1.0, "2.weight": 1.0, "9.weight": 1.0}, inside, network_ms=5.0)
+    assert diag["layers"] == 2 and diag["layers_not_found"] == 1 and diag["outside_layers_ms"] < 5.0
 
 
 def test_suggest_round_to_prefers_multiples_that_pay_off() -> None:
@@ -70,15 +146,18 @@ def test_width_latency_table_on_cpu() -> None:
 def test_vit_heads_arm_prunes_heads_and_counts_their_attention_macs() -> None:
     """--vit-heads: after the swap, whole heads are prunable under the latency budget, and the MACs of a
     pruned swapped model count its narrower attention products (the swapped dense model = the original)."""
-    bench = _load()
-    dense = bench.build("vit_b_16", 32)
+    from benchmarks.speed_lib.arms import prune_latency
+    from benchmarks.speed_lib.models import build, macs
+    from sparsify.nn import explicit_multihead_attention_
+
+    dense = build("vit_b_16", 32)
     x = torch.randn(1, 3, 32, 32)
-    args = bench.argparse.Namespace(device="cpu", dtype="fp32", latency_points=2, iters=2, warmup=1, p=2)
-    model, info = bench.prune_latency(dense, x, 1.5, 8, 2, args, {}, heads=True)
+    args = argparse.Namespace(device="cpu", dtype="fp32", latency_points=2, iters=2, warmup=1, p=2)
+    model, info = prune_latency(dense, x, 1.5, 8, 2, args, {}, heads=True)
     assert len(info["heads_per_layer"]) == 12 and all(1 <= h <= 12 for h in info["heads_per_layer"])
-    swapped = bench.explicit_multihead_attention_(bench.copy.deepcopy(dense))
-    assert bench.macs(swapped, x) == pytest.approx(bench.macs(dense, x), rel=1e-9)
-    reduction = bench.macs(dense, x) / bench.macs(model, x)
+    swapped = explicit_multihead_attention_(copy.deepcopy(dense))
+    assert macs(swapped, x) == pytest.approx(macs(dense, x), rel=1e-9)
+    reduction = macs(dense, x) / macs(model, x)
     assert reduction >= 1.5 - 1e-6
     with torch.no_grad():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 1000)

@@ -1,0 +1,182 @@
+"""One model of the speed benchmark: deployment modes on dense, the pick, every arm timed in that mode.
+
+Order of work (a time budget skips what does not fit, in this order from the end, and says so in the row):
+dense in every ``--modes`` mode → the pick (fastest on dense among the modes whose set-up fits the arms) →
+the first MACs target's arms → the latency targets → the other MACs targets → ``--reference-modes`` (timed on
+dense only, e.g. compile modes too slow to set up for every arm). Every timed network gets ``--repeat``
+separately built timings at the main batch, one at each ``--small-batches`` size and, with ``--profile``, the
+diagnostics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from benchmarks.speed_lib import diagnostics
+from benchmarks.speed_lib.arms import latency_arm, prune_latency, prune_latency_target, prune_ours, target_arm
+from benchmarks.speed_lib.deployment import MODES, Deployed, Mode, measure_fn, pick_mode
+from benchmarks.speed_lib.models import DEFAULT_RATIOS, build, macs, params_m, unaligned
+from benchmarks.speed_lib.report import Row, fill_ratios
+from benchmarks.speed_lib.tp_arm import prune_tp
+
+
+class Clock:
+    """Seconds left of the run's ``--time-budget`` (inf without one)."""
+
+    def __init__(self, budget_s: float | None) -> None:
+        self.start, self.budget = time.perf_counter(), budget_s
+
+    def left(self) -> float:
+        return float("inf") if self.budget is None else self.budget - (time.perf_counter() - self.start)
+
+
+def arm_list(name: str, args: argparse.Namespace) -> list[tuple[str, bool]]:
+    """(arm, rounded) per MACs target, in the issue's order."""
+    vit = name.startswith("vit")
+    arms = [("ours", False), ("ours+round", True)] + [(latency_arm(w), True) for w in args.latency_weights]
+    if vit and args.vit_heads:
+        arms.append(("ours+latency+heads", True))
+    arms += [("tp", False), ("tp+round", True)]
+    wanted = args.arms or ["ours+round", *(latency_arm(w) for w in args.latency_weights), "ours+latency+heads",
+                           "tp", "tp+round"]
+    return [a for a in arms if a[0] in wanted and not (a[0].startswith("tp") and args.no_tp)]
+
+
+def _time_network(model: nn.Module, x: torch.Tensor, mode: Mode, batch: int, args: argparse.Namespace,
+                  row: Row, profile: bool) -> Deployed:
+    deployed = Deployed(model, x, mode, args)
+    row.timing = deployed.time(batch)
+    row.ms = row.timing["ms"]
+    row.ms_repeats = [row.ms] + [deployed.time(batch)["ms"] for _ in range(args.repeat - 1)]
+    for b in args.small_batches:
+        row.small_batch_ms[str(b)] = deployed.time(b)["ms"]
+    if profile:
+        row.info.update(diagnostics.kinds(deployed.runner(batch), deployed.device))
+    return deployed
+
+
+def _in_network(model: nn.Module, x: torch.Tensor, mode: Mode, batch: int, args: argparse.Namespace,
+                alone: dict[str, float]) -> dict[str, Any]:
+    """Layers alone (``alone``) against the same layers inside the eager deployed network."""
+    eager = Deployed(copy.deepcopy(model), x, Mode("eager", cast_params=mode.cast_params), args)
+    inside = diagnostics.layer_times_in_network(eager.module, eager.runner(batch), list(alone), eager.device)
+    return diagnostics.alone_vs_network(alone, inside, eager.time(batch)["ms"])
+
+
+def bench_model(name: str, args: argparse.Namespace, round_to: int, rows: list[Row], console: Console,
+                clock: Clock, seconds: float) -> dict[str, Any]:
+    """Benchmark ``name`` within ``seconds`` (its share of the budget); rows appended; returns the mode report."""
+    deadline = time.perf_counter() + seconds
+    vit = name.startswith("vit")
+    batch = args.vit_batch if vit else args.batch
+    dense = build(name, args.size)
+    x = torch.randn(1, 3, args.size, args.size)
+    dense_macs = macs(dense, x)
+    modes: dict[str, dict[str, Any]] = {}
+    for m in args.modes:
+        try:
+            d = Deployed(copy.deepcopy(dense), x, MODES[m], args)
+            t = d.time(batch)
+            modes[m] = {**t, "setup_s": round(d.deploy_s + t["wall_s"], 2)}
+            console.log(f"{name} dense, {m}: {t['ms']:.3f} ms ({t.get('method', '')}), set-up {modes[m]['setup_s']} s")
+        except Exception as exc:  # a mode that fails (compile on an odd setup) is recorded, the others still run
+            modes[m] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"}
+            console.log(f"{name} dense, {m}: FAILED {modes[m]['error']}")
+    arms = arm_list(name, args)
+    ratios = args.ratios or DEFAULT_RATIOS.get(name, [2.0])
+    targets = [] if args.no_latency_targets else args.latency_targets
+    networks = 1 + len(arms) * len(ratios) + len(targets) * (1 + args.latency_iterations)
+    picked, why = pick_mode(modes, networks, deadline - time.perf_counter())
+    mode = MODES[picked]
+    uncompiled = {m: t for m, t in modes.items() if "ms" in t and not MODES[m].compiled}
+    measure_mode = MODES[picked if not mode.compiled or not uncompiled else min(uncompiled,
+                                                                               key=lambda m: uncompiled[m]["ms"])]
+    args = argparse.Namespace(**{**vars(args), "cast_params": mode.cast_params})  # latency models time as deployed
+    report = {"modes": modes, "picked": picked, "why": why, "latency_target_measure_mode": measure_mode.name}
+    console.log(f"{name}: deployment {picked} ({why})")
+
+    dense_row = Row(name, None, "dense", mode=picked, macs_g=dense_macs / 1e9, reduction=1.0,
+                    params_m=params_m(dense), info={"widths_not_multiple_of_8": unaligned(dense)})
+    _time_network(copy.deepcopy(dense), x, mode, batch, args, dense_row, args.profile)
+    fill_ratios(dense_row, dense_row)
+    rows.append(dense_row)
+    console.log(f"{name}: dense {dense_row.ms:.3f} ms, {dense_macs / 1e9:.3f} GMACs")
+    caches: dict[bool, dict] = {False: {}, True: {}}  # layer configurations timed, shared between targets
+    dense_alone: dict[str, Any] = {}
+
+    def run_arm(row: Row, prune: Callable[[], tuple[nn.Module, dict[str, Any]]]) -> None:
+        if time.perf_counter() > deadline or clock.left() < args.reserve_s:
+            row.error = "skipped: over the time budget"
+            rows.append(row)
+            console.log(f"{name} {row.arm}: {row.error}")
+            return
+        try:
+            start = time.perf_counter()
+            model, row.info = prune()
+            row.prune_s = time.perf_counter() - start
+            alone = row.info.pop("_layers_alone", None)
+            m = macs(model, x)
+            row.macs_g, row.reduction, row.params_m = m / 1e9, dense_macs / m, params_m(model)
+            row.info["widths_not_multiple_of_8"] = unaligned(model)
+            _time_network(model, x, mode, batch, args, row, args.profile)
+            fill_ratios(row, dense_row)
+            if args.profile and alone:
+                if not dense_alone:
+                    dense_alone.update(_in_network(dense, x, mode, batch, args, alone["dense"]))
+                    dense_row.info["layers_alone_vs_network"] = dense_alone
+                pruned = _in_network(model, x, mode, batch, args, alone["pruned"])
+                row.info["layers_alone_vs_network"] = {**pruned, "saving": diagnostics.saving(dense_alone, pruned)}
+            console.log(f"{name} {_label(row)}: {row.ms:.3f} ms, MACs {row.reduction:.2f}×, "
+                        f"speedup {row.speedup:.2f}×, realised {row.realised:.2f}")
+        except Exception as exc:  # one failing arm is reported, the others still run
+            row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            console.log(f"{name} {_label(row)}: FAILED {row.error}")
+        rows.append(row)
+
+    def macs_arms(ratio: float) -> None:
+        for arm, rounded in arms:
+            rt = round_to if rounded else None
+            row = Row(name, ratio, arm, rt, mode=picked)
+            if arm == "ours+latency+heads":
+                run_arm(row, partial(prune_latency, dense, x, ratio, rt, batch, args, caches[True], heads=True))
+            elif arm.startswith("ours+latency"):
+                weight = next(w for w in args.latency_weights if latency_arm(w) == arm)
+                run_arm(row, partial(prune_latency, dense, x, ratio, rt, batch, args, caches[False], weight))
+            elif arm.startswith("ours"):
+                run_arm(row, partial(prune_ours, dense, x, ratio, rt, args.p, args.budget))
+            else:
+                run_arm(row, partial(prune_tp, name, dense, x, ratio, rt, args.p, args.tp_steps, args.refine))
+
+    heads = vit and args.vit_heads
+    measure = measure_fn(x, measure_mode, batch, args)
+    for k, ratio in enumerate(ratios):  # the first MACs target, the latency targets, then the other MACs targets
+        macs_arms(ratio)
+        for speedup in targets if k == 0 else []:
+            row = Row(name, None, target_arm(speedup, heads), round_to, mode=picked, info={"target_speedup": speedup})
+            run_arm(row, partial(prune_latency_target, dense, x, speedup, round_to, batch, args, caches[heads], measure,
+                                 heads=heads))
+    for m in args.reference_modes:  # measured on dense only, after the arms, when time is left
+        if time.perf_counter() > deadline or clock.left() < args.reserve_s:
+            modes[m] = {"error": "skipped: over the time budget"}
+            continue
+        try:
+            d = Deployed(copy.deepcopy(dense), x, MODES[m], args)
+            t = d.time(batch)
+            modes[m] = {**t, "setup_s": round(d.deploy_s + t["wall_s"], 2), "reference_only": True}
+            console.log(f"{name} dense, {m} (reference): {t['ms']:.3f} ms, set-up {modes[m]['setup_s']} s")
+        except Exception as exc:  # recorded, not fatal
+            modes[m] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"}
+    return report
+
+
+def _label(row: Row) -> str:
+    return f"{row.target:g}× {row.arm}" if row.target is not None else row.arm
