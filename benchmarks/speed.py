@@ -54,7 +54,7 @@ PRESETS: dict[str, list[str]] = {
              "--round-to", "8", "--latency-points", "3", "--s2d-stem", "--profile", "--repeat", "2",
              "--small-batches", "1", "16", "--iters", "20", "--max-warmup", "60", "--tp-steps", "10", "--refine", "2",
              "--modes", "eager", "eager+bf16", "cuda-graph", "cuda-graph+bf16", "--reference-modes", "compile",
-             "--latency-iterations", "4", "--time-budget", "530"],
+             "--latency-iterations", "4", "--time-budget", "500"],
 }
 
 

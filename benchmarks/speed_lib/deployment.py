@@ -65,6 +65,7 @@ class Deployed:
         cast = self.dtype if mode.cast_params else None
         out = deploy(model.to(self.device), example.to(self.device), channels_last=True, compile=False, dtype=cast,
                      space_to_depth_stem=args.s2d_stem, fuse_activations=not args.no_fuse and not mode.compiled)
+        out.requires_grad_(False)  # inference: no autocast weight cache to keep alive across CUDA-graph replays
         self.eager = out
         self.module = torch.compile(out, mode=mode.compile) if mode.compiled else out
         self.shape = tuple(example.shape[1:])
