@@ -61,6 +61,7 @@ def _outputs(model: torch.nn.Module, inputs: Any) -> list[torch.Tensor]:
     from sparsify.graph.trace import as_args
 
     args, kwargs = as_args(inputs)
+    torch.manual_seed(0)  # models that draw noise inside (ViT-MAE's masking, VITS, UnivNet): the same draws each time
     with torch.no_grad():
         out = model(*args, **kwargs)
     flat, _ = torch.utils._pytree.tree_flatten(out)
