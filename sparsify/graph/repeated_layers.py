@@ -25,6 +25,8 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 
+from sparsify._utils import is_meta
+
 #: Functions model → dotted path of its list of layers run in sequence (or None); integrations add them.
 REPEATED_LAYERS: list[Callable[[nn.Module], str | None]] = []
 
@@ -60,7 +62,10 @@ def _layer_key(layer: nn.Module) -> tuple[Any, ...] | None:
 
 
 def repeated_layers(model: nn.Module) -> str | None:
-    """The path of ``model``'s registered list of ≥ 3 identical layers, or None."""
+    """The path of ``model``'s registered list of ≥ 3 identical layers, or None (also on the meta device,
+    where the replicated graph's outputs cannot be checked against the model's)."""
+    if is_meta(model):
+        return None
     for fn in REPEATED_LAYERS:
         path = fn(model)
         if path is None:

@@ -116,3 +116,4 @@ def test_layers_not_alike_are_not_replicated(registered):
     hooked.layers[1].register_forward_hook(lambda *a: None)
     assert rl.repeated_layers(hooked) is None
     assert rl.repeated_layers(Net(2)) is None  # two layers: nothing to save
+    assert rl.repeated_layers(Net(4).to("meta")) is None  # outputs cannot be checked on the meta device
