@@ -260,7 +260,7 @@ class Mixed(nn.Module):
 
 def test_speed_benchmark_counts_each_attention_once() -> None:
     pytest.importorskip("torch_pruning")
-    bench = importlib.import_module("benchmarks.speed")
+    bench = importlib.import_module("benchmarks.speed_lib.models")
     dense, x = Mixed().double().eval(), torch.randn(2, L, E, dtype=torch.float64)
     leaf = 4 * L * E * E + 2 * L * L * E
     assert bench.attention_macs(dense, x) == leaf  # the explicit block's products are module_macs' now
