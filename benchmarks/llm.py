@@ -5,12 +5,16 @@
 
 Methods (``--methods``): sparsify width pruning with the ``activation`` (Wanda), ``magnitude``
 (filter_norm), ``taylor`` (LLM-Pruner) and ``fluctuation`` (FLAP, bias compensation) importances;
-``depth`` (block influence, whole layers); ``experts`` (MoE models only); Torch-Pruning's
-``tp_magnitude`` and ``tp_taylor``; ``modelopt`` (NVIDIA ModelOpt FastNAS, when installed). Parameters are
-counted once per tensor, embedding included (tied with the LM head). Each (method, target) is pruned
-one-shot from the dense model, measured (held-out perplexity, forward tokens/s, peak CUDA memory),
-then recovered by ``--recovery-steps`` of distillation from the dense teacher and measured again. One
-JSON per (method, target, phase) goes to ``--out``; the report is a table of them.
+``depth`` (block influence of attention / MLP sub-blocks, whole layers where both go); ``experts``
+(MoE models only, also at "half the experts"); Torch-Pruning's ``tp_magnitude`` and ``tp_taylor``;
+``modelopt`` (NVIDIA ModelOpt FastNAS, when installed). Parameters are counted once per tensor,
+embedding included (tied with the LM head); a run meets its target within 1 %. Each (method, target)
+is pruned one-shot from the dense model, measured (held-out perplexity; forward tokens/s in bf16 on
+CUDA, median after warm-up, timed with CUDA events; peak CUDA memory of that copy), then recovered by
+``--recovery-steps`` of distillation from the dense teacher (default: the most steps within 2 % of
+the pretraining tokens in ``training.json``) and measured again. A run that would end past
+``--max-minutes`` is skipped and recorded as such. One JSON per (method, target, phase) goes to
+``--out``; the report is a table of them.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from benchmarks.llm_lib.budget import (
 )
 from benchmarks.llm_lib.ours import Calibration
 
-OURS = ("activation", "magnitude", "taylor", "fluctuation", "depth", "experts")
+OURS = ("activation", "magnitude", "taylor", "fluctuation", "depth", "experts", "hidden")
 PEERS = ("tp_magnitude", "tp_taylor", "modelopt")
 DEFAULT_METHODS = ("activation", "magnitude", "depth", "tp_magnitude", "taylor", "fluctuation", "tp_taylor",
                    "experts", "modelopt")  # the sweep's order: --max-minutes skips what does not fit, last first
@@ -123,6 +127,9 @@ def prune(method: str, model: torch.nn.Module, calibration: Calibration, target:
         return ours.depth(model, calibration, target)
     if method == "experts":
         return ours.experts(model, calibration, target)
+    if method == "hidden":  # residual-stream channels, least-squares compensation (benchmarks/llm_lib/hidden.py)
+        from benchmarks.llm_lib.hidden import hidden
+        return hidden(model, calibration, target)
     from benchmarks.llm_lib import peers
 
     if method in ("tp_magnitude", "tp_taylor"):

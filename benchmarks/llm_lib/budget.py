@@ -57,11 +57,18 @@ RECOVERY_FRACTION = 0.02  # the issue's recovery budget: at most 2 % of the pret
 
 
 def pretraining_tokens(model_dir: Path) -> int | None:
-    """``tokens_seen`` of the ``training.json`` that ``benchmarks.llm_train`` writes beside the model, if any."""
+    """Tokens the kept weights were trained on, from the ``training.json`` that ``benchmarks.llm_train`` writes.
+
+    The kept weights are those of the best held-out step, so that step's tokens count
+    (``best_step × batch_size × seq_len``), not ``tokens_seen`` of the whole run."""
     path = Path(model_dir) / "training.json"
     if not path.is_file():
         return None
-    seen = json.loads(path.read_text()).get("tokens_seen")
+    record = json.loads(path.read_text())
+    config, best_step = record.get("config") or {}, record.get("best_step")
+    if best_step and config.get("batch_size") and config.get("seq_len"):
+        return int(best_step) * int(config["batch_size"]) * int(config["seq_len"])
+    seen = record.get("tokens_seen")
     return int(seen) if seen else None
 
 

@@ -95,6 +95,18 @@ def test_width_methods_and_depth_meet_the_target_and_write_every_phase(tmp_path,
     assert (out / "report.md").read_text().count("\n") == len(rows) + 2
 
 
+def test_hidden_method_meets_the_target_by_residual_channels_alone(tmp_path, corpus_dir) -> None:
+    rows = _run(_saved(tmp_path, "llama"), corpus_dir, tmp_path / "out", "hidden")
+    by_method = {r["method"]: r for r in rows}
+    row, dense = by_method["hidden"], by_method["dense"]["params"]
+    assert "error" not in row, row.get("error")
+    assert row["target_met"] and abs(row["params"] - 0.75 * dense) <= 0.01 * 0.75 * dense
+    assert math.isfinite(row["ppl_oneshot"]) and math.isfinite(row["ppl_recovered"])
+    record = json.loads((tmp_path / "out" / "hidden_25_oneshot.json").read_text())
+    dense_hidden = json.loads((tmp_path / "llama" / "config.json").read_text())["hidden_size"]
+    assert 0 < record["hidden_kept"] < dense_hidden
+
+
 def test_a_method_that_fails_is_recorded_not_fatal(tmp_path, corpus_dir) -> None:
     rows = _run(_saved(tmp_path, "llama"), corpus_dir, tmp_path / "out", "experts")
     failed = [r for r in rows if r["method"] == "experts"]
@@ -147,6 +159,9 @@ def test_recovery_budget_is_two_percent_of_the_pretraining_tokens(tmp_path) -> N
     assert pretraining_tokens(tmp_path) is None and recovery_steps(None, 16, 512) == 100
     (tmp_path / "training.json").write_text(json.dumps({"tokens_seen": 100_000_000}))
     assert pretraining_tokens(tmp_path) == 100_000_000
+    kept_at_step_40 = {"tokens_seen": 100_000_000, "best_step": 40, "config": {"batch_size": 64, "seq_len": 512}}
+    (tmp_path / "training.json").write_text(json.dumps(kept_at_step_40))
+    assert pretraining_tokens(tmp_path) == 40 * 64 * 512  # the kept (best) weights saw only these
     steps = recovery_steps(100_000_000, 16, 512)
     assert steps * 16 * 512 <= 0.02 * 100_000_000 < (steps + 1) * 16 * 512
 
