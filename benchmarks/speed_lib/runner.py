@@ -1,11 +1,12 @@
 """One model of the speed benchmark: deployment modes on dense, the pick, every arm timed in that mode.
 
-Order of work (a time budget skips what does not fit, in this order from the end, and says so in the row):
-dense in every ``--modes`` mode → the pick (fastest on dense among the modes whose set-up fits the arms) →
-the first MACs target's arms → the latency targets → the other MACs targets → ``--reference-modes`` (timed on
-dense only, e.g. compile modes too slow to set up for every arm). Every timed network gets ``--repeat``
-separately built timings at the main batch, one at each ``--small-batches`` size and, with ``--profile``, the
-diagnostics.
+Order of work (a time budget skips what does not fit, in this order from the end, and says so in the row;
+dense is always timed, since every ratio needs it, and an arm under way when the budget runs out finishes,
+the next is skipped): dense in every ``--modes`` mode → the pick (fastest on dense among the modes whose
+set-up fits the arms) → the first MACs target's arms → the latency targets → the other MACs targets →
+``--reference-modes`` (timed on dense only, e.g. compile modes too slow to set up for every arm). Every timed
+network gets ``--repeat`` separately built timings at the main batch, one at each ``--small-batches`` size
+and, with ``--profile``, the diagnostics.
 """
 
 from __future__ import annotations

@@ -62,17 +62,45 @@ def test_speed_benchmark_smoke(tmp_path: Path) -> None:
 
 
 def test_speed_benchmark_time_budget_skips_and_reports(tmp_path: Path) -> None:
-    """A run over its --time-budget still times dense, marks the arms it skipped and writes JSON + markdown."""
+    """A run with no time left still times dense (every ratio needs it), skips every arm, says so in the row
+    and writes JSON + markdown."""
     bench = _load()
     out = tmp_path / "speed.json"
-    bench.main([*SMOKE, "--repeat", "1", "--small-batches", "--time-budget", "1", "--reserve-s", "0",
+    bench.main([*SMOKE, "--repeat", "1", "--small-batches", "--time-budget", "0", "--reserve-s", "0",
                 "--latency-targets", "2", "--out", str(out)])
-    result = json.loads(out.read_text())
-    rows = result["rows"]
+    rows = json.loads(out.read_text())["rows"]
     assert rows[0]["arm"] == "dense" and rows[0]["ms"] > 0 and not rows[0]["error"]
     skipped = [r for r in rows[1:] if r["error"] == "skipped: over the time budget"]
     assert len(skipped) == len(rows) - 1 == 5, [(r["arm"], r["error"]) for r in rows]
     assert "skipped" in out.with_suffix(".md").read_text()
+
+
+def test_time_budget_finishes_the_arm_under_way_and_skips_the_next(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The budget runs out while the first arm (ours+round) prunes: that arm is timed, every later one skipped."""
+    bench = _load()
+    from benchmarks.speed_lib import runner
+
+    expired: list[bool] = []
+
+    class Expiring(runner.Clock):
+        def left(self) -> float:
+            return -1.0 if expired else 1e9
+
+    def prune_then_expire(dense: torch.nn.Module, *_: object) -> tuple[torch.nn.Module, dict]:
+        expired.append(True)
+        return copy.deepcopy(dense), {}
+
+    monkeypatch.setattr(bench, "Clock", Expiring)
+    monkeypatch.setattr(runner, "prune_ours", prune_then_expire)
+    out = tmp_path / "speed.json"
+    bench.main([*SMOKE, "--repeat", "1", "--small-batches", "--time-budget", "100", "--reserve-s", "0",
+                "--latency-targets", "2", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["arm"] for r in rows[:2]] == ["dense", "ours+round"] and expired == [True]
+    assert all(r["ms"] > 0 and not r["error"] for r in rows[:2]), rows[:2]
+    errors = [(r["arm"], r["error"]) for r in rows[2:]]
+    assert [e for _, e in errors] == ["skipped: over the time budget"] * 4, errors
 
 
 def test_h200_preset_sets_the_issue_protocol() -> None:
