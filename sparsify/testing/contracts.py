@@ -31,6 +31,7 @@ from sparsify.graph.rules import find_rule
 from sparsify.graph.trace import as_args, trace
 from sparsify.sparsifier import Sparsifier
 from sparsify.testing import coverage_rule_models as coverage_models
+from sparsify.testing import gather_models as gather
 from sparsify.testing import models as zoo
 from sparsify.testing import rule_models as extra
 from sparsify.testing import sequence_models as seq
@@ -89,6 +90,10 @@ RULE_MODELS: dict[str, Builder] = {
     "aten_unary_more": unary.more_unary_net,
     "group_norm_functional": coverage_models.subclass_group_norm_net, "aten_upsample": coverage_models.upsample_net,
     "pow": coverage_models.star_relu_net, "aten_pad": coverage_models.pad_net,
+    # selection by indices and in-place ops
+    "topk": gather.batched_experts, "repeat_interleave": gather.batched_experts,
+    "aten_index_tensor": extra.export_only(gather.batched_experts), "index_select": gather.index_select_tokens,
+    "binary_inplace": gather.in_place, "aten_hardtanh": gather.in_place, "unary_inplace": gather.sigmoid_in_place,
 }
 
 

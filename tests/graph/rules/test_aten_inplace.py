@@ -4,27 +4,12 @@ MobileNetV1's ReLU6), issue #21: element-wise when nothing else sees the mutatio
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from sparsify import build_channel_graph
 from sparsify.testing.contracts import TOLERANCE
+from sparsify.testing.gather_models import AddOneInPlace, InPlace
 from sparsify.testing.oracle import check_exactness, randomize_
 from sparsify.testing.rule_models import ExportOnly
-
-
-class InPlace(nn.Module):
-    def __init__(self, read_after: bool = False) -> None:
-        super().__init__()
-        self.read_after = read_after
-        self.a, self.g, self.b = nn.Linear(5, 6), nn.Linear(5, 6), nn.Linear(6, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.a(x)
-        early = h * 2.0
-        y = h.mul_(self.g(x))
-        y = F.hardtanh(y, 0.0, 6.0)
-        return self.b(y + h) if self.read_after else self.b(y + early)
 
 
 def _a_group(cg):
@@ -42,17 +27,6 @@ def test_in_place_op_read_only_through_its_result_is_exact() -> None:
     result = check_exactness(model, x, 0.5, 0)
     assert model.inner.a.out_features == 3
     assert result.max_abs_diff <= TOLERANCE * (1 + result.output_scale)
-
-
-class AddOneInPlace(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.a(x))
-        h.add_(1.0)  # the result is dropped: b reads h, mutated
-        return self.b(h)
 
 
 def test_in_place_op_whose_input_is_read_after_it_is_a_barrier_under_fx() -> None:

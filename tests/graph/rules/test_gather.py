@@ -7,37 +7,23 @@ group, pruned in every expert at once."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from sparsify import build_channel_graph
 from sparsify.testing.contracts import TOLERANCE
+from sparsify.testing.gather_models import (
+    BatchedExperts,
+    GatherChannels,
+    RepeatAndTranspose,
+    TransposedOutput,
+    gather_tokens,
+    index_select_tokens,
+)
 from sparsify.testing.oracle import check_exactness, randomize_
-from sparsify.testing.rule_models import ExportOnly
-
-
-class BatchedExperts(nn.Module):
-    def __init__(self, hidden: int = 8, inner: int = 6, experts: int = 4, top: int = 2) -> None:
-        super().__init__()
-        self.top = top
-        self.embed = nn.Linear(5, hidden)
-        self.router = nn.Linear(hidden, experts, bias=False)
-        self.gate_up = nn.Parameter(torch.randn(experts, 2 * inner, hidden) / hidden**0.5)
-        self.down = nn.Parameter(torch.randn(experts, hidden, inner) / inner**0.5)
-        self.head = nn.Linear(hidden, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.embed(x)
-        weights, ids = torch.topk(self.router(h).softmax(-1), self.top, dim=-1)
-        ids = ids.reshape(-1)
-        rows = h.repeat_interleave(self.top, 0)
-        up = torch.bmm(self.gate_up[ids], rows.unsqueeze(-1)).squeeze(-1)
-        gate, up = up.chunk(2, dim=-1)
-        y = torch.bmm(self.down[ids], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)
-        y = (y * weights.reshape(-1, 1)).reshape(-1, self.top, y.shape[-1]).sum(1)
-        return self.head(h + y)
+from sparsify.testing.rule_models import Example, ExportOnly
 
 
 @pytest.mark.parametrize("export", [False, True], ids=["fx", "export"])
@@ -62,21 +48,9 @@ def test_moe_experts_inner_neurons_are_exact_and_the_expert_dim_is_a_barrier(exp
     assert inner.gate_up.shape[:2] == (4, 6) and (inner.down.shape[0], inner.down.shape[2]) == (4, 3)
 
 
-class GatherTokens(nn.Module):
-    """``h[:, idx]`` on the token dim with idx a model input: the feature dim passes through."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 2)
-
-    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        h = self.a(x)
-        return self.b(torch.ops.aten.index.Tensor(h, [None, idx]))
-
-
-def test_index_on_another_dim_keeps_the_channel_dim_exact() -> None:
-    x, idx = torch.randn(2, 4, 5, dtype=torch.float64), torch.tensor([3, 0, 0, 2])
-    model = GatherTokens().double()
+@pytest.mark.parametrize("builder", [gather_tokens, index_select_tokens], ids=["index", "index_select"])
+def test_index_on_another_dim_keeps_the_channel_dim_exact(builder: Callable[..., Example]) -> None:
+    model, (x, idx) = builder(torch.float64)
     cg = build_channel_graph(model, (x, idx))
     group = next(g for g in cg.groups if any(m.module == "a" and m.role == "out" for m in g.members))
     assert group.prunable and group.exact, group.why_not()
@@ -86,37 +60,12 @@ def test_index_on_another_dim_keeps_the_channel_dim_exact() -> None:
     assert result.max_abs_diff <= TOLERANCE * (1 + result.output_scale)
 
 
-class GatherChannels(nn.Module):
-    """A data-dependent index on the channel dim itself: a barrier."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 2)
-
-    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return self.b(torch.ops.aten.index.Tensor(self.a(x), [None, idx]))
-
-
 @pytest.mark.parametrize("op", ["index", "index_select"])
 def test_index_on_the_channel_dim_is_a_barrier(op: str) -> None:
-    model = GatherChannels()
-    if op == "index_select":
-        model.forward = lambda x, idx: model.b(model.a(x).index_select(1, idx))  # type: ignore[method-assign]
+    model = GatherChannels(op)
     cg = build_channel_graph(model, (torch.randn(2, 5), torch.tensor([5, 1, 1, 0, 2, 3])))
     group = next(g for g in cg.groups if any(m.module == "a" and m.role == "out" for m in g.members))
     assert not group.prunable and "tensor of indices" in group.why_not(), group.why_not()
-
-
-class RepeatAndTranspose(nn.Module):
-    """``h.repeat(1, 2)`` and ``.T`` (HF Falcon's numpy_T) are layout ops."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.c = nn.Linear(5, 6), nn.Linear(12, 3), nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.b(self.a(x).repeat(1, 2))
-        return self.c(y.T)
 
 
 @pytest.mark.parametrize("export", [False, True], ids=["fx", "export"])
@@ -129,15 +78,6 @@ def test_repeat_and_numpy_t_are_exact(export: bool) -> None:
     result = check_exactness(model, x, 0.5, 0)
     assert inner.a.out_features == 3 and inner.b.in_features == 6
     assert result.max_abs_diff <= TOLERANCE * (1 + result.output_scale)
-
-
-class TransposedOutput(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.c = nn.Linear(5, 6), nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c(self.a(x).T)  # a's channels become the output's rows
 
 
 def test_tensor_attribute_t_couples_its_dims_under_fx() -> None:
