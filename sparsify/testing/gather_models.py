@@ -102,6 +102,36 @@ class GatherChannels(nn.Module):
         return self.b(h)
 
 
+class IndexBufferTable(nn.Module):
+    """A relative-position table read through an integer index buffer, Swin's bias:
+    ``table[index.view(-1)]`` (or ``index_select``) added to ``a``'s outputs. The buffer's dims are the
+    positions the gather selects, not channels: pruning them would shrink the selection while ``a``'s rows
+    keep their count (HF MaskFormer's Swin backbone raised a size mismatch; with equal sizes elsewhere it
+    would be silently wrong). Under export the view stays in the graph; under fx it is folded to a constant.
+
+    Rules: aten_index_tensor / index_select (the index tensor's own dims), layout (view), linear."""
+
+    def __init__(self, size: int = 3, heads: int = 2, op: str = "index") -> None:
+        super().__init__()
+        if op not in ("index", "index_select"):
+            raise ValueError(f"op must be 'index' or 'index_select', not {op!r}")
+        self.op = op
+        self.table = nn.Parameter(torch.randn(2 * size - 1, heads))
+        pos = torch.arange(size)
+        self.register_buffer("index", pos[:, None] - pos[None, :] + size - 1)
+        self.a = nn.Linear(heads, heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = self.index.view(-1)
+        bias = self.table.index_select(0, flat) if self.op == "index_select" else self.table[flat]
+        return self.a(x) + bias
+
+
+def index_buffer_table(dtype: torch.dtype = torch.float32, op: str = "index") -> Example:
+    """``IndexBufferTable`` and tokens of shape (size², heads)."""
+    return IndexBufferTable(op=op).to(dtype), _randn(9, 2, dtype=dtype)
+
+
 class RepeatAndTranspose(nn.Module):
     """``h.repeat(1, 2)`` and ``.T`` (HF Falcon's numpy_T): layout ops."""
 

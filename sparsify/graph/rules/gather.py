@@ -1,10 +1,11 @@
 """Selection by a tensor of indices: ``aten.index.Tensor`` (``x[idx]``), ``index_select`` and ``topk``.
 
 Which positions an index tensor selects is data (a Mixture-of-Experts router's choice, a token
-gather), so the dims it indexes are barriers, with the op named. The dims it does not index keep
-their channels position for position, so the channels there stay prunable: a per-expert weight
-``w[expert_ids]`` (``w`` of shape (experts, out, in)) keeps the experts' inner neurons as a group while
-the expert dim is blocked. The refusal stays local to the indexed dims.
+gather), so the dims it indexes are barriers, with the op named, and so are the index tensor's own
+dims (they are the output's selected positions). The dims it does not index keep their channels
+position for position, so the channels there stay prunable: a per-expert weight ``w[expert_ids]``
+(``w`` of shape (experts, out, in)) keeps the experts' inner neurons as a group while the expert dim
+is blocked. The refusal stays local to the indexed dims.
 """
 
 from __future__ import annotations
@@ -91,12 +92,24 @@ def couple_index(ctx: OpContext, x: Any, indices: list[Any]) -> None:
         ctx.block(ctx.space(x, d), reason)
     for j in range(index_ndim):
         ctx.block(ctx.out(first + j), reason)
+    for k in tensor_entries:
+        block_index_dims(ctx, indices[k])
     kept = [d for d in range(xi.ndim) if d not in indexed]
     positions = [d if d < first else d - len(indexed) + index_ndim for d in kept] if adjacent else \
         [index_ndim + k for k in range(len(kept))]
     for d, od in zip(kept, positions, strict=True):
         if xi.shape[d] == out.shape[od]:
             ctx.same(ctx.space(x, d), ctx.out(od))
+
+
+def block_index_dims(ctx: OpContext, idx: Any) -> None:
+    """The dims of an index tensor are the output's selected positions, which are barriers: declared so
+    here, or a channel space that reaches the index (a relative-position index buffer through
+    ``view(-1)``, Swin's) would stay a prunable group whose removal shrinks the selection unseen."""
+    info = ctx.info(idx)
+    for d in range(info.ndim if info is not None else 0):
+        ctx.block(ctx.space(idx, d), f"{ctx.describe()} reads this dim as positions of an index tensor "
+                                     "(which positions it selects is data, not a channel map)")
 
 
 def index_select(ctx: OpContext) -> None:
@@ -109,6 +122,7 @@ def index_select(ctx: OpContext) -> None:
     reason = f"{ctx.describe()} selects positions of dim {dim} by a tensor of indices"
     ctx.block(ctx.space(x, dim), reason)
     ctx.block(ctx.out(dim), reason)
+    block_index_dims(ctx, ctx.arg(2, "index"))
     for d in range(xi.ndim):
         if d != dim:
             ctx.same(ctx.space(x, d), ctx.out(d))

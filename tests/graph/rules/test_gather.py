@@ -20,6 +20,7 @@ from sparsify.testing.gather_models import (
     RepeatAndTranspose,
     TransposedOutput,
     gather_tokens,
+    index_buffer_table,
     index_select_tokens,
 )
 from sparsify.testing.oracle import check_exactness, randomize_
@@ -88,3 +89,19 @@ def test_tensor_attribute_t_couples_its_dims_under_fx() -> None:
     assert "shape_query" in cg.facts.rule_of.values()
     group = next(g for g in cg.groups if any(m.module == "a" and m.role == "out" for m in g.members))
     assert not group.prunable and "model output" in group.why_not(), group.why_not()
+
+
+@pytest.mark.parametrize("export", [False, True], ids=["fx", "export"])
+@pytest.mark.parametrize("op", ["index", "index_select"])
+def test_an_index_buffer_s_dims_are_positions_not_channels(op: str, export: bool) -> None:
+    """Issue #21, HF MaskFormer (Swin's relative-position index through view(-1)): the index buffer was an
+    exact prunable group; pruning it shrank the gathered bias (silently wrong here, a size mismatch there)."""
+    model, x = index_buffer_table(torch.float64, op)
+    model = ExportOnly(model) if export else model
+    cg = build_channel_graph(model, x)
+    index_groups = [g for g in cg.groups if any(m.tensor.endswith("index") for m in g.members)]
+    assert all(not g.prunable for g in index_groups), [(g.name, g.why_not()) for g in index_groups]
+    assert all("index tensor" in g.why_not() for g in index_groups), [g.why_not() for g in index_groups]
+    randomize_(model, 0)
+    result = check_exactness(model, x, 0.5, 0)
+    assert result.max_abs_diff <= TOLERANCE * (1 + result.output_scale)
