@@ -25,6 +25,8 @@ there are skipped unless ``--redo``). Results:
   counted; a sub-config run before the rule keeps its result, marked ``sub_config_of``, also not counted.
 
 ``--merge FILE`` copies the records of another run's JSON into ``--out`` (the file re-read right before writing).
+A record run with ``--no-torch-pruning`` (by a run or a merge) keeps the Torch-Pruning result that ``--out`` held
+for the same tiny model (same class and parameter count).
 """
 
 from __future__ import annotations
@@ -268,6 +270,16 @@ def totals(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "torch_pruning": {k: sum(bool(t.get(k)) for t in tp) for k in ("builds", "prunes", "runs")}}
 
 
+def with_torch_pruning_of(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """``new``, with the Torch-Pruning result of ``old`` when ``new`` was run without it (``--no-torch-pruning``)
+    on the same tiny model (same class and parameter count): a re-run of ours keeps the comparison."""
+    if old is None or "torch_pruning" in new or "torch_pruning" not in old or "model" not in new:
+        return new
+    if (old.get("model"), old.get("params")) != (new["model"], new.get("params")):
+        return new
+    return {**new, "torch_pruning": old["torch_pruning"]}
+
+
 def tag_sub_configs(records: dict[str, dict[str, Any]]) -> None:
     """Mark every Hugging Face record that is a sub-config (``coverage_models.hf_sub_config_of``) with its parent."""
     for family, rec in records.items():
@@ -334,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         merged = json.loads(args.merge.read_text())
         wanted = set(args.families.split(",")) if args.families else set(merged["models"])
-        records.update({f: r for f, r in merged["models"].items() if f in wanted})
+        records.update({f: with_torch_pruning_of(records.get(f), r)
+                        for f, r in merged["models"].items() if f in wanted})
         write(out, args.suite, "; ".join([*runs, merged.get("command", str(args.merge))]), records)
         print(json.dumps(totals(records), indent=1))
         return 0
@@ -356,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         for rec in pool.map(one, todo):
-            records[rec["family"]] = rec
+            records[rec["family"]] = with_torch_pruning_of(records.get(rec["family"]), rec)
             print(f"{rec['family']:<40} {rec['result']:<10} {rec.get('rel_error', '')!s:<10} "
                   f"{rec.get('reason', '')[:100]}", flush=True)
             write(out, args.suite, command, records)

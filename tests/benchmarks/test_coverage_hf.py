@@ -52,6 +52,22 @@ def test_merge_updates_only_the_named_families(tmp_path: Path) -> None:
     assert data["command"] == "first; second" and data["totals"]["results"] == {"exact": 2}
 
 
+def test_a_re_run_without_torch_pruning_keeps_its_result_for_the_same_model_only(tmp_path: Path) -> None:
+    out, other = tmp_path / "out.json", tmp_path / "other.json"
+    tp = {"builds": True, "prunes": True, "runs": False}
+    old = {"result": "FAIL", "model": "A", "params": 10, "torch_pruning": tp}
+    out.write_text(json.dumps({"command": "first", "models": {"a": {**old, "family": "a"},
+                                                              "b": {**old, "family": "b"}}}))
+    rerun = {"result": "exact", "model": "A", "params": 10}
+    other.write_text(json.dumps({"command": "second", "models": {"a": {**rerun, "family": "a"},
+                                                                 "b": {**rerun, "family": "b", "params": 7}}}))
+    assert coverage.main(["--suite", "timm", "--merge", str(other), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["models"]["a"]["result"] == "exact" and data["models"]["a"]["torch_pruning"] == tp
+    assert "torch_pruning" not in data["models"]["b"]  # another tiny model: the old result is not its own
+    assert data["totals"]["torch_pruning"] == {"builds": 1, "prunes": 1, "runs": 0}
+
+
 def _config(**fields: object) -> object:
     from transformers import PretrainedConfig
 
