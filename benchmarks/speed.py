@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -117,8 +118,9 @@ def parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = parser()
+    argv = sys.argv[1:] if argv is None else list(argv)  # the command line's flags override a preset's
     first = ap.parse_args(argv)
-    args = ap.parse_args(PRESETS[first.preset] + list(argv or [])) if first.preset else first
+    args = ap.parse_args(PRESETS[first.preset] + argv) if first.preset else first
     args.warmup = min(10, args.iters) if args.warmup is None else args.warmup
     cuda = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
