@@ -47,6 +47,8 @@ OVERRIDES: dict[str, int] = {
     "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 16, "kv_lora_rank": 32, "q_lora_rank": 32,
     # grouped expert routing picks topk_group of n_group groups of the (now 4) routed experts
     "n_group": 1, "topk_group": 1,
+    # Gemma 3n's per-layer input embeddings (a 262144-token table per layer) and its KV-sharing layers
+    "vocab_size_per_layer_input": 128, "hidden_size_per_layer_input": 16, "num_kv_shared_layers": 0,
 }
 _TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
               "cls_token_id", "mask_token_id", "unk_token_id")
@@ -73,15 +75,20 @@ def hf_families() -> list[str]:
     return sorted(CONFIG_MAPPING.keys())
 
 
-def _shrink(d: dict[str, Any], layers: bool = True) -> dict[str, Any]:
+def _shrink(d: dict[str, Any], layers: bool = True, every_layer_type: bool = False) -> dict[str, Any]:
     """The generic overrides applied to a config dict (and every sub-config dict in it); with
-    ``layers=False`` the layer counts are kept (for configs that tie per-layer patterns to them)."""
+    ``layers=False`` the layer counts are kept (for configs that tie per-layer patterns to them). With
+    ``every_layer_type`` the per-layer lists keep one layer of each type (hybrids whose first two layers are
+    linear attention need a full-attention one) and per-layer feed-forward sizes get one entry per layer."""
     out = dict(d)
+    mixed = _one_layer_per_type(d) if layers and every_layer_type else {}
     for key, value in d.items():
-        if key == "per_layer_config" and isinstance(value, dict):  # keys are layer indices
+        if key in mixed:
+            out[key] = mixed[key]
+        elif key == "per_layer_config" and isinstance(value, dict):  # keys are layer indices
             out[key] = value if not layers else {k: v for k, v in value.items() if str(k).isdigit() and int(k) < 2}
         elif isinstance(value, dict) and ("model_type" in value or key.endswith("_config")):
-            out[key] = _shrink(value, layers)
+            out[key] = _shrink(value, layers, every_layer_type)
         elif not layers and (key in _LAYERS or _per_layer(key)):
             continue
         elif key in OVERRIDES and isinstance(value, int) and not isinstance(value, bool):
@@ -111,11 +118,30 @@ def _shrink(d: dict[str, Any], layers: bool = True) -> dict[str, Any]:
     return out
 
 
-def hf_config(model_type: str, use_cache: bool | None = None, layers: bool = True) -> Any:
+def _one_layer_per_type(d: dict[str, Any]) -> dict[str, Any]:
+    """Per-layer type lists as one layer of each type, in order of first appearance (the first two layers
+    when they already differ or there is one type), the layer counts set to match, per-layer lists of
+    feed-forward sizes (Gemma 3n's ``intermediate_size``) given that many entries of the override, other
+    lists of one value per layer cut to that many."""
+    kinds = {k: v for k, v in d.items() if _per_layer(k) and isinstance(v, list) and v}
+    firsts = {k: [v[i] for i in sorted({v.index(t) for t in v})] for k, v in kinds.items()}  # each type once
+    lists = {k: (v if len(v) >= 2 else kinds[k][:2]) for k, v in firsts.items()}
+    n = max([2, *map(len, lists.values())])
+    out: dict[str, Any] = {k: (v * n)[:n] for k, v in lists.items()}
+    out.update({k: n for k, v in d.items() if k in _LAYERS and isinstance(v, int) and not isinstance(v, bool)})
+    out.update({k: [OVERRIDES[k]] * n for k, v in d.items() if k in _FFN and isinstance(v, list)})
+    depth = max((v for k, v in d.items() if k in _LAYERS and isinstance(v, int)), default=None)
+    out.update({k: v[:n] for k, v in d.items()  # other per-layer values (Gemma 3n's activation sparsity)
+                if k not in out and isinstance(v, list) and depth and len(v) == depth > n})
+    return out
+
+
+def hf_config(model_type: str, use_cache: bool | None = None, layers: bool = True,
+              every_layer_type: bool = False) -> Any:
     from transformers import AutoConfig
 
     default = AutoConfig.for_model(model_type)
-    d = _shrink(default.to_dict(), layers)
+    d = _shrink(default.to_dict(), layers, every_layer_type)
     if use_cache is not None:
         _set_use_cache(d, use_cache)
     config = type(default).from_dict(d)
@@ -226,19 +252,23 @@ def is_decoder(task: str, config: Any) -> bool:
 
 
 def build_hf(model_type: str, use_cache: bool | None = None) -> tuple[str, Built]:
-    """The tiny model: 2 layers if its config allows, else its own layer count with the other overrides."""
+    """The tiny model: 2 layers if its config allows, else one layer of each layer type, else its own layer
+    count with the other overrides."""
     try:
         return _build_hf(model_type, use_cache, layers=True)
     except NotBuilt as first:
-        try:
-            return _build_hf(model_type, use_cache, layers=False)
-        except NotBuilt:
-            raise first from None
+        for layers, every_layer_type in ((True, True), (False, False)):
+            try:
+                return _build_hf(model_type, use_cache, layers, every_layer_type)
+            except NotBuilt:
+                pass
+        raise first from None
 
 
-def _build_hf(model_type: str, use_cache: bool | None, layers: bool) -> tuple[str, Built]:
+def _build_hf(model_type: str, use_cache: bool | None, layers: bool,
+              every_layer_type: bool = False) -> tuple[str, Built]:
     try:
-        config = hf_config(model_type, use_cache, layers)
+        config = hf_config(model_type, use_cache, layers, every_layer_type)
         _, cls = hf_model_class(config)
         torch.manual_seed(0)
         model = cls(config).double().eval()

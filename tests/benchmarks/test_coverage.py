@@ -112,6 +112,19 @@ def test_shrink_cuts_every_per_layer_list_and_drops_backbone_stages() -> None:
     assert sum(d["rope_parameters"]["mrope_section"]) == d["head_dim"] // 2 == 8
 
 
+def test_every_layer_type_keeps_one_layer_of_each_type_and_per_layer_sizes_follow() -> None:
+    hybrid = {"num_hidden_layers": 32, "layer_types": ["linear", "linear", "linear", "full"] * 8,
+              "mlp_layer_types": ["dense"] * 32, "intermediate_size": [4096] * 32,
+              "text_config": {"model_type": "t", "num_hidden_layers": 6, "layer_types": ["a", "b", "c"] * 2}}
+    assert coverage_models._shrink(hybrid)["layer_types"] == ["linear", "linear"]  # the first attempt: a prefix
+    d = coverage_models._shrink(hybrid, every_layer_type=True)
+    assert d["num_hidden_layers"] == 2 and d["layer_types"] == ["linear", "full"]
+    assert d["mlp_layer_types"] == ["dense", "dense"] and d["intermediate_size"] == [128, 128]
+    text = d["text_config"]
+    assert text["num_hidden_layers"] == 3 and text["layer_types"] == ["a", "b", "c"]
+    assert coverage_models._shrink(hybrid, layers=False, every_layer_type=True)["num_hidden_layers"] == 32
+
+
 def test_a_sub_model_type_is_built_with_its_own_model_class() -> None:
     pytest.importorskip("transformers")
     task, cls = coverage_models.hf_model_class(coverage_models.hf_config("clap_text_model"))
