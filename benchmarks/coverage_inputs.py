@@ -56,7 +56,8 @@ def _placeholder_ids(config: Any) -> set[int]:
         for key, value in d.items():
             if isinstance(value, dict):
                 walk(value)
-            elif isinstance(value, int) and key.endswith(("_token_id", "_token_index")) and key not in _ORDINARY:
+            elif isinstance(value, int) and isinstance(key, str) and key.endswith(("_token_id", "_token_index")) \
+                    and key not in _ORDINARY:  # keys of a config's own dicts may be ints (Aria's patch → query)
                 out.add(value)
     walk(config.to_dict())
     return out
@@ -67,7 +68,8 @@ def text_ids(config: Any, length: int = 8, batch: int = 2, g: torch.Generator | 
     g = g or torch.Generator().manual_seed(1)
     vocab = int(getattr(getattr(config, "text_config", None) or config, "vocab_size", None) or 128)
     high = max(4, min(vocab, 128))
-    allowed = [i for i in range(3, high) if i not in _placeholder_ids(config)] or [3]
+    placeholders = _placeholder_ids(config)
+    allowed = [i for i in range(3, high) if i not in placeholders] or [3]
     return torch.tensor(allowed)[torch.randint(0, len(allowed), (batch, length), generator=g)]
 
 

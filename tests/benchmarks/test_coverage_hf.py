@@ -77,6 +77,9 @@ def _config(**fields: object) -> object:
 def test_text_ids_avoid_placeholder_tokens_but_not_ordinary_ones() -> None:
     ids = coverage_inputs.text_ids(_config(vocab_size=8, image_token_id=5, pad_token_id=4), length=64)
     assert ids.min() >= 3 and ids.max() < 8 and not (ids == 5).any() and (ids == 4).any()
+    aria = _config(vocab_size=8, image_token_index=6, projector_patch_to_query_dict={1225: 128, 4900: 256})
+    ids = coverage_inputs.text_ids(aria, length=64)  # a dict with int keys in the config: Aria's did not build
+    assert not (ids == 6).any() and ids.max() < 8
 
 
 def test_placeholders_are_added_as_many_as_the_error_asks_for() -> None:
