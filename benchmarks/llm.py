@@ -59,6 +59,8 @@ def parser() -> argparse.ArgumentParser:
                    help="recovery budget as a fraction of the pretraining tokens (the issue: at most 2 %%)")
     p.add_argument("--recovery-lr", type=float, default=3e-4)
     p.add_argument("--recovery-batch", type=int, default=16)
+    p.add_argument("--round-to", type=int, default=8,
+                   help="width methods: MLP widths kept at multiples of it (1: off; odd widths are slow in bf16)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--calib-windows", type=int, default=32, help="calibration windows of the train split")
     p.add_argument("--calib-batch", type=int, default=8)
@@ -122,7 +124,7 @@ def prune(method: str, model: torch.nn.Module, calibration: Calibration, target:
     from benchmarks.llm_lib import ours
 
     if method in ours.WIDTH:
-        return ours.width(model, calibration, target, method)
+        return ours.width(model, calibration, target, method, round_to=args.round_to)
     if method == "depth":
         return ours.depth(model, calibration, target)
     if method == "experts":
@@ -277,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             "seq_len": args.seq_len, "calib_windows": args.calib_windows, "eval_windows": args.eval_windows,
             "pretraining_tokens": args.pretraining_tokens, "recovery_steps": args.recovery_steps,
             "recovery_tokens": recovery_tokens, "recovery_fraction": args.recovery_fraction,
-            "throughput_batch": args.throughput_batch, "max_minutes": args.max_minutes, "torch": torch.__version__}
+            "throughput_batch": args.throughput_batch, "max_minutes": args.max_minutes,
+            "round_to": args.round_to, "torch": torch.__version__}
     write(args.out, {"method": "dense", "target": 0.0, "phase": "oneshot", "status": "ok",
                      "params": dense_params["total"], "non_embedding_params": dense_params["non_embedding"],
                      "embedding_params": dense_params["embedding"], "meta": meta, **measure(dense, heldout, args)})

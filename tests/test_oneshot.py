@@ -57,6 +57,16 @@ def test_meta_trace_and_plan_read_no_values(meta_graph) -> None:
     assert len(with_hidden.groups) == 3 and not with_hidden.groups[0].exact
 
 
+def test_plan_rounds_widths_up_to_a_multiple(meta_graph) -> None:
+    model, cg = meta_graph
+    plain = make_plan(model, None, 0.37, unit="params", graph=cg, kinds={"channel"})
+    rounded = make_plan(model, None, 0.37, unit="params", graph=cg, kinds={"channel"}, round_to=64)
+    assert [g.keep for g in plain.groups] == [433, 433]  # 688 · 0.63: falls off the fast bf16 GEMM shapes
+    assert [g.keep for g in rounded.groups] == [448, 448]  # rounded up, never down
+    assert rounded.params["removed"] < plain.params["removed"]
+    assert make_plan(model, None, 0.37, unit="params", graph=cg, kinds={"channel"}, round_to=1) == plain
+
+
 def test_erk_plan_meets_the_param_budget(meta_graph) -> None:
     model, cg = meta_graph
     plan = make_plan(model, None, 0.3, unit="params", budget="erk", include_inexact=True, graph=cg,

@@ -43,8 +43,10 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def width(model: nn.Module, calibration: Calibration, target: int, importance: str) -> dict[str, Any]:
-    """Prune MLP neurons and KV groups of ``model`` to ``target`` parameters, ranked by ``importance``."""
+def width(model: nn.Module, calibration: Calibration, target: int, importance: str,
+          round_to: int | None = None) -> dict[str, Any]:
+    """Prune MLP neurons and KV groups of ``model`` to ``target`` parameters, ranked by ``importance``;
+    ``round_to`` keeps every layer's width at a multiple of it (``make_plan(round_to=...)``)."""
     from sparsify import build_channel_graph
     from sparsify.oneshot import apply_plan, make_plan
 
@@ -64,10 +66,11 @@ def width(model: nn.Module, calibration: Calibration, target: int, importance: s
     plans = []
     for kinds in (None, {"channel"}):  # heads and MLP neurons; MLP neurons only where a KV group is too coarse
         def params_at(sparsity: float, kinds: set[str] | None = kinds) -> float:
-            return total - make_plan(model, None, sparsity, unit="params", graph=cg, kinds=kinds).params["removed"]
+            plan = make_plan(model, None, sparsity, unit="params", graph=cg, kinds=kinds, round_to=round_to)
+            return total - plan.params["removed"]
 
         sparsity = search_ratio(params_at, target, high=0.99)
-        plans.append(make_plan(model, None, sparsity, unit="params", graph=cg, kinds=kinds))
+        plans.append(make_plan(model, None, sparsity, unit="params", graph=cg, kinds=kinds, round_to=round_to))
         if within(total - plans[-1].params["removed"], target):
             break
     plan = min(plans, key=lambda p: abs(total - p.params["removed"] - target))
@@ -82,7 +85,9 @@ def width(model: nn.Module, calibration: Calibration, target: int, importance: s
     kinds = sorted({g.kind for g in plan.groups})
     return {"prune_s": seconds, "graph_s": graph_s, "plan_s": plan_s, "apply_s": seconds - graph_s - plan_s,
             "sparsity_in_groups": sparsity, "kinds": kinds,
+            "round_to": round_to, "kept": sorted({(g.kind, g.keep) for g in plan.groups}),
             "note": f"sparsify {kind} importance; make_plan uniform over {len(plan.groups)} exact groups {kinds}"
+                    + (f", widths at multiples of {round_to}" if round_to and round_to > 1 else "")
                     + ("; FLAP bias compensation (add_bias)" if compensate else "")}
 
 

@@ -87,6 +87,8 @@ def test_width_methods_and_depth_meet_the_target_and_write_every_phase(tmp_path,
         assert row["target_met"] and abs(row["params"] - 0.75 * dense) <= 0.01 * 0.75 * dense
         assert math.isfinite(row["ppl_oneshot"]) and math.isfinite(row["ppl_recovered"])
         assert row["prune_s"] > 0 and row["tokens_per_s"] > 0
+    kept = json.loads((out / "activation_25_oneshot.json").read_text())["kept"]
+    assert kept and all(n % 8 == 0 for kind, n in kept if kind == "channel"), kept  # --round-to 8 by default
     depth = json.loads((out / "depth_25_oneshot.json").read_text())
     assert depth["removed_layers"] + depth["removed_attention"] + depth["removed_mlp"]
     assert depth["params"] < depth["dense_params"] and math.isfinite(depth["ppl"])
