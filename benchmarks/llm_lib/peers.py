@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import signal
 import threading
 import time
@@ -305,7 +306,8 @@ def modelopt(model: nn.Module, calibration: Calibration, target: int, *, choices
     device = _device(model)
     _sync(device)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as folder:
+    log = io.StringIO()  # ModelOpt prints tables and progress bars: kept out of the benchmark's log
+    with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         pruned, state = mtp.prune(_Logits(model), mode=[("fastnas", rules)],
                                   constraints={"params": float(target + offset)}, dummy_input=ids,
                                   config={"score_func": score, "checkpoint": f"{folder}/search.pth"})
@@ -319,6 +321,7 @@ def modelopt(model: nn.Module, calibration: Calibration, target: int, *, choices
     model.config.intermediate_size = max(widths)  # FastNAS picks a width per layer; the config holds one
     return {"prune_s": seconds, "modelopt": mo.__version__, "modelopt_widths": widths,
             "modelopt_sensitivity_evals": sum(len(v) for v in state.get("sensitivity_map", {}).values()),
+            "modelopt_best": log.getvalue().rpartition("[best_subnet_constraints]")[2].strip()[:200],
             "note": f"ModelOpt {mo.__version__} FastNAS, params upper bound, MLP widths only ({choices} choices, "
                     f"multiples of {divisor}), score = -LM loss on {len(batches)} calibration batches (the search "
                     "is timed: it is the method)"}

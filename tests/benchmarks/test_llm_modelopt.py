@@ -57,7 +57,7 @@ def trained() -> tuple[torch.nn.Module, Calibration]:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    assert float(loss) < 1.0, "the tiny model did not learn the permutation: FastNAS's scores would be flat"
+    assert float(loss.detach()) < 1.0, "the tiny model did not learn the permutation: FastNAS's scores would be flat"
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval(), _calibration(successor, generator)
