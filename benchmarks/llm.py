@@ -39,6 +39,7 @@ from benchmarks.llm_lib.budget import (
     within,
 )
 from benchmarks.llm_lib.ours import Calibration
+from sparsify.lm.distill import distill
 
 OURS = ("activation", "magnitude", "taylor", "fluctuation", "depth", "experts", "hidden")
 PEERS = ("tp_magnitude", "tp_taylor", "modelopt")
@@ -59,6 +60,9 @@ def parser() -> argparse.ArgumentParser:
                    help="recovery budget as a fraction of the pretraining tokens (the issue: at most 2 %%)")
     p.add_argument("--recovery-lr", type=float, default=3e-4)
     p.add_argument("--recovery-batch", type=int, default=16)
+    p.add_argument("--recovery-schedule", choices=("constant", "cosine"), default="constant",
+                   help="cosine: linear warm-up (--recovery-warmup steps), then decay to 0.1 of --recovery-lr")
+    p.add_argument("--recovery-warmup", type=int, default=10)
     p.add_argument("--round-to", type=int, default=8,
                    help="width methods: MLP widths kept at multiples of it (1: off; odd widths are slow in bf16)")
     p.add_argument("--seq-len", type=int, default=512)
@@ -149,22 +153,10 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, train: np.ndarra
     batches = [{"input_ids": b.to(device)} for b in data.split(args.recovery_batch)]
     student.train()
     start = time.perf_counter()
-    try:
-        from sparsify.lm.distill import distill
-    except ImportError:
-        distill = None
-    if distill is not None:
-        log = distill(student, teacher, batches, steps=len(batches), lr=args.recovery_lr)
-        how, last = "distill (KL from the dense teacher, T=2)", log[-1]["loss"]
-    else:
-        optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=args.recovery_lr)
-        for batch in batches:
-            with autocast(device):
-                loss = student(**batch, labels=batch["input_ids"]).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        how, last = "LM-loss fine-tuning (sparsify.lm.distill missing)", float(loss)
+    log = distill(student, teacher, batches, steps=len(batches), lr=args.recovery_lr, schedule=args.recovery_schedule,
+                  warmup_steps=min(args.recovery_warmup, len(batches) - 1), min_lr_ratio=0.1)
+    how, last = f"distill (KL from the dense teacher, T=2, {args.recovery_schedule} lr {args.recovery_lr:g})", \
+        log[-1]["loss"]
     student.eval()
     used = sum(b["input_ids"].numel() for b in batches)
     return {"recovery": how, "recovery_steps": len(batches), "recovery_tokens": used,
@@ -280,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             "pretraining_tokens": args.pretraining_tokens, "recovery_steps": args.recovery_steps,
             "recovery_tokens": recovery_tokens, "recovery_fraction": args.recovery_fraction,
             "throughput_batch": args.throughput_batch, "max_minutes": args.max_minutes,
-            "round_to": args.round_to, "torch": torch.__version__}
+            "round_to": args.round_to, "recovery_schedule": args.recovery_schedule, "recovery_lr": args.recovery_lr,
+            "torch": torch.__version__}
     write(args.out, {"method": "dense", "target": 0.0, "phase": "oneshot", "status": "ok",
                      "params": dense_params["total"], "non_embedding_params": dense_params["non_embedding"],
                      "embedding_params": dense_params["embedding"], "meta": meta, **measure(dense, heldout, args)})

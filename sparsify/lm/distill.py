@@ -11,12 +11,17 @@ With a Sparsifier it runs between prune steps: pass your optimizer and ``on_step
 then ``sp.prune(optimizer=opt)`` slices the optimizer state with the weights and the next
 ``distill(..., optimizer=opt)`` continues with it. :func:`with_lora` wraps a student in peft LoRA
 adapters (peft imported lazily): only the adapters train; ``merge_and_unload()`` folds them back.
+
+``schedule="cosine"`` scales every parameter group's learning rate per step: a linear warm-up over
+``warmup_steps``, then a cosine decay to ``min_lr_ratio`` of it at the last step (the groups' own
+learning rates are put back at the end, so a passed optimizer continues as it was).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -72,10 +77,20 @@ def _hidden_mse(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, 
     return torch.stack([F.mse_loss(s.float(), t.float()) for s, t in pairs]).mean()
 
 
+def lr_factor(step: int, steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """The learning-rate factor of step ``step`` of ``steps`` (0-based): linear warm-up, then cosine."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(steps - warmup_steps - 1, 1)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
 def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[dict[str, Any]], steps: int,
             lr: float = 1e-4, temperature: float = 2.0, alpha: float = 1.0, hidden_weight: float = 0.0,
             optimizer: torch.optim.Optimizer | None = None, *, max_grad_norm: float | None = 1.0,
-            on_step: Callable[[int], None] | None = None, autocast: bool | None = None) -> list[dict[str, float]]:
+            on_step: Callable[[int], None] | None = None, autocast: bool | None = None,
+            schedule: Literal["constant", "cosine"] = "constant", warmup_steps: int = 0,
+            min_lr_ratio: float = 0.0) -> list[dict[str, float]]:
     """Distil ``teacher`` into ``student`` for ``steps`` optimizer steps (see the module docstring).
 
     ``batches`` are dicts of model inputs, cycled; ``optimizer`` defaults to AdamW(lr) over the student's
@@ -88,6 +103,11 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[dict[str, 
     if not (0.0 <= alpha <= 1.0) or temperature <= 0 or hidden_weight < 0:
         raise SparsifyError(f"distill: need 0 ≤ alpha ≤ 1, temperature > 0, hidden_weight ≥ 0; got alpha={alpha}, "
                             f"temperature={temperature}, hidden_weight={hidden_weight}")
+    if schedule not in ("constant", "cosine") or not 0 <= warmup_steps < max(steps, 1) \
+            or not 0.0 <= min_lr_ratio <= 1.0:
+        raise SparsifyError(f"distill: schedule must be 'constant' or 'cosine', 0 ≤ warmup_steps < steps and "
+                            f"0 ≤ min_lr_ratio ≤ 1; got schedule={schedule!r}, warmup_steps={warmup_steps}, "
+                            f"min_lr_ratio={min_lr_ratio}")
     params = [p for p in student.parameters() if p.requires_grad]
     if optimizer is None:
         if not params:
@@ -99,10 +119,15 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[dict[str, 
     log: list[dict[str, torch.Tensor]] = []
     modes = {m: m.training for m in [*student.modules(), *teacher.modules()]}
     batch_iter = _cycle(batches)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
     try:
         teacher.eval()
         student.train()
         for i in range(steps):
+            if schedule == "cosine":
+                factor = lr_factor(i, steps, warmup_steps, min_lr_ratio)
+                for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                    group["lr"] = base * factor
             batch = _to(next(batch_iter), device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
                 with torch.no_grad():
@@ -131,6 +156,8 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[dict[str, 
                         "hidden": zero if h is None else h.detach()})
     finally:
         optimizer.zero_grad(set_to_none=True)
+        for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+            group["lr"] = base
         for m, mode in modes.items():
             m.training = mode
     values = torch.stack([torch.stack([e[k] for k in ("loss", "kl", "lm", "hidden")]) for e in log]).cpu().tolist()

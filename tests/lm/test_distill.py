@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -84,3 +85,21 @@ def test_lora_needs_peft_or_wraps_the_student() -> None:
     trainable = [n for n, p in student.named_parameters() if p.requires_grad]
     assert trainable and all("lora" in n for n in trainable)
     distill(student, teacher, _batches(1), steps=1)
+
+
+def test_cosine_schedule_warms_up_decays_and_restores_the_optimizer_lr() -> None:
+    from sparsify.lm.distill import lr_factor
+
+    factors = [lr_factor(i, 10, 2, 0.1) for i in range(10)]
+    assert factors[:3] == [0.5, 1.0, 1.0] and factors[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in itertools.pairwise(factors[1:]))  # non-increasing after the warm-up
+    teacher = _teacher()
+    student = copy.deepcopy(teacher)
+    seen: list[float] = []
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    distill(student, teacher, _batches(2), steps=4, optimizer=opt, schedule="cosine", warmup_steps=1,
+            on_step=lambda i: seen.append(opt.param_groups[0]["lr"]))
+    assert seen == pytest.approx([1e-3 * lr_factor(i, 4, 1, 0.0) for i in range(4)]) and seen[-1] == 0.0
+    assert opt.param_groups[0]["lr"] == 1e-3  # put back
+    with pytest.raises(SparsifyError, match="warmup_steps"):
+        distill(student, teacher, _batches(2), steps=2, schedule="cosine", warmup_steps=2)
