@@ -9,6 +9,7 @@ channels, parameters or MACs; each group keeps its largest-importance structures
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -274,6 +275,9 @@ class GMPPolicy(Policy):
             keeps_for, lat.after, measure, c.target_ms, target_speedup=c.target_speedup,
             tolerance=c.latency_tolerance, max_iterations=c.latency_max_iterations, start=start)
         self.final = self.latency_report.fraction
+        if not self.latency_report.met:
+            warnings.warn(f"gmp: latency target not met: {self.latency_report.reason} (the report: "
+                          "policy.latency_report, PruneResult.latency)", stacklevel=2)
         return self.final
 
     def state_dict(self) -> dict[str, Any]:

@@ -159,6 +159,7 @@ class _Search:
                  max_fraction: float, report: LatencyTargetReport) -> None:
         self.keeps_for, self.estimate, self.measure = keeps_for, estimate, measure
         self.target, self.tol, self.max_iterations, self.hi_bound = target, tol, max_iterations, max_fraction
+        self.max_fraction = max_fraction
         self.report = report
         self._keeps: dict[float, Keeps | None] = {}
 
@@ -243,9 +244,12 @@ class _Search:
             return
         best = min(self.report.probes, key=lambda p: p.measured_ms, default=None)
         if best is not None and best.measured_ms < self.report.dense_ms:
+            bounded = self.hi_bound < self.max_fraction and best.fraction >= 0.9 * self.hi_bound
+            hint = (f"the most pruning allowed (MACs fraction {self.hi_bound:.3g}: max_group_sparsity or "
+                    "min widths) is not fast enough; lower the target or allow more pruning") if bounded else \
+                "raise latency_max_iterations, or lower the target"
             self._choose(best, False, f"target missed after {n} probes: the fastest pruned network measured "
-                                      f"{best.measured_ms:.4g} ms for {self.target:.4g} ms asked (raise "
-                                      "latency_max_iterations, or lower the target)")
+                                      f"{best.measured_ms:.4g} ms for {self.target:.4g} ms asked ({hint})")
             return
         r = self.report
         r.fraction, r.estimated_ms, r.measured_ms, r.met = 0.0, r.dense_estimated_ms, r.dense_ms, False
