@@ -67,6 +67,15 @@ def _grouped_pairs(ctx: OpContext, x_space: Space | None, out_space: Space | Non
     ctx.pairs(out_space, out_space, (np.arange(cout) // b) * b, np.arange(cout))
 
 
+def block_spatial_inputs(ctx: OpContext, x: Any, cdim: int) -> None:
+    """The input dims after the channel dim are positions a window slides over, not channels: declared
+    barriers, or a constant that reaches them through a layout op (a buffer image ``img.unsqueeze(0)``)
+    would stay a prunable group whose removal shrinks the output's spatial size unseen."""
+    xi = ctx.info(x)
+    for d in range(cdim + 1, xi.ndim if xi is not None else 0):
+        ctx.block(ctx.space(x, d), f"{ctx.describe()} reads dim {d} as spatial positions (not channels)")
+
+
 def _conv_core(ctx: OpContext, x, weight_ndim: int, groups: int, transposed: bool, member,
                hard_groups: bool = False) -> None:
     out, xi = ctx.out_info, ctx.info(x)
@@ -77,6 +86,7 @@ def _conv_core(ctx: OpContext, x, weight_ndim: int, groups: int, transposed: boo
         ctx.same(ctx.space(x, 0), ctx.out(0))
     for d in range(cdim + 1, out.ndim):
         ctx.fresh(ctx.out(d), f"{ctx.describe()} creates spatial dim {d}")
+    block_spatial_inputs(ctx, x, cdim)
     x_space, out_space = ctx.space(x, cdim), ctx.out(cdim)
     cin, cout = xi.shape[cdim], out.shape[cdim]
     if groups == 1:
@@ -304,6 +314,7 @@ def pool(ctx: OpContext) -> None:
     couple_dims(ctx, x, range(cdim + 1))
     for d in range(cdim + 1, out.ndim):
         ctx.fresh(ctx.out(d), f"{ctx.describe()} creates spatial dim {d}")
+    block_spatial_inputs(ctx, x, cdim)
 
 
 def _spatial_dims(ctx: OpContext) -> int:
