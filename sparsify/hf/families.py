@@ -2,7 +2,8 @@
 
 A ``Family`` (keyed by ``config.model_type``, ``register_family``) names the config fields of its widths,
 finds the transformer layers, reads a layer's widths from its weights and resizes a layer to given
-widths. llama, mistral, qwen2, gpt2 and bert are built in; layers whose attention was swapped by
+widths. gpt2, bert and the LLaMA-like families of ``sparsify.hf.llama_like`` are built in (dense layers,
+and sparse-MoE layers whose attention alone is synced); layers whose attention was swapped by
 ``explicit_attention_`` (``sparsify.hf.attention``) are read and resized through their head_dim slots.
 ``sparsify.hf.pretrained`` uses the families to sync configs and to save and load pruned models.
 """
@@ -17,6 +18,8 @@ from typing import Any
 from torch import nn
 
 from sparsify.errors import SparsifyError
+from sparsify.hf import llama_like
+from sparsify.hf.resize import empty_parameter as _empty
 from sparsify.hf.resize import resize_conv1d as _conv1d
 from sparsify.hf.resize import resize_linear as _linear
 from sparsify.registry import Registry
@@ -104,15 +107,11 @@ def attention_of(layer: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     return layer.attention.self, layer.attention.output.dense
 
 
-# ----- llama-style (llama, mistral, qwen2) ------------------------------------------------------
-def _llama_read(layer: nn.Module) -> Widths:
-    mlp, attn = layer.mlp, layer.self_attn
-    inter = _same("MLP widths", gate_proj=_rows(mlp.gate_proj), up_proj=_rows(mlp.up_proj),
-                  down_proj_in=_cols(mlp.down_proj))
+# ----- llama-style (sparsify.hf.llama_like) ------------------------------------------------------
+def _attention_read(attn: nn.Module) -> Widths:
     slots = slots_of(attn)
     if slots is not None:
-        return {"intermediate_size": inter, **{k: slots[k] for k in ("num_attention_heads", "num_key_value_heads",
-                                                                     "head_dim")}}
+        return {k: slots[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim")}
     d = int(attn.head_dim)
     q = _same("query widths", q_proj=_rows(attn.q_proj), o_proj_in=_cols(attn.o_proj))
     kv = _same("key/value widths", k_proj=_rows(attn.k_proj), v_proj=_rows(attn.v_proj))
@@ -121,23 +120,35 @@ def _llama_read(layer: nn.Module) -> Widths:
         raise SparsifyError(f"{h} query heads and {k} key/value heads: grouped-query attention needs a whole "
                             "number of query heads per key/value head. Prune heads with adapter='heads', "
                             "which removes whole key/value groups.")
-    return {"intermediate_size": inter, "num_attention_heads": h, "num_key_value_heads": k, "head_dim": d}
+    return {"num_attention_heads": h, "num_key_value_heads": k, "head_dim": d}
 
 
-def _llama_resize(layer: nn.Module, w: Widths, config: Any) -> None:
-    mlp, attn = layer.mlp, layer.self_attn
-    swapped = slots_of(attn) is not None
-    if w["head_dim"] != attn.head_dim and not swapped:
+def _llama_read(layer: nn.Module) -> Widths:
+    mlp = layer.mlp
+    inter = _same("MLP widths", gate_proj=_rows(mlp.gate_proj), up_proj=_rows(mlp.up_proj),
+                  down_proj_in=_cols(mlp.down_proj))
+    return {"intermediate_size": inter, **_attention_read(layer.self_attn)}
+
+
+def _resize_head_norms(attn: nn.Module, heads: dict[str, int]) -> None:
+    """Per-head q/k norm weights [heads, head_dim] (Cohere's qk-norm) follow the head counts; norms over
+    head_dim alone (Qwen3's) are shared by all heads and stay."""
+    for name, n in heads.items():
+        norm = getattr(attn, name, None)
+        weight = getattr(norm, "weight", None)
+        if isinstance(weight, nn.Parameter) and weight.dim() == 2 and weight.shape[0] != n:
+            norm.weight = _empty(weight, (n, int(weight.shape[1])))
+
+
+def _check_head_dim(attn: nn.Module, w: Widths) -> None:
+    if slots_of(attn) is None and w["head_dim"] != attn.head_dim:
         raise SparsifyError(f"head_dim {w['head_dim']} differs from the model's {attn.head_dim} (set by "
                             "config.head_dim); head_dim slots prune only after sparsify.hf.explicit_attention_ (whose "
                             "record is config.sparsify_head_dims), so the record is corrupt")
-    _linear(mlp.gate_proj, out=w["intermediate_size"])
-    _linear(mlp.up_proj, out=w["intermediate_size"])
-    _linear(mlp.down_proj, inp=w["intermediate_size"])
-    mlp.intermediate_size = w["intermediate_size"]
-    mlp.hidden_size = _cols(mlp.gate_proj)
-    layer.hidden_size = _cols(mlp.gate_proj)
-    if swapped:
+
+
+def _attention_resize(attn: nn.Module, w: Widths) -> None:
+    if slots_of(attn) is not None:
         _resize_slots(attn, w["num_attention_heads"], w["num_key_value_heads"], w["head_dim"])
         return
     q, kv = w["num_attention_heads"] * w["head_dim"], w["num_key_value_heads"] * w["head_dim"]
@@ -145,6 +156,7 @@ def _llama_resize(layer: nn.Module, w: Widths, config: Any) -> None:
     _linear(attn.k_proj, out=kv)
     _linear(attn.v_proj, out=kv)
     _linear(attn.o_proj, inp=q)
+    _resize_head_norms(attn, {"q_norm": w["num_attention_heads"], "k_norm": w["num_key_value_heads"]})
     attn.num_key_value_groups = w["num_attention_heads"] // w["num_key_value_heads"]
     for name in ("num_heads", "num_attention_heads"):  # older transformers kept head counts on the module
         if hasattr(attn, name):
@@ -153,10 +165,65 @@ def _llama_resize(layer: nn.Module, w: Widths, config: Any) -> None:
         attn.num_key_value_heads = w["num_key_value_heads"]
 
 
-_LLAMA = Family(
-    fields={"intermediate_size": "intermediate_size", "num_attention_heads": "num_attention_heads",
-            "num_key_value_heads": "num_key_value_heads", "head_dim": "head_dim"},
-    layers=lambda base: base.layers, read=_llama_read, resize=_llama_resize)
+def _llama_resize(layer: nn.Module, w: Widths, config: Any) -> None:
+    mlp = layer.mlp
+    _check_head_dim(layer.self_attn, w)
+    _linear(mlp.gate_proj, out=w["intermediate_size"])
+    _linear(mlp.up_proj, out=w["intermediate_size"])
+    _linear(mlp.down_proj, inp=w["intermediate_size"])
+    mlp.intermediate_size = w["intermediate_size"]
+    mlp.hidden_size = _cols(mlp.gate_proj)
+    layer.hidden_size = _cols(mlp.gate_proj)
+    _attention_resize(layer.self_attn, w)
+
+
+_ATTENTION_FIELDS = {"num_attention_heads": "num_attention_heads", "num_key_value_heads": "num_key_value_heads",
+                     "head_dim": "head_dim"}
+_LLAMA = Family(fields={"intermediate_size": "intermediate_size", **_ATTENTION_FIELDS},
+                layers=lambda base: base.layers, read=_llama_read, resize=_llama_resize)
+
+
+# ----- LLaMA attention with sparse-MoE layers (mixtral, qwen2_moe, qwen3_moe, phimoe) ------------
+def _moe_block(layer: nn.Module, block: str) -> nn.Module:
+    mlp = getattr(layer, "mlp", None)
+    if type(mlp).__name__ != block:
+        raise SparsifyError(f"its mlp is a {type(mlp).__name__}, not a {block}: a dense layer among the MoE layers "
+                            "(mlp_only_layers, decoder_sparse_step) has widths this family does not record. Save "
+                            "with sparsify.save(), which replays the pruning plan on the original architecture.")
+    return mlp
+
+
+def _shared_width(mlp: nn.Module) -> int:
+    shared = mlp.shared_expert
+    return _same("shared-expert widths", gate_proj=_rows(shared.gate_proj), up_proj=_rows(shared.up_proj),
+                 down_proj_in=_cols(shared.down_proj))
+
+
+def moe_family(block: str, shared_expert: bool = False) -> Family:
+    """LLaMA attention with a sparse-MoE ``mlp`` of class ``block`` in every layer: the attention widths
+    (and, with ``shared_expert``, Qwen2-MoE's shared-expert width) are read and resized; the experts'
+    widths are no channel group's (fused 3-D tensors) and the MoE config fields stay."""
+    def read(layer: nn.Module) -> Widths:
+        mlp = _moe_block(layer, block)
+        w = _attention_read(layer.self_attn)
+        return {**w, "shared_expert_intermediate_size": _shared_width(mlp)} if shared_expert else w
+
+    def resize(layer: nn.Module, w: Widths, config: Any) -> None:
+        mlp = _moe_block(layer, block)
+        _check_head_dim(layer.self_attn, w)
+        if shared_expert:
+            shared, n = mlp.shared_expert, w["shared_expert_intermediate_size"]
+            _linear(shared.gate_proj, out=n)
+            _linear(shared.up_proj, out=n)
+            _linear(shared.down_proj, inp=n)
+            if hasattr(shared, "intermediate_size"):
+                shared.intermediate_size = n
+        _attention_resize(layer.self_attn, w)
+
+    fields: dict[str, str | None] = dict(_ATTENTION_FIELDS)
+    if shared_expert:
+        fields["shared_expert_intermediate_size"] = "shared_expert_intermediate_size"
+    return Family(fields=fields, layers=lambda base: base.layers, read=read, resize=resize)
 
 
 # ----- GPT-2 -----------------------------------------------------------------------------------
@@ -229,8 +296,10 @@ _BERT = Family(fields={"intermediate_size": "intermediate_size", "num_attention_
                        "head_dim": None},
                layers=lambda base: base.encoder.layer, read=_bert_read, resize=_bert_resize)
 
-for _type in ("llama", "mistral", "qwen2", "qwen3"):
+for _type in llama_like.DENSE_LAYERS:
     register_family(_type, _LLAMA)
+for _type, _block in llama_like.MOE_LAYERS.items():
+    register_family(_type, moe_family(_block, shared_expert=_type == "qwen2_moe"))
 register_family("gpt2", _GPT2)
 register_family("bert", _BERT)
 

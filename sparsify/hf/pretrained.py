@@ -8,10 +8,11 @@ standard fields (``intermediate_size``, ``hidden_size``, ``num_attention_heads``
 from layer to layer (or the config class cannot express them), every layer's widths are also stored in
 ``config.sparsify_layer_widths``; ``from_pretrained`` here builds the model from the config, resizes
 those layers and loads the weights strictly. Model families are keyed by ``config.model_type``
-(``register_family``); llama, mistral, qwen2, gpt2 and bert are built in. Models whose attention was
-swapped by ``explicit_attention_`` (prunable head_dim slots, ``sparsify.hf.attention``; llama, gpt2,
-bert) also store every layer's attention in ``config.sparsify_head_dims``; ``from_pretrained`` swaps
-and resizes the attention of the model it builds before loading.
+(``register_family``); gpt2, bert and the LLaMA-like families (``sparsify.hf.llama_like``) are built in.
+Models whose attention was swapped by ``explicit_attention_`` (prunable head_dim slots,
+``sparsify.hf.attention``; llama, gpt2, bert) also store every layer's attention in
+``config.sparsify_head_dims``; ``from_pretrained`` swaps and resizes the attention of the model it builds
+before loading.
 """
 
 from __future__ import annotations

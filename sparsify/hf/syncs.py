@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from sparsify.graph.module_types import register_module_type
+from sparsify.hf import llama_like
 
 
 def _conv1d(m: nn.Module, old: dict[str, Any]) -> None:
@@ -48,6 +49,5 @@ register_module_type(f"{_MODELS}.gpt2.modeling_gpt2.GPT2Attention", synced_sizes
 register_module_type(f"{_MODELS}.gpt2.modeling_gpt2.GPT2Model", synced_sizes=True, sync=_gpt2_model)
 register_module_type(f"{_MODELS}.bert.modeling_bert.BertSelfAttention", synced_sizes=True, sync=_bert_attention)
 register_module_type(f"{_MODELS}.bert.modeling_bert.BertCrossAttention", sync=_bert_attention)
-for _name in ("llama.modeling_llama.LlamaAttention", "mistral.modeling_mistral.MistralAttention",
-              "qwen2.modeling_qwen2.Qwen2Attention", "qwen3.modeling_qwen3.Qwen3Attention"):  # LLaMA's code
-    register_module_type(f"{_MODELS}.{_name}", synced_sizes=True, sync=_llama_attention)
+for _name in llama_like.attention_classes():  # LLaMA's attention code (the explicit list there)
+    register_module_type(_name, synced_sizes=True, sync=_llama_attention)

@@ -68,15 +68,17 @@ class OracleResult:
 
 
 def check_exactness(model: nn.Module, example_inputs: Any, fraction: float = 0.5, seed: int = 0,
-                    keep_bias: bool = False) -> OracleResult:
+                    keep_bias: bool = False, graph: ChannelGraph | None = None) -> OracleResult:
     """Soft-zero ~``fraction`` of every exact prunable group, prune physically, compare outputs.
 
     The model is switched to eval mode and modified in place. With ``keep_bias`` the zeroed
     channels still emit their biases (the BN-β folding case); only groups whose consumers can
-    absorb constants exactly are then pruned.
+    absorb constants exactly are then pruned. ``graph``: the model's channel graph, built before
+    (e.g. traced under one kernel choice and run under another: Hugging Face's grouped_mm experts
+    trace but have no float64 CPU kernel); by default it is built here.
     """
     model.eval()
-    cg = build_channel_graph(model, example_inputs)
+    cg = graph if graph is not None else build_channel_graph(model, example_inputs)
     plan = random_plan(cg, fraction, seed)
     if keep_bias:
         plan = {gid: s for gid, s in plan.items() if _foldable(cg.group(gid), model)}

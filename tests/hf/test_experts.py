@@ -197,7 +197,8 @@ def test_channel_graph_offers_no_expert_or_router_channel() -> None:
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     graph = build_channel_graph(model, {"input_ids": IDS[:2, :8]})
     free = [g for g in graph.groups if not g.blocked]
-    assert free and all("shared_expert." in m.tensor for g in free for m in g.members)
+    assert {g.kind for g in free} == {"channel", "kv_group"}  # shared-expert neurons, KV groups (LLaMA's attention)
+    assert all(("shared_expert." in m.tensor) != ("self_attn." in m.tensor) for g in free for m in g.members)
 
 
 # ----- Hugging Face round trip -------------------------------------------------------------------
