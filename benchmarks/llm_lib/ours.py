@@ -64,7 +64,10 @@ def width(model: nn.Module, calibration: Calibration, target: int, importance: s
     total = count_params(model)["total"]
 
     plans = []
-    for kinds in (None, {"channel"}):  # heads and MLP neurons; MLP neurons only where a KV group is too coarse
+    passes: list[set[str] | None] = [None]  # heads and MLP neurons; MLP neurons only where a KV group is too coarse
+    if any(g.kind == "channel" and g.exact for g in cg.prunable_groups()):  # none in MoE models (experts: barriers)
+        passes.append({"channel"})
+    for kinds in passes:
         def params_at(sparsity: float, kinds: set[str] | None = kinds) -> float:
             plan = make_plan(model, None, sparsity, unit="params", graph=cg, kinds=kinds, round_to=round_to)
             return total - plan.params["removed"]
