@@ -18,7 +18,7 @@ for never-selected experts, and the removed experts' ``router_mass`` measures wh
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -311,10 +311,12 @@ def resize_experts_(model: nn.Module, counts: Mapping[int, int]) -> None:
             _slice_layer(layers[i], torch.arange(n))
 
 
-def from_pretrained_with_counts(path: Any, cls: type, **kwargs: Any) -> nn.Module:
+def from_pretrained_with_counts(path: Any, cls: type, resize: Callable[[nn.Module], None] | None = None,
+                                **kwargs: Any) -> nn.Module:
     """``cls.from_pretrained(path)`` for a checkpoint whose MoE layers have different expert counts
     (``config.sparsify_num_experts``): each layer is resized as the model is built, so transformers loads
-    every tensor (any of its checkpoint formats) into a model of the saved shapes, strictly."""
+    every tensor (any of its checkpoint formats) into a model of the saved shapes, strictly. ``resize``:
+    also applied to the model as it is built (the per-layer attention widths of ``sparsify.hf``)."""
     from transformers import AutoConfig
 
     counts = recorded_counts(kwargs.get("config") or AutoConfig.from_pretrained(path))
@@ -324,6 +326,8 @@ def from_pretrained_with_counts(path: Any, cls: type, **kwargs: Any) -> nn.Modul
             super().__init__(config, *args, **kw)
             if counts is not None:
                 resize_experts_(self, counts)
+            if resize is not None:
+                resize(self)
 
     Resized.__name__, Resized.__qualname__ = cls.__name__, cls.__qualname__
     model = Resized.from_pretrained(path, **kwargs)

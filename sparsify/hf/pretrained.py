@@ -315,11 +315,16 @@ def from_pretrained(path: str | Path, model_class: type | None = None, **kwargs:
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
     cls = _model_class(config, model_class)
+    record = _record(config)
     if getattr(config, "sparsify_num_experts", None) is not None:  # MoE layers with per-layer expert counts
         from sparsify.hf.experts import from_pretrained_with_counts
 
-        return from_pretrained_with_counts(path, cls, **kwargs)
-    record = _record(config)
+        if getattr(config, HEAD_DIMS, None) is not None:
+            raise LoadError(f"config.json has both sparsify_num_experts and {HEAD_DIMS}: loading per-layer expert "
+                            "counts with swapped attention (explicit_attention_) is not supported; save with "
+                            "sparsify.save(), which replays the pruning plan on the original architecture.")
+        layers = None if record is None else (lambda model: _resize_layers(model, record))
+        return from_pretrained_with_counts(path, cls, resize=layers, **kwargs)
     slots = _head_dim_record(config)
     removed = sublayers.read_record(config, LoadError)  # removed attention/MLP sub-blocks (sparsify.hf.depth)
     files = _checkpoint_files(path)

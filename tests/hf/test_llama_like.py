@@ -141,6 +141,21 @@ def test_mixtral_round_trip_after_pruning_kv_groups(layers: tuple[int, ...], tmp
     assert torch.equal(_greedy(loaded), _greedy(model))
 
 
+def test_mixtral_per_layer_heads_and_experts_round_trip(tmp_path) -> None:
+    """Layer 0 loses a KV group and two experts, layer 1 one expert: both per-layer records load together."""
+    from sparsify.hf import experts as moe
+
+    model = tiny("mixtral")
+    _prune_kv(model, (0,))
+    moe.remove_experts(model, {0: [1, 2], 1: [3]})
+    hf.save_pretrained(model, tmp_path)
+    assert model.config.sparsify_num_experts == {"0": 2, "1": 3} and hasattr(model.config, "sparsify_layer_widths")
+    loaded = _load(tmp_path)
+    assert [m.num_experts for m in moe.moe_layers(loaded)] == [2, 3]
+    assert [m.self_attn.k_proj.out_features for m in loaded.model.layers] == [16, 32]
+    assert torch.equal(_logits(loaded), _logits(model))
+
+
 def test_qwen2_moe_shared_expert_and_heads_round_trip(tmp_path) -> None:
     model = tiny("qwen2_moe")
     cg = _graph_then_eager(model)
