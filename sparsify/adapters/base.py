@@ -11,6 +11,7 @@ effective vector, and an effective zero removes its structure exactly.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -173,12 +174,31 @@ class StructureFactor(nn.Module):
         self.transform = vector.transform  # shared by all of the vector's tensors
         self.dim, self.ndim = dim, ndim
         self.register_buffer("index", index, persistent=False)
+        # index i → structure i (a conv's own filters): the factor is used as it is, no gather (and no scatter
+        # in the backward) per tensor and forward
+        self.identity = len(index) == len(vector) and bool(torch.equal(index.cpu(), torch.arange(len(vector))))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        factor = self.vector.adapter.factor(self.vector)
+        return self.scale(t, per_forward(self.vector, "factor", lambda: self.vector.adapter.factor(self.vector)))
+
+    def scale(self, t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """``t`` times the per-structure ``factor`` spread over this parametrization's dim."""
         shape = [1] * self.ndim
         shape[self.dim] = -1
-        return t * factor[self.index].to(t.dtype).view(shape)
+        return t * (factor if self.identity else factor[self.index]).to(t.dtype).view(shape)
+
+
+def per_forward(owner: object, what: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``compute()``, once per forward inside ``parametrize.cached()`` (``Sparsifier.cached``) and kept with the
+    parametrized tensors until the context ends; outside it, computed at every call. For values that every
+    parametrization of a vector reads (its raw norms, its factor): each was recomputed per tensor before."""
+    if not parametrize._cache_enabled:
+        return compute()
+    key = (id(owner), f"sparsify:{what}")  # no module attribute has this name: no clash with the tensors' keys
+    value = parametrize._cache.get(key)
+    if value is None:
+        value = parametrize._cache[key] = compute()
+    return value
 
 
 def original(module: nn.Module, name: str) -> torch.Tensor:

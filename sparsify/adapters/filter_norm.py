@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 from torch import nn
@@ -21,6 +22,7 @@ from sparsify.adapters.base import (
     ImportanceVector,
     StructureFactor,
     original,
+    per_forward,
     register_adapter,
 )
 from sparsify.graph.channel_graph import ChannelGraph, Member
@@ -53,14 +55,27 @@ def _index(vector: ImportanceVector, member: Member, device: torch.device) -> to
     return cache[key]
 
 
+def _is_identity(vector: ImportanceVector, member: Member) -> bool:
+    """Whether index i of ``member`` is structure i (a conv's own filters): no scatter needed."""
+    cache = vector.handle.setdefault("identity", {})
+    key = (member.tensor, member.dim)
+    if key not in cache:
+        cache[key] = np.array_equal(member.structure_of, np.arange(len(vector)))
+    return cache[key]
+
+
 def structure_norms(vector: ImportanceVector, p: int) -> torch.Tensor:
     """Per structure, the Lp norm of every index of ``vector.handle["norm"]``'s tensors that belongs to it."""
     total = None
     for m in vector.handle["norm"]:
         t = original(*_tensor(vector.handle["model"], m))
-        per_index = t.movedim(m.dim, 0).reshape(t.shape[m.dim], -1).abs().pow(p).sum(1)
-        per_structure = torch.zeros(len(vector), dtype=per_index.dtype, device=per_index.device)
-        per_structure = per_structure.index_add(0, _index(vector, m, t.device), per_index)
+        rows = t.movedim(m.dim, 0).reshape(t.shape[m.dim], -1)
+        per_index = (rows.square() if p == 2 else rows.abs()).sum(1)  # p=2: no abs (and no sign in the backward)
+        if _is_identity(vector, m):
+            per_structure = per_index
+        else:
+            per_structure = torch.zeros(len(vector), dtype=per_index.dtype, device=per_index.device)
+            per_structure = per_structure.index_add(0, _index(vector, m, t.device), per_index)
         total = per_structure if total is None else total + per_structure.to(total.device)
     return total.pow(1.0 / p)
 
@@ -83,7 +98,24 @@ class FilterNormAdapter(Adapter):
         return out
 
     def raw(self, vector: ImportanceVector) -> torch.Tensor:
-        return structure_norms(vector, self.config.p)
+        return per_forward(vector, "raw", lambda: structure_norms(vector, self.config.p))
+
+    def batched_parametrized_values(self, vectors: list[ImportanceVector], effective: torch.Tensor,
+                                    sizes: list[int]) -> list[tuple[nn.Module, str, torch.Tensor]] | None:
+        """Every scaled tensor from the policy's batched effective values: one factor chain (effective / raw,
+        the raw norms the policy thresholded) for all vectors, then one product per tensor."""
+        targets = []
+        for v in vectors:
+            for module, attr in self.parametrized(v):
+                plist = module.parametrizations[attr] if parametrize.is_parametrized(module, attr) else ()
+                if len(plist) != 1 or not isinstance(plist[0], StructureFactor) or plist[0].vector is not v:
+                    return None  # another parametrization stacked on it: each tensor computes its own
+                targets.append((module, attr, plist))
+        raw = torch.cat([v.raw() for v in vectors])
+        factors = torch.where(raw > 0, effective / raw.clamp_min(torch.finfo(raw.dtype).tiny), torch.zeros_like(raw))
+        per_vector = dict(zip((id(v) for v in vectors), factors.split(sizes), strict=True))
+        return [(module, attr, plist[0].scale(plist.original, per_vector[id(plist[0].vector)]))
+                for module, attr, plist in targets]
 
     def install(self, vector: ImportanceVector, transform: nn.Module) -> None:
         vector.transform = transform
