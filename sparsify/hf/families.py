@@ -123,10 +123,15 @@ def _attention_read(attn: nn.Module) -> Widths:
     return {"num_attention_heads": h, "num_key_value_heads": k, "head_dim": d}
 
 
+def _gate(mlp: nn.Module) -> list[nn.Module]:
+    """The MLP's gate projection, if it has one (Arcee, Apertus, Nemotron: up_proj and down_proj alone)."""
+    return [mlp.gate_proj] if isinstance(getattr(mlp, "gate_proj", None), nn.Module) else []
+
+
 def _llama_read(layer: nn.Module) -> Widths:
     mlp = layer.mlp
-    inter = _same("MLP widths", gate_proj=_rows(mlp.gate_proj), up_proj=_rows(mlp.up_proj),
-                  down_proj_in=_cols(mlp.down_proj))
+    gate = {"gate_proj": _rows(g) for g in _gate(mlp)}  # noqa: B035 (one entry or none)
+    inter = _same("MLP widths", **gate, up_proj=_rows(mlp.up_proj), down_proj_in=_cols(mlp.down_proj))
     return {"intermediate_size": inter, **_attention_read(layer.self_attn)}
 
 
@@ -168,12 +173,12 @@ def _attention_resize(attn: nn.Module, w: Widths) -> None:
 def _llama_resize(layer: nn.Module, w: Widths, config: Any) -> None:
     mlp = layer.mlp
     _check_head_dim(layer.self_attn, w)
-    _linear(mlp.gate_proj, out=w["intermediate_size"])
-    _linear(mlp.up_proj, out=w["intermediate_size"])
+    for m in (*_gate(mlp), mlp.up_proj):
+        _linear(m, out=w["intermediate_size"])
     _linear(mlp.down_proj, inp=w["intermediate_size"])
     mlp.intermediate_size = w["intermediate_size"]
-    mlp.hidden_size = _cols(mlp.gate_proj)
-    layer.hidden_size = _cols(mlp.gate_proj)
+    mlp.hidden_size = _cols(mlp.up_proj)
+    layer.hidden_size = _cols(mlp.up_proj)
     _attention_resize(layer.self_attn, w)
 
 
