@@ -123,15 +123,18 @@ def _attention_read(attn: nn.Module) -> Widths:
     return {"num_attention_heads": h, "num_key_value_heads": k, "head_dim": d}
 
 
-def _gate(mlp: nn.Module) -> list[nn.Module]:
-    """The MLP's gate projection, if it has one (Arcee, Apertus, Nemotron: up_proj and down_proj alone)."""
-    return [mlp.gate_proj] if isinstance(getattr(mlp, "gate_proj", None), nn.Module) else []
+def _mlp(mlp: nn.Module) -> tuple[dict[str, nn.Module], nn.Module]:
+    """The MLP's input projections by name and its output projection: gate_proj, up_proj → down_proj
+    (Arcee, Apertus, Nemotron: no gate_proj; StarCoder2: c_fc → c_proj)."""
+    if isinstance(getattr(mlp, "c_fc", None), nn.Module):
+        return {"c_fc": mlp.c_fc}, mlp.c_proj
+    names = ("gate_proj", "up_proj") if isinstance(getattr(mlp, "gate_proj", None), nn.Module) else ("up_proj",)
+    return {n: getattr(mlp, n) for n in names}, mlp.down_proj
 
 
 def _llama_read(layer: nn.Module) -> Widths:
-    mlp = layer.mlp
-    gate = {"gate_proj": _rows(g) for g in _gate(mlp)}  # noqa: B035 (one entry or none)
-    inter = _same("MLP widths", **gate, up_proj=_rows(mlp.up_proj), down_proj_in=_cols(mlp.down_proj))
+    ins, out = _mlp(layer.mlp)
+    inter = _same("MLP widths", **{n: _rows(m) for n, m in ins.items()}, down_proj_in=_cols(out))
     return {"intermediate_size": inter, **_attention_read(layer.self_attn)}
 
 
@@ -173,12 +176,16 @@ def _attention_resize(attn: nn.Module, w: Widths) -> None:
 def _llama_resize(layer: nn.Module, w: Widths, config: Any) -> None:
     mlp = layer.mlp
     _check_head_dim(layer.self_attn, w)
-    for m in (*_gate(mlp), mlp.up_proj):
+    ins, out = _mlp(mlp)
+    for m in ins.values():
         _linear(m, out=w["intermediate_size"])
-    _linear(mlp.down_proj, inp=w["intermediate_size"])
-    mlp.intermediate_size = w["intermediate_size"]
-    mlp.hidden_size = _cols(mlp.up_proj)
-    layer.hidden_size = _cols(mlp.up_proj)
+    _linear(out, inp=w["intermediate_size"])
+    hidden = _rows(out)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = w["intermediate_size"]
+    if hasattr(mlp, "hidden_size"):
+        mlp.hidden_size = hidden
+    layer.hidden_size = hidden
     _attention_resize(layer.self_attn, w)
 
 
