@@ -32,6 +32,7 @@ for the same tiny model (same class and parameter count).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -89,7 +90,7 @@ def check_ours(built: zoo.Built) -> dict[str, Any]:
     except Exception as exc:
         return {"result": "error", "reason": _reason(exc), "trace_s": round(time.perf_counter() - start, 2)}
     rec: dict[str, Any] = {"trace_s": round(time.perf_counter() - start, 2), "groups": len(cg.groups),
-                           "prunable": len(cg.prunable_groups()),
+                           "signature": cg.signature(), "prunable": len(cg.prunable_groups()),
                            "exact": sum(g.exact for g in cg.prunable_groups())}
     lower = lower_precision(cg.traced)  # x.float() inside the float64 model: that precision's rounding
     tol = lower.rel_tolerance if lower else REL_TOL
@@ -186,6 +187,11 @@ def check_torch_pruning(built: zoo.Built) -> dict[str, Any]:
 
 
 def _build(suite: str, family: str, use_cache: bool | None = None) -> tuple[str, zoo.Built]:
+    """The tiny model of ``family``; a family spelled ``package.module:function`` (tests) is what that function,
+    called with no arguments, returns: (name, (model, inputs, ignored layers))."""
+    if ":" in family:
+        module, _, function = family.partition(":")
+        return getattr(importlib.import_module(module), function)()
     if suite == "timm":
         return vision.build_timm(family)
     if suite == "hf":
@@ -267,7 +273,18 @@ def totals(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {"families": len(families), "built": len(built), "results": dict(counts),
             "exact_share_of_built": round(counts["exact"] / len(built), 4) if built else None,
             "oracle_failures": counts["FAIL"], "sub_configs": len(records) - len(families),
-            "torch_pruning": {k: sum(bool(t.get(k)) for t in tp) for k in ("builds", "prunes", "runs")}}
+            "torch_pruning": {k: sum(bool(t.get(k)) for t in tp) for k in ("builds", "prunes", "runs")},
+            **determinism_totals(families)}
+
+
+def determinism_totals(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """``deterministic``: the families checked by ``--determinism``, those whose graph was the same, and the
+    names of the others (none when not run)."""
+    checked = [r for r in records if r.get("deterministic") is not None]
+    if not checked:
+        return {}
+    return {"deterministic": {"checked": len(checked), "same": sum(r["deterministic"] for r in checked),
+                              "differ": [r["family"] for r in checked if not r["deterministic"]]}}
 
 
 def with_torch_pruning_of(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
@@ -331,10 +348,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-torch-pruning", action="store_true")
     parser.add_argument("--merge", type=Path, default=None, help="run nothing: copy the records of this JSON "
                         "(only --families, if given) into --out, re-read right before writing")
+    parser.add_argument("--determinism", action="store_true", help="no oracle: build each family's graph in "
+                        "fresh subprocesses, compare with the recorded signature (benchmarks.coverage_determinism)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
+    if args.child and args.determinism:
+        from benchmarks import coverage_determinism
+
+        print(MARK + json.dumps(coverage_determinism.graph_rows(args.suite, args.families)), flush=True)
+        return 0
     if args.child:
         print(MARK + json.dumps(check_family(args.suite, args.families, not args.no_torch_pruning)), flush=True)
         return 0
@@ -342,6 +366,12 @@ def main(argv: list[str] | None = None) -> int:
     data = json.loads(out.read_text()) if out.exists() else {}
     records: dict[str, dict[str, Any]] = data.get("models", {})
     shown = [f"<{len(a.split(','))} families>" if a.count(",") > 8 else a for a in (argv or sys.argv[1:])]
+    if args.determinism:
+        from benchmarks import coverage_determinism
+
+        return coverage_determinism.run(args.suite, out, args.families.split(",") if args.families else None,
+                                        args.jobs, args.timeout, "python -m benchmarks.coverage " + " ".join(shown),
+                                        args.redo)
     runs = [data["command"]] if data.get("command") else []  # every run that wrote this file, in order
     if args.merge:
         merged = json.loads(args.merge.read_text())

@@ -3,7 +3,8 @@
     python -m benchmarks.coverage_report [--results benchmarks/results] [--out docs/results/coverage.md]
 
 One row per family (suite, family, model, groups, exact prunable, oracle relative error, result / reason,
-Torch-Pruning builds / prunes / runs) and the totals against the goals of issue #21.
+Torch-Pruning builds / prunes / runs, the same channel graph in two processes) and the totals against the goals
+of issue #21.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 GOALS = {"timm": 0.95, "hf": 0.90, "torchvision": None}
 HEADER = ("| suite | family | model | groups | exact prunable | oracle rel. error | result / reason "
-          "| TP builds / prunes / runs |\n|---|---|---|---:|---:|---:|---|---|")
+          "| TP builds / prunes / runs | same graph in 2 processes |\n|---|---|---|---:|---:|---:|---|---|---|")
 
 
 def _cell(text: str, limit: int = 160) -> str:
@@ -49,10 +50,19 @@ def _result(rec: dict[str, Any]) -> str:
     return text
 
 
+def _same_graph(rec: dict[str, Any]) -> str:
+    if "groups" not in rec:  # no graph traced
+        return "—"
+    if rec.get("deterministic") is None:
+        return "not checked" + (f" ({_cell(rec['determinism_error'], 70)})" if rec.get("determinism_error") else "")
+    return "yes" if rec["deterministic"] else f"no: {_cell(rec.get('determinism', ''), 120)}"
+
+
 def row(suite: str, rec: dict[str, Any]) -> str:
     rel = rec.get("rel_error")
     return (f"| {suite} | {rec['family']} | {rec.get('model', '—')} | {rec.get('groups', '—')} | "
-            f"{rec.get('exact', '—')} | {'—' if rel is None else f'{rel:.1e}'} | {_result(rec)} | {_tp(rec)} |")
+            f"{rec.get('exact', '—')} | {'—' if rel is None else f'{rel:.1e}'} | {_result(rec)} | {_tp(rec)} | "
+            f"{_same_graph(rec)} |")
 
 
 def goal_lines(suite: str, data: dict[str, Any]) -> list[str]:
@@ -68,7 +78,16 @@ def goal_lines(suite: str, data: dict[str, Any]) -> list[str]:
             f"group = {share:.1%} of those that build{verdict}; oracle failures on groups marked exact: "
             f"{t['oracle_failures']}; the rest: {others or 'none'}; not built: {t['results'].get('not built', 0)}. "
             f"Torch-Pruning on the families that build: builds {tp['builds']}, prunes {tp['prunes']}, "
-            f"runs {tp['runs']}."]
+            f"runs {tp['runs']}.{_determinism(t)}"]
+
+
+def _determinism(totals: dict[str, Any]) -> str:
+    det = totals.get("deterministic")
+    if not det:
+        return " Determinism: not checked yet (`--determinism`)."
+    differ = ", ".join(det["differ"]) or "none"
+    return (f" Determinism (`--determinism`, of the families with a traced graph): the same channel graph in two "
+            f"processes: {det['same']} of {det['checked']} checked; differs: {differ}.")
 
 
 def render(results: Path) -> str:
@@ -115,7 +134,11 @@ def render(results: Path) -> str:
         "Results: `exact` (≥ 1 exact group pruned, outputs agree), `FAIL` (a group "
         "marked exact changed the outputs: a bug), `refused` (no exact group prunable; the first reason the "
         "graph gives), `error` (tracing or grouping raised; the error), `not built` (the tiny model or its "
-        "inputs could not be made: left out of the shares), `timeout`, `sub-config` (not run, not counted).",
+        "inputs could not be made: left out of the shares), `timeout`, `sub-config` (not run, not counted). "
+        "*Same graph in 2 processes* (`--determinism`, trace and group only): the family's tiny model is built "
+        "again in a fresh process (a random hash seed, other memory) and its channel-graph signature compared "
+        "with the zoo run's (a record without one: two fresh processes compared); `no` names the first "
+        "differing group.",
         "",
         "Run (from the repository root; resumable, `--limit N` / `--families a,b` for a part, `--redo` to re-run):",
         "",
@@ -124,6 +147,7 @@ def render(results: Path) -> str:
         "--out benchmarks/results/coverage_timm.json",
         "nice -n 19 env OMP_NUM_THREADS=1 python -m benchmarks.coverage --suite hf --jobs 2 "
         "--out benchmarks/results/coverage_hf.json  # --task causal_lm: decoders first",
+        "nice -n 19 env OMP_NUM_THREADS=1 python -m benchmarks.coverage --suite hf --determinism --jobs 1",
         "python -m benchmarks.coverage_report",
         "```",
         "",

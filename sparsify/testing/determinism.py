@@ -6,7 +6,7 @@ import importlib
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
@@ -27,14 +27,22 @@ def check_deterministic(build_fn: Callable[[], Example], builds: int = 2) -> str
 
 def assert_same_groups(a: ChannelGraph, b: ChannelGraph) -> None:
     """Raise ``AssertionError`` describing the first group in which two graphs differ."""
-    rows_a, rows_b = a.signature_rows(), b.signature_rows()
+    difference = first_difference(a.signature_rows(), b.signature_rows())
+    if difference:
+        raise AssertionError(difference)
+
+
+def first_difference(rows_a: Sequence[Sequence[Any]], rows_b: Sequence[Sequence[Any]]) -> str | None:
+    """The first group in which two :meth:`ChannelGraph.signature_rows` lists differ, in words (``None``
+    when equal). Rows that went through JSON (lists for tuples) compare equal to each other."""
     if len(rows_a) != len(rows_b):
-        raise AssertionError(f"{len(rows_a)} vs {len(rows_b)} channel groups")
+        return f"{len(rows_a)} vs {len(rows_b)} channel groups"
     for ra, rb in zip(rows_a, rows_b, strict=True):
         if ra != rb:
             fields = ("name", "width", "kind", "prunable", "exact", "members", "blocked", "inexact")
             differ = [f for f, x, y in zip(fields, ra, rb, strict=True) if x != y]
-            raise AssertionError(f"group {ra[0]!r} differs in {differ}: {ra[:5]} vs {rb[:5]}")
+            return f"group {ra[0]!r} differs in {differ}: {tuple(ra[:5])} vs {tuple(rb[:5])}"
+    return None
 
 
 def signature_of(builder: str) -> str:

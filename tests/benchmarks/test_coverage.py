@@ -98,7 +98,7 @@ def test_report_states_totals_against_the_goals(tmp_path) -> None:
         {"command": "c", "date": "d", "machine": machine, "totals": totals, "models": models}))
     page = coverage_report.render(tmp_path)
     assert "1 prune with at least one exact group = 50.0% of those that build (goal ≥ 95%: not met)" in page
-    assert "| timm | a | a_tiny | 3 | 2 | 1.0e-16 | exact | yes / yes / no (RuntimeError: x) |" in page
+    assert "| timm | a | a_tiny | 3 | 2 | 1.0e-16 | exact | yes / yes / no (RuntimeError: x) | not checked |" in page
     assert "**refused**: no op rule for cumsum() \\| at node" in page
     assert "* **hf**: not run yet" in page
 
