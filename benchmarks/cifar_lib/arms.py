@@ -5,7 +5,8 @@ Registered by name in :data:`ARMS`: ``dense`` / ``dense_ft`` (nothing pruned), `
 ``str_filter`` (STR with the MACs-target controller on BN γ / filter norms), ``gmp_<budget>_<bn|filter>``
 for the uniform, global and ERK budgets (``gmp_erk`` is ``gmp_erk_filter``, its name before the
 protocol mode), ``slimming``, ``l1`` (Li et al., one-shot at the prune epoch), ``l1_oneshot`` (the
-same at the start of the phase), ``torch_pruning``.
+same at the start of the phase), ``torch_pruning``, ``kirigami`` (torch-kirigami's one-shot magnitude
+workflow, ``benchmarks/cifar_lib/kirigami_arm.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from benchmarks.cifar_lib.arm_base import TARGET_TOLERANCE, Arm, DenseFT, macs_of, target_met
+from benchmarks.cifar_lib.kirigami_arm import Kirigami
 from benchmarks.cifar_lib.tp_arm import TorchPruning
 from sparsify import FilterNormConfig, GMPConfig, SlimmingConfig, Sparsifier, SparsifierConfig, STRConfig
 
@@ -128,4 +130,5 @@ class L1OneShotAtStart(L1OneShot):
 
 GMP_ARMS = [_gmp(b, on) for on in ("bn", "filter") for b in ("uniform", "global", "erk")]
 ARMS: dict[str, type[Arm]] = {a.name: a for a in (Arm, DenseFT, STRBN, STRFilter, *GMP_ARMS, _gmp("erk", "filter",
-                                                  "gmp_erk"), Slimming, L1OneShot, L1OneShotAtStart, TorchPruning)}
+                                                  "gmp_erk"), Slimming, L1OneShot, L1OneShotAtStart, TorchPruning,
+                                                  Kirigami)}
