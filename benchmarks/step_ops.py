@@ -47,6 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     arms = {"str + bn_gamma (STR-BN)": ("bn_gamma", STRConfig(threshold_fn="exp", s_init=-6.0)),
             "gmp + bn_gamma": ("bn_gamma", GMPConfig()),
+            "str + filter_norm": ("filter_norm", STRConfig(threshold_fn="exp", s_init=-6.0)),
             "gmp + filter_norm": ("filter_norm", GMPConfig())}
     torch.manual_seed(0)
     dense = count(build(args.model), None, cached=False)
