@@ -123,18 +123,25 @@ def _attention_read(attn: nn.Module) -> Widths:
     return {"num_attention_heads": h, "num_key_value_heads": k, "head_dim": d}
 
 
-def _mlp(mlp: nn.Module) -> tuple[dict[str, nn.Module], nn.Module]:
-    """The MLP's input projections by name and its output projection: gate_proj, up_proj → down_proj
-    (Arcee, Apertus, Nemotron: no gate_proj; StarCoder2: c_fc → c_proj)."""
+def _mlp(mlp: nn.Module) -> tuple[dict[str, tuple[nn.Module, int]], nn.Module]:
+    """The MLP's input projections by name (with how many intermediate widths each holds) and its output
+    projection: gate_proj, up_proj → down_proj (Arcee, Apertus, Nemotron: no gate_proj; GLM: gate|up fused
+    in gate_up_proj, chunked in two; StarCoder2: c_fc → c_proj)."""
     if isinstance(getattr(mlp, "c_fc", None), nn.Module):
-        return {"c_fc": mlp.c_fc}, mlp.c_proj
+        return {"c_fc": (mlp.c_fc, 1)}, mlp.c_proj
+    if isinstance(getattr(mlp, "gate_up_proj", None), nn.Linear):
+        return {"gate_up_proj": (mlp.gate_up_proj, 2)}, mlp.down_proj
     names = ("gate_proj", "up_proj") if isinstance(getattr(mlp, "gate_proj", None), nn.Module) else ("up_proj",)
-    return {n: getattr(mlp, n) for n in names}, mlp.down_proj
+    return {n: (getattr(mlp, n), 1) for n in names}, mlp.down_proj
 
 
 def _llama_read(layer: nn.Module) -> Widths:
     ins, out = _mlp(layer.mlp)
-    inter = _same("MLP widths", **{n: _rows(m) for n, m in ins.items()}, down_proj_in=_cols(out))
+    for name, (m, k) in ins.items():
+        if _rows(m) % k:
+            raise SparsifyError(f"{name} has {_rows(m)} output channels, not {k} equal chunks; prune its chunks "
+                                "as one channel group")
+    inter = _same("MLP widths", **{n: _rows(m) // k for n, (m, k) in ins.items()}, down_proj_in=_cols(out))
     return {"intermediate_size": inter, **_attention_read(layer.self_attn)}
 
 
@@ -177,8 +184,8 @@ def _llama_resize(layer: nn.Module, w: Widths, config: Any) -> None:
     mlp = layer.mlp
     _check_head_dim(layer.self_attn, w)
     ins, out = _mlp(mlp)
-    for m in ins.values():
-        _linear(m, out=w["intermediate_size"])
+    for m, k in ins.values():
+        _linear(m, out=k * w["intermediate_size"])
     _linear(out, inp=w["intermediate_size"])
     hidden = _rows(out)
     if hasattr(mlp, "intermediate_size"):

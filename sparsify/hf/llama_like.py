@@ -51,11 +51,11 @@ ATTENTION: dict[str, tuple[str, str]] = {
 }
 
 #: model types whose decoder layers are LLaMA's too: ``self_attn`` as above and ``mlp`` with gate_proj
-#: (Arcee, Apertus, Nemotron: none), up_proj, down_proj (StarCoder2: c_fc, c_proj) (config: intermediate_size,
-#: num_attention_heads, num_key_value_heads, head_dim)
+#: (Arcee, Apertus, Nemotron: none), up_proj, down_proj (GLM: gate_up_proj, down_proj; StarCoder2: c_fc, c_proj)
+#: (config: intermediate_size, num_attention_heads, num_key_value_heads, head_dim)
 DENSE_LAYERS = ("llama", "mistral", "qwen2", "qwen3", "granite", "gemma", "gemma2", "cohere", "cohere2", "olmo",
                 "helium", "seed_oss", "ministral", "exaone4", "hunyuan_v1_dense", "ernie4_5", "smollm3", "arcee",
-                "apertus", "nemotron", "starcoder2")
+                "apertus", "nemotron", "starcoder2", "glm", "glm4")
 
 #: model type → the sparse-MoE block class of every decoder layer's ``mlp`` (fused 3-D experts, whose
 #: widths no channel group changes); the config's attention fields are synced, the MLP's left as they are

@@ -179,9 +179,20 @@ def test_a_dense_layer_among_moe_layers_is_refused_by_save(tmp_path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", sorted({*llama_like.DENSE_LAYERS, *llama_like.MOE_LAYERS} - {"mixtral"}))
 def test_round_trip_per_layer(model_type: str, tmp_path) -> None:
-    """Layer 0 loses a KV group, layer 1 keeps both: the per-layer record rebuilds it (Cohere: per-head q/k norms)."""
+    """Layer 0 loses a KV group, layer 1 keeps both and loses 40 MLP neurons (dense MLPs, Qwen2-MoE's shared
+    expert): the per-layer record rebuilds it (Cohere: per-head q/k norms; GLM: fused gate_up_proj; StarCoder2)."""
     model = tiny(model_type)
-    _prune_kv(model, (0,))
+    cg = _graph_then_eager(model)
+    plan = {g.id: [1] for g in cg.groups if g.kind == "kv_group" and "layers.0." in g.name}
+    mlp = [g for g in cg.prunable_groups() if g.exact and g.kind == "channel" and "layers.1.mlp." in g.name]
+    assert len(mlp) == (model_type in (*llama_like.DENSE_LAYERS, "qwen2_moe")), [g.name for g in mlp]
+    plan.update({g.id: list(range(40)) for g in mlp})
+    prune_channels(cg, plan)
     hf.save_pretrained(model, tmp_path)
+    widths = list(model.config.sparsify_layer_widths.values())
+    assert widths[0]["num_key_value_heads"] == 1 and widths[1]["num_key_value_heads"] == 2
+    if mlp:  # dense MLPs of 128 neurons; Qwen2-MoE's shared expert of 48
+        key = "shared_expert_intermediate_size" if model_type == "qwen2_moe" else "intermediate_size"
+        assert widths[0][key] - widths[1][key] == 40
     loaded = _load(tmp_path)
     assert torch.equal(_logits(loaded), _logits(model))
