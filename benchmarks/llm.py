@@ -60,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
                    help="recovery budget as a fraction of the pretraining tokens (the issue: at most 2 %%)")
     p.add_argument("--recovery-lr", type=float, default=3e-4)
     p.add_argument("--recovery-batch", type=int, default=16)
-    p.add_argument("--recovery-schedule", choices=("constant", "cosine"), default="constant",
+    p.add_argument("--recovery-schedule", choices=("constant", "cosine"), default="cosine",
                    help="cosine: linear warm-up (--recovery-warmup steps), then decay to 0.1 of --recovery-lr")
     p.add_argument("--recovery-warmup", type=int, default=10)
     p.add_argument("--round-to", type=int, default=8,

@@ -186,3 +186,16 @@ def test_max_minutes_skips_and_says_what(tmp_path, corpus_dir) -> None:
     meta = next(r["meta"] for r in records if r["method"] == "dense")
     assert meta["recovery_steps"] == int(0.02 * 10_000_000) // (2 * 32) and meta["recovery_tokens"] <= 200_000
     assert "half the experts" in (out / "report.md").read_text()
+
+
+def test_recovery_probe_compares_settings_on_one_pruned_copy(tmp_path, corpus_dir) -> None:
+    from benchmarks.llm_lib import recovery_probe
+
+    out = tmp_path / "probe.json"
+    rows = recovery_probe.main(["--model-dir", str(_saved(tmp_path, "llama")), "--corpus", str(corpus_dir),
+                                "--method", "magnitude", "--steps", "3", "--batch", "2", "--seq-len", "32",
+                                "--warmup", "1", "--eval-windows", "4", "--device", "cpu",
+                                "--settings", "constant:1e-3,cosine:1e-3", "--out", str(out)])
+    assert [r["setting"] for r in rows] == ["dense", "one-shot", "constant:1e-3", "cosine:1e-3"]
+    assert all(math.isfinite(r["ppl"]) for r in rows) and rows[2]["ppl"] != rows[3]["ppl"]
+    assert json.loads(out.read_text())["rows"] == rows
