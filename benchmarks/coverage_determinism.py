@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def graph_rows(suite: str, family: str) -> dict[str, Any]:
-    """In the child: build, randomise (as the zoo run does) and group ``family``; its signature and rows."""
+    """In the child: build ``family``, run it once, randomise and group it (as the zoo run does); its signature
+    and rows."""
     from sparsify import build_channel_graph
     from sparsify._compat import import_torchvision
     from sparsify.testing.oracle import randomize_
@@ -35,6 +36,7 @@ def graph_rows(suite: str, family: str) -> dict[str, Any]:
     import_torchvision()  # before timm / transformers, which import it
     try:
         model, inputs, _ = coverage._build(suite, family, use_cache=False)[1]
+        coverage._outputs(model, inputs)  # the zoo run's finiteness check: a model whose forward sets state
         randomize_(model)
         cg = build_channel_graph(model, inputs)
     except Exception as exc:
