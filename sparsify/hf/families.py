@@ -3,7 +3,7 @@
 A ``Family`` (keyed by ``config.model_type``, ``register_family``) names the config fields of its widths,
 finds the transformer layers, reads a layer's widths from its weights and resizes a layer to given
 widths. gpt2, bert and the LLaMA-like families of ``sparsify.hf.llama_like`` are built in (dense layers,
-and sparse-MoE layers whose attention alone is synced); layers whose attention was swapped by
+and sparse-MoE layers: attention, experts' and shared-expert widths); layers whose attention was swapped by
 ``explicit_attention_`` (``sparsify.hf.attention``) are read and resized through their head_dim slots.
 ``sparsify.hf.pretrained`` uses the families to sync configs and to save and load pruned models.
 """
@@ -202,14 +202,45 @@ _LLAMA = Family(fields={"intermediate_size": "intermediate_size", **_ATTENTION_F
                 layers=lambda base: base.layers, read=_llama_read, resize=_llama_resize)
 
 
-# ----- LLaMA attention with sparse-MoE layers (mixtral, qwen2_moe, qwen3_moe, phimoe) ------------
-def _moe_block(layer: nn.Module, block: str) -> nn.Module:
-    mlp = getattr(layer, "mlp", None)
+# ----- LLaMA attention with sparse-MoE layers (sparsify.hf.llama_like.MOE_LAYERS) ---------------
+def _moe_block(layer: nn.Module, attr: str, block: str) -> nn.Module:
+    mlp = getattr(layer, attr, None)
     if type(mlp).__name__ != block:
-        raise SparsifyError(f"its mlp is a {type(mlp).__name__}, not a {block}: a dense layer among the MoE layers "
+        raise SparsifyError(f"its {attr} is a {type(mlp).__name__}, not a {block}: a dense layer among the MoE layers "
                             "(mlp_only_layers, decoder_sparse_step) has widths this family does not record. Save "
                             "with sparsify.save(), which replays the pruning plan on the original architecture.")
     return mlp
+
+
+def _experts(block: nn.Module) -> nn.Module:
+    """The fused experts (gate_up_proj [E, 2I, H] with gate|up concatenated, down_proj [E, H, I]); else raises."""
+    experts = getattr(block, "experts", None)
+    tensors = [getattr(experts, t, None) for t in ("gate_up_proj", "down_proj")]
+    layout = (getattr(experts, "is_transposed", True), getattr(experts, "is_concatenated", False),
+              getattr(experts, "has_gate", False))
+    if any(not isinstance(t, nn.Parameter) or t.dim() != 3 for t in tensors) or layout != (False, True, True):
+        raise SparsifyError(f"{type(block).__name__}'s experts are not fused gate|up [E, 2I, H] and down [E, H, I] "
+                            "tensors (another transformers version?): their widths cannot be recorded")
+    return experts
+
+
+def _experts_width(block: nn.Module) -> int:
+    experts = _experts(block)
+    up, down = experts.gate_up_proj, experts.down_proj
+    if up.shape[1] % 2:
+        raise SparsifyError(f"experts.gate_up_proj has {up.shape[1]} rows, not gate|up of equal widths")
+    return _same("expert widths", gate_up_proj=int(up.shape[1]) // 2, down_proj_in=int(down.shape[2]))
+
+
+def _resize_experts(block: nn.Module, width: int) -> None:
+    experts = _experts(block)
+    up, down = experts.gate_up_proj, experts.down_proj
+    if up.shape[1] != 2 * width:
+        experts.gate_up_proj = _empty(up, (int(up.shape[0]), 2 * width, int(up.shape[2])))
+    if down.shape[2] != width:
+        experts.down_proj = _empty(down, (int(down.shape[0]), int(down.shape[1]), width))
+    if hasattr(experts, "intermediate_dim"):
+        experts.intermediate_dim = width
 
 
 def _shared_width(mlp: nn.Module) -> int:
@@ -218,18 +249,20 @@ def _shared_width(mlp: nn.Module) -> int:
                  down_proj_in=_cols(shared.down_proj))
 
 
-def moe_family(block: str, shared_expert: bool = False) -> Family:
-    """LLaMA attention with a sparse-MoE ``mlp`` of class ``block`` in every layer: the attention widths
-    (and, with ``shared_expert``, Qwen2-MoE's shared-expert width) are read and resized; the experts'
-    widths are no channel group's (fused 3-D tensors) and the MoE config fields stay."""
+def moe_family(block: str, experts_field: str, attr: str = "mlp", shared_expert: bool = False) -> Family:
+    """LLaMA attention with a sparse-MoE ``layer.<attr>`` of class ``block`` in every layer: the attention
+    widths, the experts' intermediate width (config ``experts_field``; a channel group where the experts run
+    as batched matmuls) and, with ``shared_expert``, Qwen2-MoE's shared-expert width are read and resized.
+    Expert counts are ``sparsify.hf.experts``'s."""
     def read(layer: nn.Module) -> Widths:
-        mlp = _moe_block(layer, block)
-        w = _attention_read(layer.self_attn)
+        mlp = _moe_block(layer, attr, block)
+        w = {**_attention_read(layer.self_attn), "experts_intermediate_size": _experts_width(mlp)}
         return {**w, "shared_expert_intermediate_size": _shared_width(mlp)} if shared_expert else w
 
     def resize(layer: nn.Module, w: Widths, config: Any) -> None:
-        mlp = _moe_block(layer, block)
+        mlp = _moe_block(layer, attr, block)
         _check_head_dim(layer.self_attn, w)
+        _experts(mlp)  # raises before anything changes
         if shared_expert:
             shared, n = mlp.shared_expert, w["shared_expert_intermediate_size"]
             _linear(shared.gate_proj, out=n)
@@ -237,9 +270,10 @@ def moe_family(block: str, shared_expert: bool = False) -> Family:
             _linear(shared.down_proj, inp=n)
             if hasattr(shared, "intermediate_size"):
                 shared.intermediate_size = n
+        _resize_experts(mlp, w["experts_intermediate_size"])
         _attention_resize(layer.self_attn, w)
 
-    fields: dict[str, str | None] = dict(_ATTENTION_FIELDS)
+    fields: dict[str, str | None] = {**_ATTENTION_FIELDS, "experts_intermediate_size": experts_field}
     if shared_expert:
         fields["shared_expert_intermediate_size"] = "shared_expert_intermediate_size"
     return Family(fields=fields, layers=lambda base: base.layers, read=read, resize=resize)
@@ -317,8 +351,8 @@ _BERT = Family(fields={"intermediate_size": "intermediate_size", "num_attention_
 
 for _type in llama_like.DENSE_LAYERS:
     register_family(_type, _LLAMA)
-for _type, _block in llama_like.MOE_LAYERS.items():
-    register_family(_type, moe_family(_block, shared_expert=_type == "qwen2_moe"))
+for _type, (_attr, _block, _field) in llama_like.MOE_LAYERS.items():
+    register_family(_type, moe_family(_block, _field, attr=_attr, shared_expert=_type == "qwen2_moe"))
 register_family("gpt2", _GPT2)
 register_family("bert", _BERT)
 

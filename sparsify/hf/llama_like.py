@@ -57,10 +57,15 @@ DENSE_LAYERS = ("llama", "mistral", "qwen2", "qwen3", "granite", "gemma", "gemma
                 "helium", "seed_oss", "ministral", "exaone4", "hunyuan_v1_dense", "ernie4_5", "smollm3", "arcee",
                 "apertus", "nemotron", "starcoder2", "glm", "glm4")
 
-#: model type → the sparse-MoE block class of every decoder layer's ``mlp`` (fused 3-D experts, whose
-#: widths no channel group changes); the config's attention fields are synced, the MLP's left as they are
-MOE_LAYERS = {"mixtral": "MixtralSparseMoeBlock", "qwen2_moe": "Qwen2MoeSparseMoeBlock",
-              "qwen3_moe": "Qwen3MoeSparseMoeBlock", "phimoe": "PhimoeSparseMoeBlock"}
+#: model type → (the decoder layer's attribute, its sparse-MoE block class, the config field of the experts'
+#: intermediate width) in every layer; fused 3-D experts (gate|up [E, 2I, H], down [E, H, I]), whose width is
+#: a channel group where they run as batched matmuls; the config's attention, experts' (and Qwen2-MoE's
+#: shared-expert) widths are synced, the expert counts by ``sparsify.hf.experts``
+MOE_LAYERS = {"mixtral": ("mlp", "MixtralSparseMoeBlock", "intermediate_size"),
+              "qwen2_moe": ("mlp", "Qwen2MoeSparseMoeBlock", "moe_intermediate_size"),
+              "qwen3_moe": ("mlp", "Qwen3MoeSparseMoeBlock", "moe_intermediate_size"),
+              "phimoe": ("mlp", "PhimoeSparseMoeBlock", "intermediate_size"),
+              "granitemoe": ("block_sparse_moe", "GraniteMoeMoE", "intermediate_size")}
 
 
 def attention_classes() -> list[str]:

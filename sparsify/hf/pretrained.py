@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from sparsify.errors import SparsifyError
-from sparsify.hf import sublayers
+from sparsify.hf import llama_like, sublayers
 from sparsify.hf.families import Widths, attention_of, family_of, layers_of, slots_of
 from sparsify.io import LoadError
 
@@ -316,13 +316,16 @@ def from_pretrained(path: str | Path, model_class: type | None = None, **kwargs:
     config = AutoConfig.from_pretrained(path)
     cls = _model_class(config, model_class)
     record = _record(config)
-    if getattr(config, "sparsify_num_experts", None) is not None:  # MoE layers with per-layer expert counts
+    moe_widths = record is not None and config.model_type in llama_like.MOE_LAYERS
+    if getattr(config, "sparsify_num_experts", None) is not None or moe_widths:
+        # per-layer expert counts or MoE widths: resized as the model is built, so that transformers loads every
+        # tensor through its own key conversions (Mixtral saves its fused experts as per-expert w1/w2/w3)
         from sparsify.hf.experts import from_pretrained_with_counts
 
         if getattr(config, HEAD_DIMS, None) is not None:
-            raise LoadError(f"config.json has both sparsify_num_experts and {HEAD_DIMS}: loading per-layer expert "
-                            "counts with swapped attention (explicit_attention_) is not supported; save with "
-                            "sparsify.save(), which replays the pruning plan on the original architecture.")
+            raise LoadError(f"config.json has both per-layer MoE widths and {HEAD_DIMS}: loading them with swapped "
+                            "attention (explicit_attention_) is not supported; save with sparsify.save(), which "
+                            "replays the pruning plan on the original architecture.")
         layers = None if record is None else (lambda model: _resize_layers(model, record))
         return from_pretrained_with_counts(path, cls, resize=layers, **kwargs)
     slots = _head_dim_record(config)

@@ -43,18 +43,20 @@ def _has_experts(model: nn.Module) -> bool:
     return any(name.endswith(".experts") for name, _ in model.named_modules())
 
 
-def tiny(model_type: str, **overrides: Any) -> nn.Module:
-    """A tiny float64 causal LM of ``model_type`` in eval mode (MoE experts: transformers' default grouped_mm)."""
+def tiny(model_type: str, experts: str | None = None, **overrides: Any) -> nn.Module:
+    """A tiny float64 causal LM of ``model_type`` in eval mode (MoE experts: transformers' default grouped_mm,
+    a barrier; ``experts="batched_mm"``: batched matmuls, whose intermediate width is a channel group)."""
     fields = {**_KV, **TINY[model_type], **overrides}
     config = transformers.AutoConfig.for_model(model_type, vocab_size=128, use_cache=False, **fields)
     torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config).eval().double()
+    kwargs = {} if experts is None else {"experts_implementation": experts}
+    return transformers.AutoModelForCausalLM.from_config(config, **kwargs).eval().double()
 
 
 def _graph_then_eager(model: nn.Module) -> Any:
     """The channel graph (traced with grouped_mm experts, which have no float64 CPU kernel), then eager experts."""
     cg = build_channel_graph(model, {"input_ids": IDS})
-    if _has_experts(model):
+    if _has_experts(model) and model.config._experts_implementation == "grouped_mm":
         model.set_experts_implementation("eager")
     return cg
 
@@ -122,8 +124,8 @@ def _greedy(model: nn.Module) -> torch.Tensor:
         return model.generate(IDS[:, :5], max_new_tokens=5, do_sample=False, use_cache=True)
 
 
-def _load(path: Any) -> nn.Module:
-    return hf.from_pretrained(path, dtype=torch.float64, experts_implementation="eager").eval()
+def _load(path: Any, experts: str = "eager") -> nn.Module:
+    return hf.from_pretrained(path, dtype=torch.float64, experts_implementation=experts).eval()
 
 
 @pytest.mark.parametrize("layers", [(0, 1), (0,)], ids=["uniform", "per_layer"])
@@ -177,22 +179,23 @@ def test_a_dense_layer_among_moe_layers_is_refused_by_save(tmp_path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", sorted({*llama_like.DENSE_LAYERS, *llama_like.MOE_LAYERS} - {"mixtral"}))
+@pytest.mark.parametrize("model_type", sorted({*llama_like.DENSE_LAYERS, *llama_like.MOE_LAYERS}))
 def test_round_trip_per_layer(model_type: str, tmp_path) -> None:
-    """Layer 0 loses a KV group, layer 1 keeps both and loses 40 MLP neurons (dense MLPs, Qwen2-MoE's shared
-    expert): the per-layer record rebuilds it (Cohere: per-head q/k norms; GLM: fused gate_up_proj; StarCoder2)."""
-    model = tiny(model_type)
+    """Layer 0 loses a KV group, layer 1 keeps both and loses a quarter of its MLP neurons (dense MLPs; MoE: the
+    experts' width, as batched matmuls, and Qwen2-MoE's shared expert): the per-layer record rebuilds it
+    (Cohere: per-head q/k norms; GLM: fused gate_up_proj; StarCoder2: c_fc/c_proj)."""
+    moe = model_type in llama_like.MOE_LAYERS
+    model = tiny(model_type, experts="batched_mm" if moe else None)
     cg = _graph_then_eager(model)
     plan = {g.id: [1] for g in cg.groups if g.kind == "kv_group" and "layers.0." in g.name}
-    mlp = [g for g in cg.prunable_groups() if g.exact and g.kind == "channel" and "layers.1.mlp." in g.name]
-    assert len(mlp) == (model_type in (*llama_like.DENSE_LAYERS, "qwen2_moe")), [g.name for g in mlp]
-    plan.update({g.id: list(range(40)) for g in mlp})
+    mlp = [g for g in cg.prunable_groups() if g.exact and g.kind == "channel" and "layers.1." in g.name]
+    assert len(mlp) == (2 if model_type == "qwen2_moe" else 1), [g.name for g in mlp]
+    plan.update({g.id: list(range(g.width // 4)) for g in mlp})
     prune_channels(cg, plan)
     hf.save_pretrained(model, tmp_path)
     widths = list(model.config.sparsify_layer_widths.values())
     assert widths[0]["num_key_value_heads"] == 1 and widths[1]["num_key_value_heads"] == 2
-    if mlp:  # dense MLPs of 128 neurons; Qwen2-MoE's shared expert of 48
-        key = "shared_expert_intermediate_size" if model_type == "qwen2_moe" else "intermediate_size"
-        assert widths[0][key] - widths[1][key] == 40
-    loaded = _load(tmp_path)
+    mlp_widths = set(widths[0]) - {"num_attention_heads", "num_key_value_heads", "head_dim"}
+    assert len(mlp_widths) == len(mlp) and all(widths[1][k] == widths[0][k] * 3 // 4 for k in mlp_widths), widths
+    loaded = _load(tmp_path, "batched_mm" if moe else "eager")
     assert torch.equal(_logits(loaded), _logits(model))
