@@ -143,6 +143,21 @@ def test_mixtral_round_trip_after_pruning_kv_groups(layers: tuple[int, ...], tmp
     assert torch.equal(_greedy(loaded), _greedy(model))
 
 
+def test_mixtral_experts_width_syncs_to_the_config(tmp_path) -> None:
+    """Batched-matmul experts: their intermediate width is a channel group; pruned uniformly it goes into
+    config.intermediate_size and a plain AutoModelForCausalLM.from_pretrained rebuilds the model."""
+    model = tiny("mixtral", experts="batched_mm")
+    cg = _graph_then_eager(model)
+    plan = {g.id: list(range(8)) for g in cg.prunable_groups() if g.exact and "experts" in g.name}
+    assert len(plan) == 2
+    prune_channels(cg, plan)
+    hf.save_pretrained(model, tmp_path)
+    assert model.config.intermediate_size == 24 and not hasattr(model.config, "sparsify_layer_widths")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64,
+                                                               experts_implementation="batched_mm").eval()
+    assert torch.equal(_logits(loaded), _logits(model))
+
+
 def test_mixtral_per_layer_heads_and_experts_round_trip(tmp_path) -> None:
     """Layer 0 loses a KV group and two experts, layer 1 one expert: both per-layer records load together."""
     from sparsify.hf import experts as moe
