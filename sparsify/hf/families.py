@@ -135,14 +135,29 @@ def _mlp(mlp: nn.Module) -> tuple[dict[str, tuple[nn.Module, int]], nn.Module]:
     return {n: (getattr(mlp, n), 1) for n in names}, mlp.down_proj
 
 
-def _llama_read(layer: nn.Module) -> Widths:
-    ins, out = _mlp(layer.mlp)
+def _mlp_width(mlp: nn.Module, what: str = "MLP widths") -> int:
+    """The intermediate width of a LLaMA-style MLP (see :func:`_mlp`), the same in all its projections."""
+    ins, out = _mlp(mlp)
     for name, (m, k) in ins.items():
         if _rows(m) % k:
             raise SparsifyError(f"{name} has {_rows(m)} output channels, not {k} equal chunks; prune its chunks "
                                 "as one channel group")
-    inter = _same("MLP widths", **{n: _rows(m) // k for n, (m, k) in ins.items()}, down_proj_in=_cols(out))
-    return {"intermediate_size": inter, **_attention_read(layer.self_attn)}
+    return _same(what, **{n: _rows(m) // k for n, (m, k) in ins.items()}, down_proj_in=_cols(out))
+
+
+def _resize_mlp(mlp: nn.Module, width: int) -> int:
+    """A LLaMA-style MLP resized to ``width`` intermediate channels; returns its hidden size."""
+    ins, out = _mlp(mlp)
+    for m, k in ins.values():
+        _linear(m, out=k * width)
+    _linear(out, inp=width)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = width
+    return _rows(out)
+
+
+def _llama_read(layer: nn.Module) -> Widths:
+    return {"intermediate_size": _mlp_width(layer.mlp), **_attention_read(layer.self_attn)}
 
 
 def _resize_head_norms(attn: nn.Module, heads: dict[str, int]) -> None:
@@ -183,13 +198,7 @@ def _attention_resize(attn: nn.Module, w: Widths) -> None:
 def _llama_resize(layer: nn.Module, w: Widths, config: Any) -> None:
     mlp = layer.mlp
     _check_head_dim(layer.self_attn, w)
-    ins, out = _mlp(mlp)
-    for m, k in ins.values():
-        _linear(m, out=k * w["intermediate_size"])
-    _linear(out, inp=w["intermediate_size"])
-    hidden = _rows(out)
-    if hasattr(mlp, "intermediate_size"):
-        mlp.intermediate_size = w["intermediate_size"]
+    hidden = _resize_mlp(mlp, w["intermediate_size"])
     if hasattr(mlp, "hidden_size"):
         mlp.hidden_size = hidden
     layer.hidden_size = hidden
@@ -243,12 +252,6 @@ def _resize_experts(block: nn.Module, width: int) -> None:
         experts.intermediate_dim = width
 
 
-def _shared_width(mlp: nn.Module) -> int:
-    shared = mlp.shared_expert
-    return _same("shared-expert widths", gate_proj=_rows(shared.gate_proj), up_proj=_rows(shared.up_proj),
-                 down_proj_in=_cols(shared.down_proj))
-
-
 def moe_family(block: str, experts_field: str, attr: str = "mlp", shared_expert: bool = False) -> Family:
     """LLaMA attention with a sparse-MoE ``layer.<attr>`` of class ``block`` in every layer: the attention
     widths, the experts' intermediate width (config ``experts_field``; a channel group where the experts run
@@ -257,19 +260,16 @@ def moe_family(block: str, experts_field: str, attr: str = "mlp", shared_expert:
     def read(layer: nn.Module) -> Widths:
         mlp = _moe_block(layer, attr, block)
         w = {**_attention_read(layer.self_attn), "experts_intermediate_size": _experts_width(mlp)}
-        return {**w, "shared_expert_intermediate_size": _shared_width(mlp)} if shared_expert else w
+        if shared_expert:
+            w["shared_expert_intermediate_size"] = _mlp_width(mlp.shared_expert, "shared-expert widths")
+        return w
 
     def resize(layer: nn.Module, w: Widths, config: Any) -> None:
         mlp = _moe_block(layer, attr, block)
         _check_head_dim(layer.self_attn, w)
         _experts(mlp)  # raises before anything changes
         if shared_expert:
-            shared, n = mlp.shared_expert, w["shared_expert_intermediate_size"]
-            _linear(shared.gate_proj, out=n)
-            _linear(shared.up_proj, out=n)
-            _linear(shared.down_proj, inp=n)
-            if hasattr(shared, "intermediate_size"):
-                shared.intermediate_size = n
+            _resize_mlp(mlp.shared_expert, w["shared_expert_intermediate_size"])
         _resize_experts(mlp, w["experts_intermediate_size"])
         _attention_resize(layer.self_attn, w)
 
