@@ -55,8 +55,9 @@ def _saved(tmp_path: Path, kind: str) -> Path:
     return tmp_path / kind
 
 
-def _run(model_dir: Path, corpus_dir: Path, out: Path, methods: str, targets: str = "0.25") -> list[dict]:
-    argv = ["--model-dir", str(model_dir), "--corpus", str(corpus_dir), "--out", str(out), "--methods", methods,
+def _run(model_dir: Path, corpus_dir: Path, out: Path, methods: str, targets: str = "0.25",
+         extra: tuple[str, ...] = ()) -> list[dict]:
+    argv = [*extra, "--model-dir", str(model_dir), "--corpus", str(corpus_dir), "--out", str(out), "--methods", methods,
             "--targets", targets, "--recovery-steps", "2", "--recovery-batch", "2", "--seq-len", "32",
             "--calib-windows", "4", "--calib-batch", "2", "--eval-windows", "8", "--eval-batch", "4",
             "--throughput-batch", "2", "--device", "cpu", "--results-json", str(out / "results.json"),
@@ -118,8 +119,11 @@ def test_a_method_that_fails_is_recorded_not_fatal(tmp_path, corpus_dir) -> None
 @pytest.mark.slow
 def test_every_method_at_both_targets(tmp_path, corpus_dir) -> None:
     out = tmp_path / "llama_out"
+    # --round-to 1: on this tiny model one step of 8 MLP neurons in every layer is ~5 % of the parameters, so
+    # only unrounded widths can meet both targets within 1 % (the trained model's steps are ~0.5 %)
     rows = _run(_saved(tmp_path, "llama"), corpus_dir, out,
-                "activation,magnitude,taylor,fluctuation,depth,tp_magnitude,tp_taylor", "0.25,0.5")
+                "activation,magnitude,taylor,fluctuation,depth,tp_magnitude,tp_taylor", "0.25,0.5",
+                extra=("--round-to", "1"))
     ok = {(r["method"], r["target"]) for r in rows if "error" not in r}
     for method in ("activation", "magnitude", "taylor", "fluctuation", "tp_magnitude", "tp_taylor"):
         for target in (0.25, 0.5):
