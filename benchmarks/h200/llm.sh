@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Issue #20 on the H200 in one ≤ 10-minute command: train the LLaMA-style and the MoE decoder on the
 # offline corpus (token budgets: deterministic), then the pruning sweep on each (benchmarks/llm.py).
-# Needs lmdata/corpus (python -m benchmarks.llm_lib.corpus) and the wheels the GPU image lacks in .whl/.
+# Needs lmdata/corpus (python -m benchmarks.llm_lib.corpus) and the wheels the GPU image lacks in .whl/
+# (MODELOPT=1 ./scripts/device_wheels.sh). Carry lmdata/corpus and .whl only (lmdata/ also holds the corpus's
+# source wheels: 41 MB).
 set -uo pipefail
 OUT=${OUT:-out/h200}
 mkdir -p "$OUT"
@@ -12,7 +14,7 @@ fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/card.txt"
 LLAMA_TOKENS=${LLAMA_TOKENS:-40000000}
 MOE_TOKENS=${MOE_TOKENS:-24000000}
-LLAMA_METHODS=${LLAMA_METHODS:-activation,magnitude,taylor,fluctuation,depth,hidden,tp_magnitude,tp_taylor}
+LLAMA_METHODS=${LLAMA_METHODS:-activation,magnitude,taylor,fluctuation,depth,hidden,tp_magnitude,tp_taylor,modelopt}
 MOE_METHODS=${MOE_METHODS:-experts,depth,activation,tp_magnitude}
 python3 -m benchmarks.llm_train --model llama --minutes 0 --tokens "$LLAMA_TOKENS" --out out/lm/llama \
   > "$OUT/train_llama.log" 2>&1 &

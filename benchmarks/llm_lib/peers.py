@@ -209,7 +209,8 @@ def _import_modelopt() -> Any:
         import modelopt.torch.prune as mtp
     except ImportError as error:
         raise RuntimeError(f"N/A: nvidia-modelopt cannot be imported here (missing module {error.name!r}): "
-                           "pip install nvidia-modelopt==0.47.0 torchprofile==0.0.4 requests") from error
+                           "pip install nvidia-modelopt==0.47.0 torchprofile==0.0.4 requests 'pulp<3' (PuLP 4 needs "
+                           "orloge and cpsat_logutils too)") from error
     return mtp
 
 
@@ -264,16 +265,16 @@ def modelopt(model: nn.Module, calibration: Calibration, target: int, *, choices
     its smallest width at any threshold; on an untrained or barely trained model it lands far below
     the target, and ``target_met`` says so.
 
-    The search is the method, so it is timed. Needs ``nvidia-modelopt==0.47.0`` (a benchmark-only
-    peer, not a dependency of sparsify) with ``torchprofile==0.0.4`` beside it. ``import
-    modelopt.torch.prune`` plus this FastNAS run import, beyond torch and transformers: scipy, rich,
-    numpy, tqdm, packaging, regex, PyYAML, huggingface_hub, setuptools (torch's cpp_extension),
-    requests (urllib3, idna, certifi), pulp, omegaconf, pydantic (pydantic_core, annotated_types,
-    typing_inspection) and torchprofile; nvidia-ml-py, ninja, safetensors and charset_normalizer are
-    not needed on this path. Not usable here: ``mcore_minitron`` (imports ``megatron.core`` and
-    Transformer Engine, prunes Megatron-Core GPT/Mamba models; HF models reach it only through
-    Megatron-Bridge) and Puzzletron (a hydra pipeline of scored, MIP-assembled heterogeneous blocks
-    written as checkpoints; needs hydra-core and the ``hf``/``puzzletron`` extras).
+    The search is the method, so it is timed. Needs ``nvidia-modelopt==0.47.0`` (a benchmark-only peer, not a
+    dependency of sparsify) with ``torchprofile==0.0.4`` beside it. ``import modelopt.torch.prune`` plus this
+    FastNAS run import, beyond torch and transformers: scipy, rich, numpy, tqdm, packaging, regex, PyYAML,
+    huggingface_hub, setuptools (torch's cpp_extension), requests (urllib3, idna, certifi), pulp (< 3: PuLP 4
+    also imports orloge and cpsat_logutils), omegaconf, pydantic (pydantic_core, annotated_types,
+    typing_inspection) and torchprofile; nvidia-ml-py, ninja, safetensors and charset_normalizer are not needed
+    on this path. Not usable here: ``mcore_minitron`` (imports ``megatron.core`` and Transformer Engine, prunes
+    Megatron-Core GPT/Mamba models; HF models reach it only through Megatron-Bridge) and Puzzletron (a hydra
+    pipeline of scored, MIP-assembled heterogeneous blocks written as checkpoints; needs hydra-core and the
+    ``hf``/``puzzletron`` extras).
     """
     mtp = _import_modelopt()
     import tempfile
