@@ -261,24 +261,35 @@ def save_checkpoint(path: Path, epoch: int, step: int, log: list, record: dict, 
     print(f"checkpoint after {epoch} epochs → {path}; run the same command again to resume", flush=True)
 
 
+def settings_differ(saved_args: dict, args: argparse.Namespace) -> list[str]:
+    """The options whose values differ between a checkpoint's saved ``args`` and this run's, locations aside."""
+    defaults = vars(parser().parse_args([]))  # options added since the checkpoint was written: their defaults
+    where = {"stop_after_s", "data", "cache", "out"}  # locations, not settings: a run may resume elsewhere
+    saved = {k: saved_args.get(k, defaults[k]) for k in defaults if k not in where}
+    mine = {k: v for k, v in vars(args).items() if k not in where}
+    return sorted(k for k in saved.keys() | mine.keys() if saved.get(k) != mine.get(k))
+
+
 def resume(path: Path, model: torch.nn.Module, trainer: Trainer, arm: object, train: DeviceLoader,
            args: argparse.Namespace) -> tuple[int, int, list, dict]:
     state = torch.load(path, map_location="cpu", weights_only=False)
-    defaults = vars(parser().parse_args([]))  # options added since the checkpoint was written: their defaults
-    where = {"stop_after_s", "data", "cache", "out"}  # locations, not settings: a run may resume elsewhere
-    saved = {k: state["args"].get(k, defaults[k]) for k in defaults if k not in where}
-    mine = {k: v for k, v in vars(args).items() if k not in where}
-    if saved != mine:
-        diff = sorted(k for k in saved.keys() | mine.keys() if saved.get(k) != mine.get(k))
+    diff = settings_differ(state["args"], args)
+    if diff:
         raise SystemExit(f"{path} was written with other settings ({', '.join(diff)}); delete it or rerun the "
                          "command that wrote it")
     model.load_state_dict(state["model"])  # in place: a captured CUDA graph keeps its tensors
-    trainer.optimizer.load_state_dict(state["optimizer"])
+    record = state.get("record", {})
+    if state.get("optimizer") is not None:
+        trainer.optimizer.load_state_dict(state["optimizer"])
+    else:  # a checkpoint slimmed for keeping (the momentum buffers dropped): said in the run's record
+        record["resumed_without_optimizer_state"] = state["epoch"]
+        print(f"{path} holds no optimizer state: SGD momentum restarts at zero after epoch {state['epoch']}",
+              flush=True)
     arm.load_state_dict(state["arm"])
     train.generator.set_state(state["loader"])
     torch.set_rng_state(state["torch_rng"])
     print(f"resumed after {state['epoch']} epochs from {path}", flush=True)
-    return state["epoch"], state["step"], state["log"], state.get("record", {})
+    return state["epoch"], state["step"], state["log"], record
 
 
 def parser() -> argparse.ArgumentParser:

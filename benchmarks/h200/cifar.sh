@@ -2,18 +2,23 @@
 # Issue #18 on the H200: the CIFAR-10 protocol (ResNet-56, seed 0, S=30 sparsify + F=30 fine-tune epochs, targets
 # 2.13x and 4x fewer MACs), as device commands of at most 10 minutes each. Results land in $OUT.
 #
-#   bash benchmarks/h200/cifar.sh dense      # 1: the dense checkpoint, 200 epochs (~6 min); $OUT/dense/*.model.pt
+#   bash benchmarks/h200/cifar.sh dense      # 1: the dense model (resumes the kept 189-epoch checkpoint: ~1 min)
 #   bash benchmarks/h200/cifar.sh arms K     # 2..: group K (1-based) of RUNS below, PER_CMD runs at once from $INIT
 #   bash benchmarks/h200/cifar.sh tp         # Torch-Pruning at reg every step: S-phase chunks, resumed per call
 #   bash benchmarks/h200/cifar.sh groups     # print the groups
 #
-# Carry: data/cifar10_jpeg.npz (54 MB), .whl/cifar (the wheels the GPU image lacks: pydantic, rich,
-# torch_pruning, torch_kirigami, ...; 4.6 MB) and, for arms/tp, the dense checkpoint at $INIT (3.5 MB) — 62 MB
-# of the 64 MiB a command carries. On a warm machine out/ persists between commands (a resumed Torch-Pruning
-# run needs its out/protocol/*.ckpt.pt there).
-# Time: ResNet-56 trains at ~29k images/s on the H200 in all, shared by the processes running at once, so a
-# command holds ~300 epochs of 50k images: 4 runs x 60 epochs plus start-up, pruning and evaluation (5 x 60 =
-# 300 epochs alone take ~8.6 min). Torch-Pruning at reg every step is host-bound (~2 min an epoch): `tp` chunks.
+# Carry: data/cifar10_jpeg.npz (54 MB) and .whl/cifar (the wheels the GPU image lacks: pydantic, rich,
+# torch_pruning, torch_kirigami, ...; 4.6 MB; ./scripts/device_wheels.sh fetches them). `dense` resumes the kept
+# checkpoint benchmarks/checkpoints/resnet56_dense_1x_seed0.epoch189.ckpt.pt (tracked: the 10-minute limit
+# stopped the first H200 run after 189 of 200 epochs; it holds no momentum buffers, so SGD momentum restarts for
+# the last 11 epochs, at lr < 8e-4) and writes out/dense/*.model.pt, which `arms` reads: run `dense` and then
+# `arms K` in the same command (out/ is lost when the machine goes back, 30 s after a command), or carry the
+# model.pt (3.5 MB) to out/dense. Every arm of the protocol must start from that one dense model: keep it.
+# Time, measured 2026-12-03 on the H200: ResNet-56 at batch 128 trains at ~17.5k images/s (2.85 s an epoch), one
+# process alone or several together (the GPU is the limit; the 29k of earlier notes was batch 256 on an H100),
+# so a run of S + F = 60 epochs costs ~171 s of the GPU and PER_CMD=2 runs (~6.5 min with start-up, pruning and
+# evaluation) fit a 10-minute command with margin; 3 would need ~9.5 min. Torch-Pruning at reg every step is
+# host-bound (~2 min an epoch): `tp` chunks.
 # CPU check of the whole flow, tiny (what was run before committing):
 #   OUT=/tmp/h MODEL=resnet20 DENSE_EPOCHS=1 S=1 F=1 WHEELS= PY=.venv/bin/python \
 #   EXTRA='--device cpu --no-graphs --fp32 --limit 256 --batch 64' bash benchmarks/h200/cifar.sh dense   # then arms 1
@@ -23,13 +28,13 @@ MODEL=${MODEL:-resnet56}
 S=${S:-30}
 F=${F:-30}
 DENSE_EPOCHS=${DENSE_EPOCHS:-200}
-PER_CMD=${PER_CMD:-4}
+PER_CMD=${PER_CMD:-2}
 INIT=${INIT:-out/dense/${MODEL}_dense_1x_seed0.model.pt}
 EXTRA=${EXTRA:-}            # e.g. "--device cpu --no-graphs --fp32 --limit 256 --batch 64" for a CPU check
 TP_REG_EVERY=${TP_REG_EVERY:-1}
 TP_CHUNK_S=${TP_CHUNK_S:-480}
 PY=${PY:-python3}
-# 23 runs, 6 groups at PER_CMD=4; kirigami last, in the group of 3: it scores its ~2,100 candidates on the host
+# 23 runs, 12 groups at PER_CMD=2; kirigami near the end: it scores its ~2,100 candidates on the host
 # (minutes of CPU, 5.5 min on the 2-core dev machine) before its first epoch
 RUNS=${RUNS:-"dense_ft str_bn:2.13 str_bn:4 str_filter:2.13 str_filter:4 l1_oneshot:2.13 l1_oneshot:4
   slimming:2.13 slimming:4 gmp_global_bn:2.13 gmp_global_bn:4 gmp_global_filter:2.13 gmp_global_filter:4
@@ -61,6 +66,14 @@ collect() {  # the small results back: JSON records, logs (a few MB in all)
 case "${1:-}" in
   dense)
     setup
+    kept=benchmarks/checkpoints/${MODEL}_dense_1x_seed0.epoch189.ckpt.pt
+    if [ -z "$EXTRA" ] && [ -f "$kept" ] && [ ! -f out/dense/${MODEL}_dense_1x_seed0.ckpt.pt ] \
+        && [ ! -f out/dense/${MODEL}_dense_1x_seed0.model.pt ]; then
+      mkdir -p out/dense && cp "$kept" out/dense/${MODEL}_dense_1x_seed0.ckpt.pt   # resumed below
+    fi
+    if [ -f out/dense/${MODEL}_dense_1x_seed0.model.pt ]; then
+      echo "out/dense/${MODEL}_dense_1x_seed0.model.pt exists: the dense model is done"; exit 0
+    fi
     # --stop-after-s: a checkpoint (out/dense/*.ckpt.pt, also copied to $OUT) if the card is slower than expected;
     # the same command resumes from it (carry it back to out/dense on a fresh machine)
     # shellcheck disable=SC2086
