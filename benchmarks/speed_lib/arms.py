@@ -107,6 +107,13 @@ def prune_latency(dense: nn.Module, x: torch.Tensor, ratio: float, round_to: int
                    "estimated_layer_speedup": round(estimate, 3), "latency_disk_cache": disk, "_layers_alone": alone}
 
 
+def latency_target_cap(args: argparse.Namespace) -> float:
+    """The largest fraction of a group the latency-target arms may remove: ``--target-max-group-sparsity``, else
+    ``--max-group-sparsity``, else 1."""
+    own = getattr(args, "target_max_group_sparsity", None)
+    return own if own is not None else getattr(args, "max_group_sparsity", 1.0)
+
+
 def prune_latency_target(dense: nn.Module, x: torch.Tensor, speedup: float, round_to: int, batch: int,
                          args: argparse.Namespace, cache: dict, measure: Callable[[nn.Module], float],
                          heads: bool = False) -> tuple[nn.Module, dict[str, Any]]:
@@ -116,7 +123,7 @@ def prune_latency_target(dense: nn.Module, x: torch.Tensor, speedup: float, roun
     model = copy.deepcopy(dense)
     if heads:
         explicit_multihead_attention_(model)
-    cap = getattr(args, "max_group_sparsity", 1.0)
+    cap = latency_target_cap(args)
     policy = GMPConfig(unit="macs", budget="latency", target_speedup=speedup, start_step=0, end_step=1,
                        update_every=1, max_group_sparsity=cap, latency_tolerance=args.latency_tolerance,
                        latency_max_iterations=args.latency_iterations)

@@ -114,6 +114,18 @@ def test_h200_preset_sets_the_issue_protocol() -> None:
     assert bench.parse(["--preset", "h200", "--device", "cuda", "--models", "resnet50"]).models == ["resnet50"]
 
 
+def test_latency_target_arms_take_their_own_group_cap() -> None:
+    """The h200 preset caps the MACs-target latency arm at half of every group and the latency-target arms at
+    0.8 (half of every group bounded ResNet-50 at 1.72× of a 2× target); without the flag both share one cap."""
+    from benchmarks.speed_lib.arms import latency_target_cap
+
+    bench = _load()
+    preset = bench.parse(["--preset", "h200", "--device", "cuda"])
+    assert preset.max_group_sparsity == 0.5 and latency_target_cap(preset) == 0.8
+    assert latency_target_cap(bench.parse(["--device", "cpu", "--max-group-sparsity", "0.6"])) == 0.6
+    assert latency_target_cap(bench.parse(["--device", "cpu"])) == 1.0
+
+
 def test_pick_mode_takes_the_fastest_that_fits() -> None:
     from benchmarks.speed_lib.deployment import pick_mode
 
