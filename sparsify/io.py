@@ -352,12 +352,23 @@ def _check_fits(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
         raise LoadError(f"the saved weights have '{extra[0]}', which the replayed model lacks")
 
 
+def _check_device(device: Any) -> None:
+    if device is None or isinstance(device, torch.device):
+        return
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise LoadError(f"device={device!r} is not a torch device ({exc}); pass e.g. 'cpu', 'cuda', 'cuda:0' or "
+                        "None (where build_fn puts the model)") from None
+
+
 def load(build_fn: Callable[[], nn.Module], path: str | Path, *, device: torch.device | str | None = None
          ) -> nn.Module:
     """Rebuild a model saved by ``save``: ``build_fn()`` must return the original, unpruned architecture
     (any weights); its prune record is replayed on it and the saved weights loaded strictly."""
     from safetensors.torch import load_file
 
+    _check_device(device)
     record = load_record(path)
     weights_file = Path(path) / WEIGHTS_FILE
     if not weights_file.is_file():

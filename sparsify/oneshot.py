@@ -16,6 +16,7 @@ and prunes with the transactional surgery. A plan is a pydantic model: ``plan.to
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -111,6 +112,20 @@ class WidthPlan(BaseModel):
         raise KeyError(name)
 
 
+def _graph_of(model: nn.Module, example_inputs: Any, graph: ChannelGraph | None) -> ChannelGraph:
+    """``graph`` if it was built on ``model`` itself, else a new graph of ``model``."""
+    if graph is None:
+        return build_channel_graph(model, example_inputs)
+    if not isinstance(graph, ChannelGraph):
+        raise SparsifyError(f"graph must be a ChannelGraph of this model (build_channel_graph(model, example_inputs)) "
+                            f"or None, got {type(graph).__name__}")
+    if graph.model is not model:
+        raise SparsifyError(f"graph= was built on another model ({type(graph.model).__name__} object at "
+                            f"{id(graph.model):#x}), not on this {type(model).__name__}: pass the graph of this model "
+                            "(build_channel_graph(model, example_inputs)) or graph=None")
+    return graph
+
+
 def _planned_groups(cg: ChannelGraph, kinds: Iterable[str] | None, include_inexact: bool) -> list[ChannelGroup]:
     kinds = None if kinds is None else set(kinds)
     return [g for g in cg.prunable_groups() if (include_inexact or g.exact) and (kinds is None or g.kind in kinds)]
@@ -132,13 +147,14 @@ def make_plan(model: nn.Module, example_inputs: Any, sparsity: float, *, unit: U
     rounding up, as ``SparsifierConfig.round_to`` does (odd widths fall off fast GPU kernels: an MLP of
     863 neurons runs slower in bf16 than the dense 1408). ``timings``, if given, receives seconds per phase.
     """
-    if not 0.0 <= sparsity < 1.0:
-        raise SparsifyError(f"sparsity must be in [0, 1), got {sparsity}")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0.0 <= sparsity < 1.0:
+        raise SparsifyError(f"sparsity must be a number in [0, 1) (the fraction of {unit} to remove, e.g. 0.5), "
+                            f"got {sparsity!r}")
     if unit not in get_args(Unit) or budget not in get_args(ShapeBudget):
         raise SparsifyError(f"unit must be one of {get_args(Unit)} and budget one of {get_args(ShapeBudget)} (a plan "
                             f"reads no weight values, so no 'global' ranking); got unit={unit!r}, budget={budget!r}")
     clock = time.perf_counter()
-    cg = graph if graph is not None else build_channel_graph(model, example_inputs)
+    cg = _graph_of(model, example_inputs, graph)
     if timings is not None:
         timings["graph"] = time.perf_counter() - clock
         clock = time.perf_counter()
@@ -278,7 +294,7 @@ def apply_plan(model: nn.Module, example_inputs: Any, plan: WidthPlan, importanc
         raise SparsifyError(f"compensate must be False, True or 'add_bias', got {compensate!r}")
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
         raise SparsifyError(f"round_to must be a positive int (e.g. 8) or None, got {round_to!r}")
-    cg = graph if graph is not None else build_channel_graph(model, example_inputs)
+    cg = _graph_of(model, example_inputs, graph)
     by_name = {g.name: g for g in cg.groups}
     unknown = [p.name for p in plan.groups if p.name not in by_name]
     if unknown:

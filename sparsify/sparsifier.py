@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import io
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ from rich.table import Table
 from torch import nn
 from torch.nn.utils import parametrize
 
-from sparsify._undo import ModelUndo, live_sparsify_parametrizations
+from sparsify._undo import ModelUndo
 from sparsify.adapters import AdapterConfig, ImportanceVector, list_adapters, make_adapter
 from sparsify.adapters.base import Baked
 from sparsify.config import SparsifierConfig
@@ -27,8 +28,17 @@ from sparsify.graph.trace import trace
 from sparsify.measure.latency_model import LatencyModel
 from sparsify.policies import PolicyConfig, make_policy
 from sparsify.policies.base import GroupView, PolicyContext, producer_shape
+from sparsify.prune.guards import check_no_forward_hooks
 from sparsify.prune.select import removal_plan
 from sparsify.prune.surgery import PruneReport, prune_channels
+from sparsify.sparsifier_checks import (
+    check_config,
+    check_model,
+    check_no_live_sparsifier,
+    check_state,
+    placement,
+    tied_elsewhere,
+)
 
 _DEFAULT_ADAPTER, _DEFAULT_POLICY = "bn_gamma", "str"
 
@@ -102,15 +112,6 @@ class PruneResult:
         return t
 
 
-def _check_no_live_sparsifier(model: nn.Module) -> None:
-    live = live_sparsify_parametrizations(model)
-    if live:
-        raise SparsifyError(f"the model already carries a Sparsifier's masks/thresholds (on {', '.join(live[:3])}"
-                            f"{' …' if len(live) > 3 else ''}): two Sparsifiers on one model would stack them. Finish "
-                            "the first one with its prune() and build the new Sparsifier on the pruned model, or build "
-                            "it on a fresh copy of the model")
-
-
 class Sparsifier:
     """Structured sparsity as unstructured sparsity on importance vectors.
 
@@ -133,6 +134,7 @@ class Sparsifier:
     channel graph that builds one) is what ``GMPConfig(budget="latency")`` allocates by.
     """
 
+    @torch.inference_mode(False)  # masks and thresholds made inside inference_mode could not be trained or updated
     def __init__(self, model: nn.Module, example_inputs: Any,
                  adapter: str | dict | AdapterConfig = _DEFAULT_ADAPTER,
                  policy: str | dict | PolicyConfig = _DEFAULT_POLICY, *, config: SparsifierConfig | None = None,
@@ -141,11 +143,14 @@ class Sparsifier:
             raise SparsifyError("Sparsifier got both config= and adapter=/policy=; the config already names the "
                                 "adapter and the policy: pass SparsifierConfig(adapter=..., policy=..., ...) alone, "
                                 "or adapter=/policy= without config=")
+        check_model(model)
+        check_config(config)
         self.config = config or SparsifierConfig(adapter=adapter, policy=policy)
         if isinstance(model, nn.parallel.DistributedDataParallel):  # its reducer would miss the new parameters
             raise SparsifyError("create the Sparsifier on the plain model, then wrap that model in "
                                 "DistributedDataParallel (see sparsify.distributed)")
-        _check_no_live_sparsifier(model)
+        check_no_live_sparsifier(model)
+        check_no_forward_hooks(model, "Sparsifier", SparsifyError)
         self.model = model
         self.graph: ChannelGraph = build_channel_graph(model, example_inputs)
         self._macs = module_macs(self.graph.traced)
@@ -158,12 +163,13 @@ class Sparsifier:
             raise
         self._modules_at_build = {m.module: model.get_submodule(m.module) for g in self.groups
                                   for v in g.vectors for m in v.group.members}
+        self._placement = placement(model)
         self.step_count = 0
         self.pruned = False
 
     def _attach(self, latency_model: LatencyModel | Callable[[ChannelGraph], LatencyModel] | None) -> None:
         model = self.model
-        vectors = self._exact_vectors(self.adapter.vectors(self.graph))
+        vectors = self._untied_vectors(self._exact_vectors(self.adapter.vectors(self.graph)))
         if not vectors:
             reasons = "; ".join(f"{k}: {v}" for k, v in list(self.adapter.skipped.items())[:5])
             barriers = "; ".join(list(dict.fromkeys(g.why_not() for g in self.graph.groups if not g.prunable))[:2])
@@ -204,6 +210,20 @@ class Sparsifier:
         for name, why in inexact.items():
             self.adapter.skipped[name] = f"inexact ({why}); {opt_in}"
         return [v for v in vectors if v.group.exact]
+
+    def _untied_vectors(self, vectors: list[ImportanceVector]) -> list[ImportanceVector]:
+        """Vectors whose parametrized tensors no other module shares: a mask installed on one module of tied
+        weights would not reach the other module, so the soft model would not be the one prune() bakes."""
+        out = []
+        for v in vectors:
+            tied = [(f"{type(m).__name__}.{attr}", other) for m, attr in v.adapter.parametrized(v)
+                    if (other := tied_elsewhere(self.model, m, attr)) is not None]
+            if tied:
+                self.adapter.skipped[v.name] = (f"tied weights: {tied[0][0]} is also {tied[0][1]}, which a mask on one "
+                                                "module would not reach; untie them, or prune with prune_channels")
+            else:
+                out.append(v)
+        return out
 
     # ----- training-time ---------------------------------------------------------------------
     def step(self) -> None:
@@ -263,6 +283,7 @@ class Sparsifier:
         return SparsityReport(rows, count_params(self.model), sum(self._macs.values()), self.policy.thresholds())
 
     # ----- the end ---------------------------------------------------------------------------
+    @torch.inference_mode(False)  # tensors sliced inside the caller's inference_mode would be unusable for training
     def prune(self, optimizer: torch.optim.Optimizer | None = None) -> PruneResult:
         """Remove every zeroed structure physically; returns the (same, now smaller) model and a report.
 
@@ -272,6 +293,7 @@ class Sparsifier:
         """
         self._check_live()
         self._check_model_unchanged()
+        check_no_forward_hooks(self.model, "prune()", SparsifyError)
         self.policy.finalize()
         by_id = {g.id: g for g in self.groups}
         plan, kept = removal_plan(self.graph, self.policy.keep_vectors(),
@@ -299,27 +321,46 @@ class Sparsifier:
 
     # ----- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Step count, policy state and every transform's tensors (thresholds, masks)."""
+        """Step count, policy state, every transform's tensors (thresholds, masks) and the vectors' names and widths."""
         return {
             "step_count": self.step_count,
             "config": self.config.model_dump(mode="json"),
             "policy": self.policy.state_dict(),
             "transforms": [v.transform.state_dict() if v.transform is not None else {} for v in self.vectors],
+            "vectors": [[v.name, len(v)] for v in self.vectors],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume: restores thresholds, masks and the schedule position exactly."""
+        """Resume: restores thresholds, masks and the schedule position exactly; on any error nothing changes."""
+        self._check_live()
+        check_state(state)
         if state["config"] != self.config.model_dump(mode="json"):
             raise SparsifyError("this state was saved by a Sparsifier with a different config; build the "
                                 "Sparsifier with the same adapter and policy settings before loading it")
         if len(state["transforms"]) != len(self.vectors):
             raise SparsifyError(f"state has {len(state['transforms'])} importance vectors, this model has "
                                 f"{len(self.vectors)}: it was saved from a different model")
-        self.step_count = state["step_count"]
+        ours = [[v.name, len(v)] for v in self.vectors]
+        if "vectors" in state and [list(x) for x in state["vectors"]] != ours:
+            theirs = next((t, o) for t, o in zip(state["vectors"], ours, strict=True) if list(t) != o)
+            raise SparsifyError(f"state's importance vector {theirs[0][0]!r} (width {theirs[0][1]}) is "
+                                f"{theirs[1][0]!r} (width {theirs[1][1]}) here: it was saved from a different model. "
+                                "Build the Sparsifier on the same architecture before loading it")
+        backup = copy.deepcopy(self.state_dict())
+        try:
+            self._load(state)
+        except Exception as exc:
+            self._load(backup)
+            raise SparsifyError(f"this state does not fit this Sparsifier ({type(exc).__name__}: {exc}); nothing was "
+                                "loaded. It was saved from a different model or sparsify version: build the "
+                                "Sparsifier on the same architecture and settings") from exc
+
+    def _load(self, state: dict[str, Any]) -> None:
         self.policy.load_state_dict(state["policy"])
         for v, s in zip(self.vectors, state["transforms"], strict=True):
             if v.transform is not None:
                 v.transform.load_state_dict(s)
+        self.step_count = state["step_count"]
 
     # ----- helpers ---------------------------------------------------------------------------
     def _check_live(self) -> None:
@@ -328,7 +369,16 @@ class Sparsifier:
                                 "(on the pruned model) to sparsify further")
 
     def _check_model_unchanged(self) -> None:
-        """The model still holds the modules the Sparsifier was built on, and only its masks parametrize them."""
+        """The model still holds the modules the Sparsifier was built on, on the same devices and dtypes, and only
+        its masks parametrize them."""
+        now_placed = placement(self.model)
+        if now_placed != self._placement:
+            def show(p: set[tuple[str, torch.dtype]]) -> str:
+                return ", ".join(sorted(f"{dtype} on {device}".replace("torch.", "") for device, dtype in p))
+            raise SparsifyError(f"the model was moved or cast after the Sparsifier was built (its tensors were "
+                                f"{show(self._placement)}, now {show(now_placed)}); the recorded example inputs no "
+                                "longer fit it. Move/cast it back (model.to(...)) before prune(), or build the "
+                                "Sparsifier after moving the model")
         for name, module in self._modules_at_build.items():
             try:
                 now = self.model.get_submodule(name) if name else self.model

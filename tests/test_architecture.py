@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sparsify.nn",),
     ("sparsify.adapters",),
     ("sparsify.policies",),
-    ("sparsify.config", "sparsify.sparsifier", "sparsify.oneshot", "sparsify.io"),
+    ("sparsify.config", "sparsify.sparsifier", "sparsify.sparsifier_checks", "sparsify.oneshot", "sparsify.io"),
     ("sparsify.deploy", "sparsify.hf", "sparsify.lm", "sparsify.distributed"),
     ("sparsify.testing",),
     ("sparsify.extend", "sparsify"),

@@ -57,16 +57,31 @@ def load_hf_model(model_type: str, input_shape: Sequence[int] = (1, _HF_SEQUENCE
     return model.eval(), {"input_ids": torch.randint(0, config.vocab_size, tuple(input_shape))}
 
 
+def _call_builder(spec: str) -> tuple[nn.Module, Any]:
+    """``package.module:function`` → ``function()``, which must return ``(model, example_input)``."""
+    module_name, _, fn_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SystemExit(f"{spec}: cannot import {module_name!r} ({exc}); is it on PYTHONPATH (run from the folder "
+                         "that holds it)?") from exc
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise SystemExit(f"{spec}: {module_name} has no function {fn_name!r}"
+                         + ("" if fn is None else f" (it is a {type(fn).__name__})")
+                         + "; give package.module:function returning (model, example_input)")
+    result = fn()
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module)):
+        raise SystemExit(f"{spec} must return (model, example_input), got {type(result).__name__}")
+    return result
+
+
 def load_model(spec: str) -> tuple[nn.Module, Any]:
     """Build a model from ``spec`` (see the module docstring); returns ``(model, example_input)``."""
     if spec.startswith("hf:"):
         return load_hf_model(spec[3:])
     if ":" in spec:
-        module_name, _, fn_name = spec.partition(":")
-        result = getattr(importlib.import_module(module_name), fn_name)()
-        if not (isinstance(result, tuple) and len(result) == 2):
-            raise SystemExit(f"{spec} must return (model, example_input)")
-        return result
+        return _call_builder(spec)
     from sparsify.testing import models as builtin
 
     builtins = getattr(builtin, "MODELS", {})
@@ -88,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from sparsify.graph.channel_graph import build_channel_graph
     from sparsify.graph.report import print_groups
 
-    shape = [int(s) for s in args.input_shape.split(",")] if args.input_shape else None
+    shape = args.input_shape  # a list of ints (the parser checked it) or None
     with Console(stderr=True).status(f"building {args.model} and tracing its channel graph"):  # silent off a tty
         if args.model.startswith("hf:"):
             model, example = load_hf_model(args.model[3:], *([shape] if shape else []))

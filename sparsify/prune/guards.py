@@ -7,12 +7,13 @@ Each raises :class:`PruneError` naming the problem and the fix; none changes the
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from sparsify.errors import PruneError
+from sparsify.errors import PruneError, SparsifyError
 from sparsify.graph.channel_graph import ChannelGroup
 
 
@@ -85,3 +86,30 @@ def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer | None, s
                         f"the optimizer's state {key!r} of {name} has shape {tuple(t.shape)}, not the parameter's "
                         f"{tuple(param.shape)}, so it cannot be sliced with it ({type(optimizer).__name__}); prune "
                         "with optimizer=None and create a new optimizer over the pruned model")
+
+
+# Hooks known to observe without changing a value: transformers installs its output-capturing hooks on a model's
+# layers at the first forward (they record hidden states / attentions when asked, and return None), and
+# `enable_input_require_grads` flips requires_grad on the embedding's output.
+_OBSERVING_HOOKS = {
+    ("transformers.utils.output_capturing", "install_output_capuring_hook.<locals>.output_capturing_hook"),
+    ("transformers.modeling_utils", "PreTrainedModel.enable_input_require_grads.<locals>.make_inputs_require_grads"),
+}
+
+
+def _observes_only(hook: Any) -> bool:
+    return (getattr(hook, "__module__", None), getattr(hook, "__qualname__", None)) in _OBSERVING_HOOKS
+
+
+def check_no_forward_hooks(model: nn.Module, what: str, error: type[SparsifyError] = PruneError) -> None:
+    """Refuse a model whose submodules carry forward (pre-)hooks: the channel graph does not see what a hook does
+    to the channels (one that reorders or rescales them would make pruning silently change the function). Hooks
+    known only to observe (transformers' output capturing) are allowed."""
+    hooked = [(name, fn) for name, m in model.named_modules() if name
+              for fn in (*m._forward_pre_hooks.values(), *m._forward_hooks.values()) if not _observes_only(fn)]
+    if hooked:
+        names = ", ".join(f"{n!r} ({getattr(fn, '__qualname__', type(fn).__name__)})" for n, fn in hooked[:3])
+        raise error(f"{what}: submodules of the model carry forward hooks ({names}{' …' if len(hooked) > 3 else ''}); "
+                    "the channel graph cannot see what a hook does to the channels, so pruning through it could change "
+                    "the function silently. Remove them (handle.remove()) before this call and register them again on "
+                    "the pruned model")

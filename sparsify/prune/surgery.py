@@ -6,6 +6,8 @@ anything fails part-way.
 
 from __future__ import annotations
 
+import math
+import numbers
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ from sparsify.errors import InexactPruneError, PruneError
 from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup
 from sparsify.prune.attributes import modules_to_sync, sync_attributes
 from sparsify.prune.fold import BiasFold, check_sinks, plan_folds
-from sparsify.prune.guards import check_model_matches, check_optimizer
+from sparsify.prune.guards import check_model_matches, check_no_forward_hooks, check_optimizer
 from sparsify.prune.plan_values import check_plan_key, structure_indices
 
 
@@ -85,6 +87,31 @@ def _validate(cg: ChannelGraph, plan: Mapping[int | str, Sequence[int]], allow_i
     return resolved
 
 
+def _check_verify_atol(verify_atol: Any) -> None:
+    if verify_atol is None:
+        return
+    if (isinstance(verify_atol, bool) or not isinstance(verify_atol, numbers.Real) or not math.isfinite(verify_atol)
+            or verify_atol < 0):
+        raise PruneError(f"verify_atol must be a finite number ≥ 0 (a tolerance relative to 1 + max |output|, e.g. "
+                         f"1e-5) or None to skip the output check, got {verify_atol!r}")
+
+
+def _reference_outputs(cg: ChannelGraph) -> list[torch.Tensor]:
+    """The outputs before surgery on the graph's example inputs; a model that no longer accepts them (moved to
+    another device or cast to another dtype since the graph was built) is refused with the fix."""
+    try:
+        return _eval_outputs(cg)
+    except Exception as exc:
+        inputs = [t for t in torch.utils._pytree.tree_flatten(cg.traced.inputs)[0] if isinstance(t, torch.Tensor)]
+        have = sorted({f"{t.dtype} on {t.device}".replace("torch.", "") for t in inputs})
+        now = sorted({f"{t.dtype} on {t.device}".replace("torch.", "") for t in cg.model.parameters()})
+        raise PruneError(f"verify_atol runs the model on the example inputs the graph was built with ({', '.join(have)}"
+                         f"), and that failed before anything was pruned ({type(exc).__name__}: {exc}). The model's "
+                         f"parameters are {', '.join(now)}: if it was moved or cast since the graph was built, rebuild "
+                         "the graph with build_channel_graph(model, example_inputs) on the model as it is now") from exc
+
+
+@torch.inference_mode(False)  # tensors sliced inside the caller's inference_mode would be unusable for training
 def prune_channels(
     cg: ChannelGraph,
     plan: Mapping[int | str, Sequence[int]],
@@ -106,9 +133,12 @@ def prune_channels(
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise PruneError(f"optimizer must be a torch.optim.Optimizer (whose state is sliced too) or None, got "
                          f"{type(optimizer).__name__}")
+    _check_verify_atol(verify_atol)
     resolved = _validate(cg, plan, allow_inexact)
     model = cg.model
     check_model_matches(model, [g for g, _ in resolved.values()])
+    if resolved:
+        check_no_forward_hooks(model, "prune_channels")
     check_optimizer(model, optimizer, [m.tensor for g, _ in resolved.values() for m in g.members])
     on_meta = any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     if on_meta and verify_atol is not None:
@@ -145,7 +175,7 @@ def prune_channels(
                                 + "; ".join(f.note for f in inexact[:3])
                                 + ". Zero their biases/β too (STR-BN does), or pass allow_inexact=True.")
     params_before = sum(p.numel() for p in model.parameters())
-    reference = _eval_outputs(cg) if verify_atol is not None else None
+    reference = _reference_outputs(cg) if verify_atol is not None else None
     created_biases: list[str] = []
     with _Transaction(model, optimizer) as tx:
         for fold in folds:
