@@ -138,7 +138,10 @@ def render(results: Path) -> str:
         "*Same graph in 2 processes* (`--determinism`, trace and group only): the family's tiny model is built "
         "again in a fresh process (a random hash seed, other memory) and its channel-graph signature compared "
         "with the zoo run's (a record without one: two fresh processes compared); `no` names the first "
-        "differing group.",
+        "differing group. One model is not deterministic itself: transformers' NeoMME (`neomme`, 5.25) builds "
+        "its rotary embeddings in the order of `set(config.layer_types)`, which depends on the hash seed, so "
+        "its traced graph's node order and the auto-generated node names its groups' reasons quote change "
+        "from process to process; its check passes or fails by chance, with nothing in sparsify to order it.",
         "",
         "Run (from the repository root; resumable, `--limit N` / `--families a,b` for a part, `--redo` to re-run):",
         "",
