@@ -21,6 +21,7 @@ from torch import nn
 from sparsify._undo import ModelUndo
 from sparsify.errors import PruneError, SparsifyError
 from sparsify.hf import sublayers
+from sparsify.hf.inputs import check_model
 from sparsify.hf.pretrained import HEAD_DIMS, RECORD
 
 _PER_LAYER_RECORDS = (RECORD, HEAD_DIMS)  # config entries keyed by layer index (str)
@@ -29,7 +30,7 @@ _PER_LAYER_RECORDS = (RECORD, HEAD_DIMS)  # config entries keyed by layer index 
 def _indices(values: Iterable[int] | None, n: int, what: str) -> list[int]:
     if values is None:
         return []
-    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable) or getattr(values, "ndim", 1) == 0:
         raise SparsifyError(f"{what} must be a list of layer indices, got {type(values).__name__}")
     out = []
     for v in values:
@@ -45,6 +46,17 @@ def _indices(values: Iterable[int] | None, n: int, what: str) -> list[int]:
     if len(set(out)) != len(out):
         raise SparsifyError(f"{what}: layer indices repeat ({out}); name each layer once")
     return sorted(out)
+
+
+def _decoder(model: nn.Module, what: str) -> nn.ModuleList:
+    """The decoder layers, after checking the model and that its config counts them right."""
+    check_model(model, what)
+    decoder = sublayers.decoder_layers(model)
+    stated = getattr(model.config, "num_hidden_layers", None)
+    if stated != len(decoder):
+        raise SparsifyError(f"{what}: config.num_hidden_layers is {stated} but the model has {len(decoder)} decoder "
+                            f"layers (config edited by hand?); set model.config.num_hidden_layers = {len(decoder)}")
+    return decoder
 
 
 def _renumber(raw: Any, keep: list[int]) -> dict[str, Any]:
@@ -79,7 +91,7 @@ def remove_layers(model: nn.Module, layers: Iterable[int]) -> nn.Module:
     ``layer_idx`` of every kept module (KV-cache slots). Raises ``SparsifyError`` for an unknown family
     or bad indices, and leaves the model unchanged on any error.
     """
-    decoder = sublayers.decoder_layers(model)
+    decoder = _decoder(model, "remove_layers")
     n = len(decoder)
     drop = _indices(layers, n, "remove_layers")
     if len(drop) == n:
@@ -126,8 +138,8 @@ def remove_sublayers(model: nn.Module, attention: Iterable[int] | None = None,
     ``config.sparsify_removed_sublayers`` (``sparsify.hf.save_pretrained`` / ``from_pretrained`` keep it).
     A layer losing both sub-blocks is refused: remove it with ``remove_layers``. All-or-nothing.
     """
+    decoder = _decoder(model, "remove_sublayers")
     layout = sublayers.layout_of(model.config)
-    decoder = sublayers.decoder_layers(model)
     n = len(decoder)
     asked = {"attention": _indices(attention, n, "remove_sublayers(attention=)"),
              "mlp": _indices(mlp, n, "remove_sublayers(mlp=)")}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from torch import nn
 
 from sparsify.errors import SparsifyError
 from sparsify.hf import sublayers
+from sparsify.hf.inputs import token_batches
 
 METHODS = ("block_influence", "attn_block_influence", "mlp_block_influence", "ppl_drop")
 
@@ -35,15 +36,6 @@ def _first(value: Any) -> torch.Tensor:
 
 def _hidden_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
-
-
-def _as_inputs(batch: Any) -> dict[str, Any]:
-    if isinstance(batch, torch.Tensor):
-        return {"input_ids": batch}
-    if isinstance(batch, Mapping) and "input_ids" in batch:
-        return {k: v for k, v in batch.items() if k != "labels"}
-    raise SparsifyError(f"a calibration batch must be a tensor of token ids or a dict with 'input_ids', "
-                        f"got {type(batch).__name__}")
 
 
 def _token_mask(inputs: dict[str, Any]) -> torch.Tensor:
@@ -164,8 +156,6 @@ def layer_importance(model: nn.Module, batches: Iterable[Any], method: str = "bl
     if method not in METHODS:
         raise SparsifyError(f"unknown depth importance method {method!r}; choose one of {list(METHODS)}")
     sublayers.decoder_layers(model)  # refuses unknown families
-    inputs = [_as_inputs(b) for b in batches]
-    if not inputs:
-        raise SparsifyError("layer_importance needs at least one calibration batch")
+    inputs = [{k: v for k, v in b.items() if k != "labels"} for b in token_batches(model, batches, "layer_importance")]
     with _evaluating(model):
         return _ppl_drop(model, inputs) if method == "ppl_drop" else _influence(model, inputs, method)

@@ -17,6 +17,7 @@ for never-selected experts, and the removed experts' ``router_mass`` measures wh
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from sparsify.errors import PruneError, SparsifyError
+from sparsify.hf.inputs import check_model, token_batches
 
 #: config attribute of the per-layer expert counts, where layers differ (``from_pretrained`` rebuilds them)
 EXPERTS_RECORD = "sparsify_num_experts"
@@ -127,6 +129,7 @@ def expert_importance(model: nn.Module, batches: Iterable[Any],
     if method not in ("router_mass", "frequency", "output_norm"):
         raise SparsifyError(f"unknown method {method!r}; use 'router_mass', 'frequency' or 'output_norm'")
     layers = moe_layers(model)
+    batches = token_batches(model, batches, "expert_importance")
     sums = {m.index: torch.zeros(m.num_experts, dtype=torch.float64, device=m.router.weight.device) for m in layers}
 
     def router_hook(layer: MoeLayer):
@@ -150,7 +153,7 @@ def expert_importance(model: nn.Module, batches: Iterable[Any],
     try:
         with torch.no_grad():
             for batch in batches:
-                model(**batch) if isinstance(batch, Mapping) else model(batch)
+                model(**batch)
     finally:
         for h in handles:
             h.remove()
@@ -207,25 +210,61 @@ def _sync_config(model: nn.Module, counts: dict[int, int], field: str) -> bool:
     return False
 
 
+def _expert_ids(layer: int, chosen: Any, count: int) -> list[int]:
+    """The expert indices of one layer's request, checked: integers in 0..count-1, each named once."""
+    if isinstance(chosen, (str, bytes)) or not isinstance(chosen, Iterable):
+        raise PruneError(f"layer {layer}: give the experts to remove as a list of indices, got {chosen!r:.60}")
+    ids = []
+    for e in chosen:
+        try:
+            ids.append(-1 if isinstance(e, bool) else operator.index(e))
+        except TypeError:
+            raise PruneError(f"layer {layer}: expert indices must be integers, got {e!r}") from None
+    if len(set(ids)) != len(ids):
+        raise PruneError(f"layer {layer}: expert indices repeat ({ids}); name each expert once")
+    if any(not 0 <= e < count for e in ids):
+        raise PruneError(f"layer {layer} has experts 0..{count - 1}; cannot remove {sorted(ids)}")
+    return sorted(ids)
+
+
+def _check_config(model: nn.Module, layers: dict[int, MoeLayer], field: str) -> None:
+    """Refuse a config whose expert count or top-k disagrees with the modules (edited by hand)."""
+    config = model.config
+    counts = recorded_counts(config) or dict.fromkeys(layers, getattr(config, field, None))
+    wrong = {i: (counts.get(i), m.num_experts) for i, m in layers.items() if counts.get(i) != m.num_experts}
+    if wrong:
+        raise PruneError(f"config.{field} (or config.{EXPERTS_RECORD}) disagrees with the MoE layers' expert counts "
+                         f"{{layer: (config, modules)}} = {wrong} (config edited by hand?); put the modules' counts "
+                         "back into the config")
+    top_k = getattr(config, "num_experts_per_tok", None)
+    bad = {i: m.top_k for i, m in layers.items() if top_k is not None and m.top_k != top_k}
+    if bad:
+        raise PruneError(f"config.num_experts_per_tok is {top_k} but the routers choose {bad} experts per token "
+                         "(config edited by hand?); set it back to the routers' top_k")
+
+
 def remove_experts(model: nn.Module, experts: Mapping[int, Iterable[int]]) -> ExpertRemoval:
     """Remove ``experts`` ({decoder-layer index: expert indices}) physically: the router's rows, the
     experts' tensor slices, ``num_experts`` of the router/experts modules and the config's count (see
     ``ExpertRemoval``). All-or-nothing: a bad request raises ``PruneError`` before anything changes.
     Parameters are new tensors afterwards: build the optimizer after removing."""
     layers = {m.index: m for m in moe_layers(model)}
+    check_model(model, "remove_experts")
+    if not isinstance(experts, Mapping):
+        raise PruneError(f"remove_experts: experts must map decoder-layer index → expert indices (e.g. {{0: [1, 3]}}), "
+                         f"got {type(experts).__name__}")
+    field = _BLOCKS[type(next(iter(layers.values())).block).__name__]
+    _check_config(model, layers, field)
     plan: dict[int, list[int]] = {}
     for i, chosen in experts.items():
-        if i not in layers:
-            raise PruneError(f"layer {i} is not a mixture-of-experts layer; MoE layers: {sorted(layers)}")
-        m, ids = layers[i], sorted({int(e) for e in chosen})
-        if ids and not 0 <= ids[0] <= ids[-1] < m.num_experts:
-            raise PruneError(f"layer {i} has experts 0..{m.num_experts - 1}; cannot remove {ids}")
+        if isinstance(i, bool) or not hasattr(type(i), "__index__") or i not in layers:
+            raise PruneError(f"layer {i!r} is not a mixture-of-experts layer; MoE layers: {sorted(layers)}")
+        m, ids = layers[i], _expert_ids(i, chosen, layers[i].num_experts)
         if m.num_experts - len(ids) < m.top_k:
             raise PruneError(f"removing {len(ids)} of the {m.num_experts} experts of layer {i} leaves fewer than "
                              f"top_k={m.top_k} (num_experts_per_tok); remove at most {m.num_experts - m.top_k}.")
         plan[i] = ids
     kept = {i: [e for e in range(m.num_experts) if e not in set(plan.get(i, ()))] for i, m in layers.items()}
-    field = _BLOCKS[type(next(iter(layers.values())).block).__name__]
     snapshot = {i: (m.router.weight, getattr(m.router, "bias", None), *(getattr(m.experts, t) for t in _EXPERT_TENSORS))
                 for i, m in layers.items()}
     config_before = (getattr(model.config, field), getattr(model.config, EXPERTS_RECORD, None))
@@ -261,6 +300,9 @@ def expert_plan(importance: Mapping[int, torch.Tensor], top_k: Mapping[int, int]
     if budget not in ("uniform", "global"):
         raise SparsifyError(f"unknown budget {budget!r}; use 'uniform' or 'global'")
     scores = {i: torch.as_tensor(v, dtype=torch.float64).cpu() for i, v in importance.items()}
+    if any(not bool(torch.isfinite(v).all()) for v in scores.values()):
+        raise SparsifyError("importance holds NaN or infinite values; give finite scores (compute them with "
+                            "expert_importance)")
     order = {i: torch.argsort(v, stable=True).tolist() for i, v in scores.items()}
     room = {i: len(v) - top_k[i] for i, v in scores.items()}
     if budget == "uniform":

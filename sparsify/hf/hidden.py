@@ -40,6 +40,7 @@ from torch import nn
 
 from sparsify.adapters.activation import calibration_pass
 from sparsify.errors import SparsifyError
+from sparsify.hf.inputs import check_model, token_batches
 from sparsify.hf.pretrained import sync_config
 
 Compensate = Literal["lstsq", "diag", "scale", "none"]
@@ -176,10 +177,35 @@ class _Moments:
         return self
 
 
+def _check_score(score: Any) -> None:
+    if score not in ("consumer", "energy"):
+        raise SparsifyError(f"score must be 'consumer' or 'energy', got {score!r}")
+
+
+def _kept_count(d: int, fraction: float | None, keep: int | None, multiple_of: int) -> int:
+    """How many hidden channels to keep: ``keep``, or ``d`` less ``fraction`` of it, rounded to ``multiple_of``."""
+    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
+        raise SparsifyError(f"prune_hidden: multiple_of must be an int ≥ 1 (1: no rounding), got {multiple_of!r}")
+    if keep is None:
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
+            raise SparsifyError(f"prune_hidden: give fraction in [0, 1) or keep; got fraction={fraction!r}")
+        keep = d - round(d * fraction)
+    elif fraction is not None:
+        raise SparsifyError(f"prune_hidden: give fraction or keep, not both (fraction={fraction}, keep={keep})")
+    elif isinstance(keep, bool) or not isinstance(keep, int) or not 0 < keep <= d:
+        raise SparsifyError(f"prune_hidden: keep must be an int in 1..{d} (hidden_size), got {keep!r}")
+    rounded = max(multiple_of, round(keep / multiple_of) * multiple_of)
+    if rounded > d:
+        raise SparsifyError(f"prune_hidden: {keep} kept channels round to {rounded} (multiple_of={multiple_of}), more "
+                            f"than hidden_size={d}; pass a smaller multiple_of")
+    return rounded
+
+
 def hidden_importance(model: nn.Module, batches: Iterable[Any], *, score: Score = "consumer") -> np.ndarray:
     """One value per hidden channel (higher = keep), from one calibration pass; see the module docstring."""
     sites = stream_sites(model)
-    stats = _Moments(model, sites).run(batches)
+    _check_score(score)
+    stats = _Moments(model, sites).run(token_batches(model, batches, "hidden_importance"))
     total = None
     for s in sites:
         n = stats.tokens[s.norm]
@@ -312,21 +338,24 @@ def prune_hidden(model: nn.Module, batches: Iterable[Any], fraction: float | Non
     ``config.hidden_size`` are then swapped in all-or-nothing. Parameters are new tensors: build
     the optimizer afterwards.
     """
-    batches = list(batches)
+    check_model(model, "prune_hidden")
     sites = stream_sites(model)
+    batches = token_batches(model, batches, "prune_hidden")
     d = model.get_submodule(sites[-1].norm).weight.numel()
-    if keep is None:
-        if fraction is None or not 0.0 <= fraction < 1.0:
-            raise SparsifyError(f"prune_hidden: give fraction in [0, 1) or keep; got fraction={fraction}")
-        keep = d - round(d * fraction)
-    keep = max(multiple_of, round(keep / multiple_of) * multiple_of) if multiple_of > 1 else keep
-    if not 0 < keep <= d:
-        raise SparsifyError(f"prune_hidden: keep={keep} is outside 1..{d} (hidden_size)")
+    if getattr(model.config, "hidden_size", d) != d:
+        raise SparsifyError(f"prune_hidden: config.hidden_size is {model.config.hidden_size} but the model's hidden "
+                            f"width is {d} (config edited by hand?); run sparsify.hf.sync_config(model) first")
+    keep = _kept_count(d, fraction, keep, multiple_of)
     if compensate not in ("lstsq", "diag", "scale", "none"):
         raise SparsifyError(f"compensate must be 'lstsq', 'diag', 'scale' or 'none', got {compensate!r}")
+    _check_score(score)
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0:
+        raise SparsifyError(f"prune_hidden: ridge must be a number ≥ 0, got {ridge!r}")
     scores = hidden_importance(model, batches, score=score) if importance is None else np.asarray(importance, float)
     if scores.shape != (d,):
         raise SparsifyError(f"importance has shape {scores.shape}; give one value per hidden channel ({d})")
+    if not np.isfinite(scores).all():
+        raise SparsifyError("importance holds NaN or infinite values; give finite scores (higher = keep)")
     kept_np = np.sort(np.argsort(-scores, kind="stable")[:keep])
     removed = np.setdiff1d(np.arange(d), kept_np)
     result = HiddenResult(kept_np, removed, compensate, scores, sqrt_ratio=float(np.sqrt(d / keep)))

@@ -31,6 +31,7 @@ from torch.nn.utils import parametrize
 from sparsify.errors import SparsifyError
 from sparsify.hf import llama_like, sublayers
 from sparsify.hf.families import Widths, attention_of, family_of, layers_of, slots_of
+from sparsify.hf.inputs import check_model
 from sparsify.io import LoadError
 
 RECORD = "sparsify_layer_widths"
@@ -113,6 +114,7 @@ def sync_config(model: nn.Module) -> Any:
     removed (plain ``from_pretrained`` works). Raises ``SparsifyError`` if the weights fit no config
     of the model's class; the model and config are then unchanged.
     """
+    check_model(model, "sync_config", masks=False)
     with sublayers.full_sublayers(model):
         return _sync_config(model)
 
@@ -171,6 +173,9 @@ def save_pretrained(model: nn.Module, path: str | Path, **kwargs: Any) -> Path:
     A model still carrying a policy's parametrizations (STR thresholds, masks) is refused: call
     ``Sparsifier.prune()`` first, which bakes them into the weights.
     """
+    check_model(model, "save_pretrained", masks=False)
+    if Path(path).exists() and not Path(path).is_dir():
+        raise SparsifyError(f"save_pretrained: {path} is a file; pass a directory (it is created if missing)")
     leftover = sorted(name for name, m in model.named_modules() if parametrize.is_parametrized(m))
     if leftover:
         raise SparsifyError(f"{len(leftover)} modules still carry parametrizations (e.g. '{leftover[0]}'): their "
@@ -270,6 +275,33 @@ def _check_shapes(skeleton: nn.Module, shapes: dict[str, tuple[int, ...]], recor
                 "written for other weights?). Save the model again with sparsify.hf.save_pretrained.")
 
 
+def _load_plain(cls: type, path: Path, kwargs: dict[str, Any]) -> nn.Module:
+    """``cls.from_pretrained(path)``, refusing a checkpoint that lacks tensors of the model (another model's
+    weights would otherwise leave it randomly initialised); transformers' key conversions apply."""
+    if "output_loading_info" in kwargs:
+        return cls.from_pretrained(path, **kwargs)
+    model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    missing = [k for k in sorted(info.get("missing_keys") or ()) if not _zero_bias(model, k)]
+    if missing:
+        raise LoadError(f"{path} lacks {len(missing)} tensors of the {cls.__name__} its config.json describes "
+                        f"(e.g. {missing[:3]}): the weights belong to another model (or another class), and "
+                        "loading would leave them randomly initialised. Save the model with "
+                        "sparsify.hf.save_pretrained(model, path), or load it with the class it was saved from.")
+    return model
+
+
+def _zero_bias(model: nn.Module, key: str) -> bool:
+    """A missing ``*.bias`` that transformers initialised to zeros: the function of a model without it (the
+    sibling biases a config flag such as ``attention_bias`` declares beside ones pruning added)."""
+    if not key.endswith(".bias"):
+        return False
+    try:
+        tensor = model.get_parameter(key)
+    except AttributeError:
+        return False
+    return not bool(tensor.detach().count_nonzero())
+
+
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """Silence transformers' report of the size mismatches that the per-layer resize expects."""
@@ -285,6 +317,15 @@ def _quiet_transformers() -> Iterator[None]:
 
 def _model_class(config: Any, model_class: type | None) -> type:
     if model_class is not None:
+        if not isinstance(model_class, type) or not callable(getattr(model_class, "from_pretrained", None)):
+            raise LoadError(f"model_class must be a transformers model class (e.g. transformers.LlamaForCausalLM), "
+                            f"got {model_class!r:.80}")
+        expected = getattr(getattr(model_class, "config_class", None), "model_type", None)
+        if expected and expected != getattr(config, "model_type", None):
+            saved = getattr(config, "model_type", None)
+            raise LoadError(f"model_class {model_class.__name__} builds model_type {expected!r}, but the checkpoint "
+                            f"is a {saved!r} model ({getattr(config, 'architectures', None)}); pass a class of that "
+                            "family, or leave model_class out")
         return model_class
     import transformers
 
@@ -313,6 +354,9 @@ def from_pretrained(path: str | Path, model_class: type | None = None, **kwargs:
     with contextlib.suppress(ModuleNotFoundError):
         import_torchvision()
     path = Path(path)
+    if not (path / "config.json").is_file():
+        raise LoadError(f"{path} is not a directory with a config.json; pass the directory that "
+                        "sparsify.hf.save_pretrained(model, path) wrote")
     config = AutoConfig.from_pretrained(path)
     cls = _model_class(config, model_class)
     record = _record(config)
@@ -340,7 +384,7 @@ def from_pretrained(path: str | Path, model_class: type | None = None, **kwargs:
     _check_shapes(skeleton, shapes, record if slots is None else (record or slots), path)
     if record is None and slots is None:
         if removed is None:
-            return cls.from_pretrained(path, **kwargs)
+            return _load_plain(cls, path, kwargs)
         with _quiet_transformers():  # the removed sub-blocks' tensors are missing, as expected
             return sublayers.apply_record(cls.from_pretrained(path, **kwargs), shapes, LoadError)
     with _quiet_transformers():

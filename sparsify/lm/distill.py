@@ -20,7 +20,7 @@ learning rates are put back at the end, so a passed optimizer continues as it wa
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.errors import SparsifyError
+from sparsify.hf.inputs import check_batch, vocab_size
 
 
 def _cycle(batches: Iterable[Any]) -> Iterator[Any]:
@@ -41,11 +42,38 @@ def _cycle(batches: Iterable[Any]) -> Iterator[Any]:
                                 "list of batches, or another iterable that can be read again")
 
 
-def _to(batch: Any, device: torch.device) -> dict[str, Any]:
+def _check(batch: Any, vocab: int | None, values: bool) -> None:
+    """A dict of model inputs with well-formed ``input_ids`` (inside ``vocab`` where ``values``)."""
     if not isinstance(batch, dict):
         raise SparsifyError(f"distill: a batch must be a dict of model inputs (input_ids, attention_mask, labels), "
                             f"got {type(batch).__name__}")
+    check_batch(batch, vocab, "distill", values=values)
+
+
+def _to(batch: Any, device: torch.device, vocab: int | None = None) -> dict[str, Any]:
+    """The batch on ``device``, its shapes and dtypes checked (no device sync)."""
+    _check(batch, vocab, values=False)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _check_pair(student: nn.Module, teacher: nn.Module) -> None:
+    """Refuse a teacher that is (or shares parameters with) the student, or lives on another device."""
+    if teacher is student:
+        raise SparsifyError("distill: teacher is the student itself (it would learn towards its own moving output); "
+                            "pass the dense model as teacher, e.g. a copy.deepcopy(model) taken before pruning")
+    shared = {id(p) for p in student.parameters()} & {id(p) for p in teacher.parameters()}
+    if shared:
+        raise SparsifyError(f"distill: teacher and student share {len(shared)} parameters (a shallow copy?); "
+                            "pass a teacher made with copy.deepcopy(model) before pruning")
+    s_dev = {p.device for p in student.parameters()}
+    t_dev = {p.device for p in teacher.parameters()}
+    if len(s_dev) == 1 and len(t_dev) == 1 and s_dev != t_dev:
+        raise SparsifyError(f"distill: the student is on {s_dev.pop()} and the teacher on {t_dev.pop()}; "
+                            "move both to one device (teacher.to(device))")
+    s_vocab, t_vocab = vocab_size(student), vocab_size(teacher)
+    if s_vocab is not None and t_vocab is not None and s_vocab != t_vocab:
+        raise SparsifyError(f"distill: the student's vocabulary has {s_vocab} tokens and the teacher's {t_vocab}; "
+                            "distil between models with one tokenizer")
 
 
 def _get(output: Any, name: str) -> Any:
@@ -100,7 +128,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[dict[str, 
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise SparsifyError(f"distill: steps must be a positive int, got {steps!r}")
-    if not (0.0 <= alpha <= 1.0) or temperature <= 0 or hidden_weight < 0:
+    if not (0.0 <= alpha <= 1.0) or not temperature > 0 or not hidden_weight >= 0:
         raise SparsifyError(f"distill: need 0 ≤ alpha ≤ 1, temperature > 0, hidden_weight ≥ 0; got alpha={alpha}, "
                             f"temperature={temperature}, hidden_weight={hidden_weight}")
     if schedule not in ("constant", "cosine") or not 0 <= warmup_steps < max(steps, 1) \
@@ -108,8 +136,15 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[dict[str, 
         raise SparsifyError(f"distill: schedule must be 'constant' or 'cosine', 0 ≤ warmup_steps < steps and "
                             f"0 ≤ min_lr_ratio ≤ 1; got schedule={schedule!r}, warmup_steps={warmup_steps}, "
                             f"min_lr_ratio={min_lr_ratio}")
+    _check_pair(student, teacher)
+    vocab = vocab_size(student)
+    if isinstance(batches, Sequence):  # every batch checked before the first step: a bad one changes nothing
+        for b in batches:
+            _check(b, vocab, values=True)
     params = [p for p in student.parameters() if p.requires_grad]
     if optimizer is None:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise SparsifyError(f"distill: lr must be a number > 0, got {lr!r} (or pass an optimizer)")
         if not params:
             raise SparsifyError("distill: the student has no trainable parameter")
         optimizer = torch.optim.AdamW(params, lr=lr)
@@ -128,7 +163,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[dict[str, 
                 factor = lr_factor(i, steps, warmup_steps, min_lr_ratio)
                 for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
                     group["lr"] = base * factor
-            batch = _to(next(batch_iter), device)
+            batch = _to(next(batch_iter), device, vocab)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
                 with torch.no_grad():
                     t_out = teacher(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=hidden)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsify.errors import SparsifyError
+from sparsify.hf.inputs import check_ids, vocab_size
 from sparsify.measure.timing import measure_latency
 
 __all__ = ["lm_eval_tasks", "peak_memory", "perplexity", "throughput"]
@@ -23,7 +24,11 @@ __all__ = ["lm_eval_tasks", "peak_memory", "perplexity", "throughput"]
 
 def _logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     out = model(input_ids=input_ids)
-    return out if isinstance(out, torch.Tensor) else out.logits
+    logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
+    if logits is None:
+        raise SparsifyError(f"{type(model).__name__} returned {type(out).__name__} without logits: evaluate a "
+                            "language model (e.g. a *ForCausalLM, not the bare base model)")
+    return logits
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -33,9 +38,36 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 
 def _as_tensor(tokens: torch.Tensor | np.ndarray | Sequence[int]) -> torch.Tensor:
-    if isinstance(tokens, torch.Tensor):
-        return tokens.reshape(-1).long()
-    return torch.from_numpy(np.asarray(tokens).astype(np.int64).reshape(-1))
+    """The token stream as a 1-D tensor (a (1, N) batch of one row is accepted), its dtype kept."""
+    t = tokens if isinstance(tokens, torch.Tensor) else torch.as_tensor(np.asarray(tokens))
+    if t.dim() == 2 and t.shape[0] == 1:
+        t = t[0]
+    if t.dim() != 1:
+        raise SparsifyError(f"perplexity scores one 1-D token stream, got shape {tuple(t.shape)}; concatenate the "
+                            "documents (tokens.flatten() if the rows are consecutive text)")
+    return t
+
+
+def _max_positions(model: torch.nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _check_sizes(model: torch.nn.Module, seq_len: Any, batch_size: Any, max_batches: Any) -> None:
+    def count(v: Any, low: int) -> bool:
+        return not isinstance(v, bool) and isinstance(v, int) and v >= low
+
+    if not count(seq_len, 2) or not count(batch_size, 1) or not (max_batches is None or count(max_batches, 1)):
+        raise SparsifyError(f"perplexity needs ints seq_len ≥ 2, batch_size ≥ 1 and max_batches ≥ 1 or None; got "
+                            f"seq_len={seq_len!r}, batch_size={batch_size!r}, max_batches={max_batches!r}")
+    limit = _max_positions(model)
+    if limit is not None and seq_len > limit:
+        raise SparsifyError(f"perplexity: seq_len={seq_len} is longer than the model's {limit} positions "
+                            "(config.max_position_embeddings); pass seq_len ≤ that")
 
 
 @torch.no_grad()
@@ -50,10 +82,11 @@ def perplexity(model: torch.nn.Module, tokens: torch.Tensor | np.ndarray | Seque
     float64), with ``nll`` (that mean, nats per token) and ``tokens`` (how many were scored).
     Runs in eval mode under whatever autocast the caller set; the model's mode is restored.
     """
-    if seq_len < 2 or batch_size < 1 or (max_batches is not None and max_batches < 1):
-        raise SparsifyError(f"perplexity needs seq_len ≥ 2, batch_size ≥ 1 and max_batches ≥ 1 or None; got "
-                            f"seq_len={seq_len}, batch_size={batch_size}, max_batches={max_batches}")
+    _check_sizes(model, seq_len, batch_size, max_batches)
     stream = _as_tensor(tokens)
+    if stream.numel():
+        check_ids(stream, vocab_size(model), "perplexity", dims=1)
+    stream = stream.long()
     windows = stream.numel() // seq_len
     if windows == 0:
         raise SparsifyError(f"perplexity got {stream.numel()} tokens, fewer than one window of seq_len={seq_len}: "
@@ -87,6 +120,14 @@ def throughput(model: torch.nn.Module, *, batch_size: int = 8, seq_len: int = 51
     models): ``batch_size × new_tokens`` new tokens after a ``prompt_len`` prompt. Timed with CUDA
     events on GPUs (``sparsify.measure.measure_latency``), ``perf_counter`` elsewhere, after warm-up.
     """
+    sizes = {"batch_size": batch_size, "seq_len": seq_len, "prompt_len": prompt_len}
+    bad = {k: v for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+    if bad or isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 0:
+        raise SparsifyError(f"throughput needs ints batch_size, seq_len, prompt_len ≥ 1 and new_tokens ≥ 0; got "
+                            f"{bad or {'new_tokens': new_tokens}}")
+    if new_tokens > 0 and prompt_len > seq_len:
+        raise SparsifyError(f"throughput: prompt_len={prompt_len} is longer than seq_len={seq_len} (the prompt is "
+                            "cut from the forward batch); pass prompt_len ≤ seq_len")
     vocab_size = vocab_size or getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab_size is None:
         raise SparsifyError("throughput needs vocab_size for a model without .config.vocab_size")
