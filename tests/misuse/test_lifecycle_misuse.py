@@ -30,6 +30,7 @@ from sparsify.cli import main
 from sparsify.errors import PruneError
 from sparsify.io import LoadError
 from sparsify.testing.snapshot import assert_unchanged, snapshot
+from tests.misuse.test_model_misuse import _soft_then_prune
 
 GMP = {"kind": "gmp", "sparsity": 0.5, "start_step": 0, "end_step": 1}
 X = torch.randn(2, 3, 8, 8)
@@ -56,17 +57,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.relu(self.bn(self.fc1(x))))
-
-
-def _soft_then_prune(sp: Sparsifier, model: nn.Module, x: torch.Tensor = X) -> None:
-    sp.step()
-    model.eval()
-    with torch.no_grad():
-        soft = model(x)
-    result = sp.prune()
-    with torch.no_grad():
-        assert torch.allclose(model(x), soft, atol=1e-5)
-    assert result.params_after < result.params_before
 
 
 def _train_step(model: nn.Module, x: torch.Tensor = X) -> None:
