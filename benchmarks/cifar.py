@@ -278,18 +278,12 @@ def resume(path: Path, model: torch.nn.Module, trainer: Trainer, arm: object, tr
         raise SystemExit(f"{path} was written with other settings ({', '.join(diff)}); delete it or rerun the "
                          "command that wrote it")
     model.load_state_dict(state["model"])  # in place: a captured CUDA graph keeps its tensors
-    record = state.get("record", {})
-    if state.get("optimizer") is not None:
-        trainer.optimizer.load_state_dict(state["optimizer"])
-    else:  # a checkpoint slimmed for keeping (the momentum buffers dropped): said in the run's record
-        record["resumed_without_optimizer_state"] = state["epoch"]
-        print(f"{path} holds no optimizer state: SGD momentum restarts at zero after epoch {state['epoch']}",
-              flush=True)
+    trainer.optimizer.load_state_dict(state["optimizer"])
     arm.load_state_dict(state["arm"])
     train.generator.set_state(state["loader"])
     torch.set_rng_state(state["torch_rng"])
     print(f"resumed after {state['epoch']} epochs from {path}", flush=True)
-    return state["epoch"], state["step"], state["log"], record
+    return state["epoch"], state["step"], state["log"], state.get("record", {})
 
 
 def parser() -> argparse.ArgumentParser:

@@ -2,18 +2,17 @@
 # Issue #18 on the H200: the CIFAR-10 protocol (ResNet-56, seed 0, S=30 sparsify + F=30 fine-tune epochs, targets
 # 2.13x and 4x fewer MACs), as device commands of at most 10 minutes each. Results land in $OUT.
 #
-#   bash benchmarks/h200/cifar.sh dense      # 1: the dense model (resumes the kept 189-epoch checkpoint: ~1 min)
+#   bash benchmarks/h200/cifar.sh dense      # 1: the dense model, 200 epochs: two commands (checkpoint, resume)
 #   bash benchmarks/h200/cifar.sh arms K     # 2..: group K (1-based) of RUNS below, PER_CMD runs at once from $INIT
 #   bash benchmarks/h200/cifar.sh tp         # Torch-Pruning at reg every step: S-phase chunks, resumed per call
 #   bash benchmarks/h200/cifar.sh groups     # print the groups
 #
 # Carry: data/cifar10_jpeg.npz (54 MB) and .whl/cifar (the wheels the GPU image lacks: pydantic, rich,
-# torch_pruning, torch_kirigami, ...; 4.6 MB; ./scripts/device_wheels.sh fetches them). `dense` resumes the kept
-# checkpoint benchmarks/checkpoints/resnet56_dense_1x_seed0.epoch189.ckpt.pt (tracked: the 10-minute limit
-# stopped the first H200 run after 189 of 200 epochs; it holds no momentum buffers, so SGD momentum restarts for
-# the last 11 epochs, at lr < 8e-4) and writes out/dense/*.model.pt, which `arms` reads: run `dense` and then
-# `arms K` in the same command (out/ is lost when the machine goes back, 30 s after a command), or carry the
-# model.pt (3.5 MB) to out/dense. Every arm of the protocol must start from that one dense model: keep it.
+# torch_pruning, torch_kirigami, ...; 4.6 MB; ./scripts/device_wheels.sh fetches them). At 17.5k images/s `dense`
+# stops after ~189 epochs (--stop-after-s 540) with out/dense/*.ckpt.pt (7 MB, also in $OUT/dense): the same
+# command resumes it, so carry it back to out/dense if the machine went back meanwhile (out/ is lost 30 s after
+# a command). The finished out/dense/*.model.pt (3.5 MB, also in $OUT/dense) is what `arms` reads: run `arms K`
+# in the same command, or carry it. Every arm of the protocol must start from one dense model: keep it.
 # Time, measured 2026-12-03 on the H200: ResNet-56 at batch 128 trains at ~17.5k images/s (2.85 s an epoch), one
 # process alone or several together (the GPU is the limit; the 29k of earlier notes was batch 256 on an H100),
 # so a run of S + F = 60 epochs costs ~171 s of the GPU and PER_CMD=2 runs (~6.5 min with start-up, pruning and
@@ -66,11 +65,6 @@ collect() {  # the small results back: JSON records, logs (a few MB in all)
 case "${1:-}" in
   dense)
     setup
-    kept=benchmarks/checkpoints/${MODEL}_dense_1x_seed0.epoch189.ckpt.pt
-    if [ -z "$EXTRA" ] && [ -f "$kept" ] && [ ! -f out/dense/${MODEL}_dense_1x_seed0.ckpt.pt ] \
-        && [ ! -f out/dense/${MODEL}_dense_1x_seed0.model.pt ]; then
-      mkdir -p out/dense && cp "$kept" out/dense/${MODEL}_dense_1x_seed0.ckpt.pt   # resumed below
-    fi
     if [ -f out/dense/${MODEL}_dense_1x_seed0.model.pt ]; then
       echo "out/dense/${MODEL}_dense_1x_seed0.model.pt exists: the dense model is done"; exit 0
     fi

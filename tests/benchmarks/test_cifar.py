@@ -85,43 +85,6 @@ def test_a_dense_run_checkpoints_at_any_epoch(cifar) -> None:
     assert bench.run(args)["top1"] >= 0.0 and not list((out / "resume_dense").glob("*.ckpt.pt"))
 
 
-def test_a_checkpoint_without_optimizer_state_resumes_and_says_so(cifar) -> None:
-    """A checkpoint slimmed for keeping in the repository (momentum buffers dropped) resumes with a fresh
-    optimizer, and the run's record names the epoch it restarted the momentum at."""
-    import torch
-
-    bench, data, out = cifar
-    args = _args(bench, data, out / "resume_slim", epochs=2, prune_epoch=2, limit=96, batch=32, stop_after_s=0)
-    assert bench.run(args) == {}
-    (ckpt,) = (out / "resume_slim").glob("*.ckpt.pt")
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    torch.save({**state, "optimizer": None}, ckpt)
-    record = bench.run(args)
-    assert record["resumed_without_optimizer_state"] == 1 and len(record["epochs"]) == 2
-
-
-def test_the_kept_dense_checkpoint_resumes_under_the_h200_dense_command() -> None:
-    """benchmarks/checkpoints holds the ResNet-56 dense run the protocol's arms start from (stopped by the
-    10-minute command limit): a ResNet-56 state_dict whose settings are those of `cifar.sh dense`, so that
-    command resumes it rather than refusing it."""
-    import torch
-
-    from benchmarks import cifar as bench
-    from benchmarks.cifar_lib.models import build
-
-    (path,) = (ROOT / "benchmarks" / "checkpoints").glob("resnet56_dense_1x_seed0.epoch*.ckpt.pt")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    build("resnet56").load_state_dict(state["model"])
-    assert state["optimizer"] is None and f"epoch{state['epoch']}" in path.name
-    # the options of `benchmarks/h200/cifar.sh dense`
-    dense = ["--arm", "dense", "--model", "resnet56", "--epochs", "200", "--prune-epoch", "200", "--batch", "128",
-             "--lr", "0.1", "--wd", "5e-4", "--eval-every", "20", "--cache", "data/cache", "--save-model",
-             "--stop-after-s", "540", "--out", "out/dense"]
-    script = (ROOT / "benchmarks" / "h200" / "cifar.sh").read_text()
-    assert "--batch 128 --lr 0.1 --wd 5e-4 --eval-every 20" in script and "DENSE_EPOCHS:-200" in script
-    assert bench.settings_differ(state["args"], bench.parser().parse_args(dense)) == []
-
-
 def test_report_prints_table_and_plot(cifar, capsys) -> None:
     bench, _, out = cifar
     if not list(out.glob("*.json")):
