@@ -388,8 +388,10 @@ class Sparsifier:
                 raise SparsifyError(f"module {name!r} of the model was replaced or removed after the Sparsifier was "
                                     "built; its masks are on the old module. Build a new Sparsifier on the model as "
                                     "it is now")
-        for v in self.vectors:
-            for module, attr in v.adapter.parametrized(v):
+        for v in self.vectors:  # every tensor pruning slices, not only the ones the adapter parametrized
+            for member in v.group.members:
+                module_name, _, attr = member.tensor.rpartition(".")
+                module = self.model.get_submodule(module_name) if module_name else self.model
                 plist = module.parametrizations[attr] if parametrize.is_parametrized(module, attr) else ()
                 foreign = [type(p).__name__ for p in plist if not type(p).__module__.startswith("sparsify.")]
                 if foreign:

@@ -20,7 +20,8 @@ from pydantic import Field
 from torch import nn
 
 from sparsify.adapters.base import ImportanceVector, effective_over_raw, original, register_adapter
-from sparsify.adapters.filter_norm import _SCALED_ROLES, FilterNormAdapter, FilterNormConfig, _index
+from sparsify.adapters.filter_norm import FilterNormAdapter, FilterNormConfig, _index
+from sparsify.adapters.scaled_members import scaled_members
 from sparsify.errors import SparsifyError
 from sparsify.graph.channel_graph import ChannelGraph, Member
 from sparsify.graph.trace import as_args
@@ -129,7 +130,7 @@ class ActivationAdapter(FilterNormAdapter):
             if not consumers:
                 self.skipped[group.name] = "no Linear/Conv (groups=1) consumes these channels, so Wanda has no X"
                 continue
-            scaled = [m for m in group.members if m.role in _SCALED_ROLES]
+            scaled = scaled_members(cg, group)
             handle = {"model": cg.model, "in": consumers, "scaled": scaled, "cache": None}
             out.append(ImportanceVector(group.name, group, torch.arange(group.width).numpy(), self, handle=handle))
         self._vectors = out

@@ -2,8 +2,9 @@
 
 One vector per group; the norm of structure s sums ‖W[s]‖_p over the group's producing members
 (conv/linear rows, embeddings, additive parameters). A policy's transform is applied as a
-per-structure factor effective/norm on every producing tensor (weights, BN γ and β, biases), so an
-effective zero removes the structure exactly.
+per-structure factor effective/norm on every producing tensor (weights, BN γ and β, biases; a
+conv/linear feeding a BatchNorm leaves it to the BatchNorm: :mod:`sparsify.adapters.scaled_members`),
+so an effective zero removes the structure exactly.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from sparsify.adapters.base import (
     per_forward,
     register_adapter,
 )
+from sparsify.adapters.scaled_members import scaled_members
 from sparsify.graph.channel_graph import ChannelGraph, Member
 
 _NORM_ROLES = ("out", "value")
-_SCALED_ROLES = ("out", "value", "scale", "bias")
 
 
 class FilterNormConfig(AdapterConfig):
@@ -92,7 +93,7 @@ class FilterNormAdapter(Adapter):
             if not norm_members:
                 self.skipped[group.name] = "no weight produces these channels"
                 continue
-            scaled = [m for m in group.members if m.role in _SCALED_ROLES]
+            scaled = scaled_members(cg, group)
             handle = {"model": cg.model, "norm": norm_members, "scaled": scaled}
             out.append(ImportanceVector(group.name, group, torch.arange(group.width).numpy(), self, handle=handle))
         return out

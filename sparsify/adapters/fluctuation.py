@@ -34,7 +34,8 @@ from torch import nn
 
 from sparsify.adapters.activation import ActivationAdapter, calibration_pass
 from sparsify.adapters.base import AdapterConfig, ImportanceVector, original, register_adapter
-from sparsify.adapters.filter_norm import _SCALED_ROLES, _index
+from sparsify.adapters.filter_norm import _index
+from sparsify.adapters.scaled_members import scaled_members
 from sparsify.errors import SparsifyError
 from sparsify.graph.channel_graph import ChannelGraph, Member
 
@@ -145,7 +146,7 @@ class FluctuationAdapter(ActivationAdapter):
             if not consumers:
                 self.skipped[group.name] = "no Linear consumes these channels, so there is no input variance"
                 continue
-            scaled = [m for m in group.members if m.role in _SCALED_ROLES]
+            scaled = scaled_members(cg, group)
             handle = {"model": cg.model, "in": consumers, "scaled": scaled, "cache": None}
             out.append(ImportanceVector(group.name, group, torch.arange(group.width).numpy(), self, handle=handle))
         self._vectors = out

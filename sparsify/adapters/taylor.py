@@ -30,7 +30,8 @@ from pydantic import Field
 from torch import nn
 
 from sparsify.adapters.base import AdapterConfig, ImportanceVector, effective_over_raw, original, register_adapter
-from sparsify.adapters.filter_norm import _SCALED_ROLES, FilterNormAdapter, _index, _tensor
+from sparsify.adapters.filter_norm import FilterNormAdapter, _index, _tensor
+from sparsify.adapters.scaled_members import scaled_members
 from sparsify.errors import SparsifyError
 from sparsify.graph.channel_graph import ChannelGraph, Member
 from sparsify.graph.trace import as_args
@@ -107,7 +108,7 @@ class TaylorAdapter(FilterNormAdapter):
             if not group.exact and not self.config.include_inexact:
                 self.skipped[group.name] = f"inexact ({group.inexact[0]}); set include_inexact=True to cover it"
                 continue
-            scaled = [m for m in group.members if m.role in _SCALED_ROLES]
+            scaled = scaled_members(cg, group)
             owned = list({(m.tensor, m.dim): m for m in group.members
                           if isinstance(original(*_tensor(cg.model, m)), nn.Parameter)}.values())
             if not scaled or not owned:

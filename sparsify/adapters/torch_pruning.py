@@ -50,7 +50,8 @@ from torch.nn.utils import parametrize
 
 from sparsify._utils import is_meta
 from sparsify.adapters.base import AdapterConfig, ImportanceVector, original, register_adapter
-from sparsify.adapters.filter_norm import _SCALED_ROLES, FilterNormAdapter
+from sparsify.adapters.filter_norm import FilterNormAdapter
+from sparsify.adapters.scaled_members import scaled_members
 from sparsify.errors import SparsifyError
 from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup, Member
 
@@ -172,7 +173,7 @@ class TorchPruningAdapter(FilterNormAdapter):
             if roots is None:
                 self.skipped[group.name] = reason
                 continue
-            scaled = [m for m in group.members if m.role in _SCALED_ROLES]
+            scaled = scaled_members(cg, group)
             handle = {"model": cg.model, "roots": roots, "scaled": scaled, "cache": None}
             out.append(ImportanceVector(group.name, group, np.arange(group.width), self, handle=handle))
         self._vectors = out
