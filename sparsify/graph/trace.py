@@ -162,7 +162,8 @@ def trace(model: nn.Module, example_inputs: Any) -> TracedModel:
     The model is left exactly as it was: its train/eval mode, parameters and buffers.
     """
     if not isinstance(model, nn.Module):
-        raise TraceError(f"expected an nn.Module, got {type(model).__name__}.")
+        raise TraceError(f"expected an nn.Module, got {type(model).__name__}: pass the model itself (a plain "
+                         "function: wrap it in an nn.Module whose forward calls it)")
     check_supported_model(model)
     args, kwargs = as_args(example_inputs)
     devices = sorted({str(t.device) for t in [*model.parameters(), *model.buffers()]})

@@ -107,6 +107,12 @@ def check_no_forward_hooks(model: nn.Module, what: str, error: type[SparsifyErro
     known only to observe (transformers' output capturing) are allowed."""
     hooked = [(name, fn) for name, m in model.named_modules() if name
               for fn in (*m._forward_pre_hooks.values(), *m._forward_hooks.values()) if not _observes_only(fn)]
+    old_style = sorted({n for n, fn in hooked if type(fn).__name__ in ("WeightNorm", "SpectralNorm")})
+    if old_style:  # torch.nn.utils.weight_norm / spectral_norm (deprecated) recompute the weight in a pre-hook
+        raise error(f"{what}: {', '.join(map(repr, old_style[:3]))} carry the deprecated hook-based weight_norm / "
+                    "spectral_norm, whose recomputed weight the channel graph cannot slice. Bake it in with "
+                    "torch.nn.utils.remove_weight_norm(module) (remove_spectral_norm) before this call, or use "
+                    "torch.nn.utils.parametrizations.weight_norm, which the graph reads")
     if hooked:
         names = ", ".join(f"{n!r} ({getattr(fn, '__qualname__', type(fn).__name__)})" for n, fn in hooked[:3])
         raise error(f"{what}: submodules of the model carry forward hooks ({names}{' …' if len(hooked) > 3 else ''}); "

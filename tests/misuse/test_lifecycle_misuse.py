@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +241,24 @@ def test_prune_channels_refuses_a_model_with_forward_hooks() -> None:
     with pytest.raises(PruneError, match=r"carry forward hooks \('0' \(_flip\)\).*handle\.remove\(\)"):
         prune_channels(cg, {cg.prunable_groups()[0].id: [0, 1]})
     assert_unchanged(before, model)
+
+
+def test_deprecated_hook_based_weight_norm_is_refused_with_its_own_fix() -> None:
+    model = cnn()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch deprecates the hook-based weight_norm
+        torch.nn.utils.weight_norm(model[3])
+    before = snapshot(model)
+    with pytest.raises(SparsifyError, match=r"'3' carry the deprecated hook-based weight_norm.*remove_weight_norm"):
+        Sparsifier(model, X, "filter_norm", GMP)
+    assert_unchanged(before, model)
+    torch.nn.utils.remove_weight_norm(model[3])
+    _soft_then_prune(Sparsifier(model, X, "filter_norm", GMP), model)
+
+
+def test_a_function_instead_of_a_model_is_refused_with_the_fix() -> None:
+    with pytest.raises(SparsifyError, match=r"expected an nn.Module, got builtin_.*: .*wrap it in an nn.Module"):
+        build_channel_graph(torch.relu, X)
 
 
 def test_sparsifier_refuses_forward_hooks_at_construction_and_at_prune() -> None:
