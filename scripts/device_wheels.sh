@@ -2,14 +2,15 @@
 # Download the wheels that the GPU machine's image lacks (it has torch, torchvision, timm, transformers, peft),
 # for Python 3.12 manylinux, at the versions installed in .venv (run ./scripts/setup.sh first):
 #   .whl/        pydantic & co., torch-pruning, rich & co.           (benchmarks/h200/llm.sh, benchmarks/speed.py)
-#   .whl/cifar/  the same + torch-kirigami and its pure-Python deps  (benchmarks/h200/cifar.sh)
+#   .whl/cifar/  pydantic & co., torch-pruning, rich, torch-kirigami  (benchmarks/h200/cifar.sh; lean: with the data
+#                and the dense model it must fit the 64 MiB carry — rich imports pygments & markdown-it lazily)
 # On the device: python3 -m pip install --no-index --no-deps --target /tmp/site .whl/*.whl
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || { echo "no .venv: run ./scripts/setup.sh first"; exit 2; }
 version() { .venv/bin/python -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"; }
 BASE="pydantic pydantic-core annotated-types typing-inspection torch-pruning rich markdown-it-py mdurl pygments"
-EXTRA_CIFAR="torch-kirigami"
+CIFAR="pydantic pydantic-core annotated-types typing-inspection torch-pruning rich torch-kirigami"
 fetch() {  # fetch DEST NAME...
   local dest=$1; shift
   mkdir -p "$dest"
@@ -21,7 +22,7 @@ fetch() {  # fetch DEST NAME...
 # shellcheck disable=SC2086
 fetch .whl $BASE
 # shellcheck disable=SC2086
-fetch .whl/cifar $BASE $EXTRA_CIFAR
+fetch .whl/cifar $CIFAR
 # NVIDIA ModelOpt, the optional LLM peer (benchmarks/llm_lib/peers.py): not installed in .venv, pinned here;
 # PuLP < 3 (PuLP 4 imports orloge and cpsat_logutils); antlr4-python3-runtime (omegaconf's dependency) is a
 # source archive only: built into a wheel here

@@ -7,12 +7,16 @@
 #   bash benchmarks/h200/cifar.sh tp         # Torch-Pruning at reg every step: S-phase chunks, resumed per call
 #   bash benchmarks/h200/cifar.sh groups     # print the groups
 #
-# Carry: data/cifar10_jpeg.npz (54 MB) and .whl/cifar (the wheels the GPU image lacks: pydantic, rich,
-# torch_pruning, torch_kirigami, ...; 4.6 MB; ./scripts/device_wheels.sh fetches them). At 17.5k images/s `dense`
-# stops after ~189 epochs (--stop-after-s 540) with out/dense/*.ckpt.pt (7 MB, also in $OUT/dense): the same
-# command resumes it, so carry it back to out/dense if the machine went back meanwhile (out/ is lost 30 s after
-# a command). The finished out/dense/*.model.pt (3.5 MB, also in $OUT/dense) is what `arms` reads: run `arms K`
-# in the same command, or carry it. Every arm of the protocol must start from one dense model: keep it.
+# Carry: data/cifar10_jpeg.npz (55.8 MB), .whl/cifar (the wheels the GPU image lacks: pydantic, rich,
+# torch_pruning, torch_kirigami; 3.4 MB; ./scripts/device_wheels.sh fetches them) and, once it exists, the
+# finished dense model out/dense/*.model.pt (3.6 MB) that every `arms K` starts from — with the tracked tree
+# that is ~63 of the 64 MiB a command may carry. The dense model is not in git (weights do not belong there):
+# keep it in the ignored out/dense between sessions, or retrain it: at 17.5k images/s `dense` stops after ~189
+# epochs (--stop-after-s 540) with out/dense/*.ckpt.pt (7 MB, also in $OUT/dense) and the same command resumes it.
+# The data and the 7 MB checkpoint together exceed the carry limit: stage the checkpoint in one small command
+# (cp into out/dense; ignored outputs stay while the machine is warm, 30 s), then carry the data in the next.
+# Every arm of the protocol must start from one dense model. `arms K` writes into $OUT/protocol directly, so
+# runs that finished come back even when the command is cut short by a timeout.
 # Time, measured 2026-12-03 on the H200: ResNet-56 at batch 128 trains at ~17.5k images/s (2.85 s an epoch), one
 # process alone or several together (the GPU is the limit; the 29k of earlier notes was batch 256 on an H100),
 # so a run of S + F = 60 epochs costs ~171 s of the GPU and PER_CMD=2 runs (~6.5 min with start-up, pruning and
@@ -84,12 +88,12 @@ case "${1:-}" in
     group=("${runs[@]:$(( (k - 1) * PER_CMD )):$PER_CMD}")
     [ ${#group[@]} -gt 0 ] || { echo "no group $k"; exit 2; }
     [ -f "$INIT" ] || { echo "no dense checkpoint at $INIT: run 'cifar.sh dense' first (and carry it)"; exit 2; }
-    mkdir -p out/protocol
+    # straight into $OUT: a run that finished is kept even if the command is cut short (a timeout kills this
+    # script before any copy at the end; that lost a finished run once)
+    mkdir -p "$OUT/protocol"
     # shellcheck disable=SC2086
-    $PY -m benchmarks.cifar "${protocol[@]}" --max-procs "$PER_CMD" $EXTRA --parallel "${group[@]}"
-    status=$?
-    collect
-    exit $status
+    $PY -m benchmarks.cifar "${protocol[@]}" --out "$OUT/protocol" --max-procs "$PER_CMD" $EXTRA \
+      --parallel "${group[@]}"
     ;;
   tp)
     setup
