@@ -51,6 +51,7 @@ from benchmarks.cifar_lib.models import build
 from benchmarks.cifar_lib.report import report
 from benchmarks.cifar_lib.tp_arm import TP_IMPORTANCES
 from benchmarks.cifar_lib.train import Recipe, Trainer
+from benchmarks.cifar_lib.widths import conv_widths
 from sparsify import recalibrate_batchnorm
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data" / "cifar10_jpeg.npz"
@@ -126,6 +127,7 @@ def run(args: argparse.Namespace) -> dict:
     arm = make_arm(args, recipe, len(train), train)
     prune_epoch = 0 if arm.prune_at_start else recipe.prune_epoch
     macs_before, params_before = macs_of(model, example), sum(p.numel() for p in model.parameters())
+    dense_widths = conv_widths(model)
     arm.setup(model, example)
     bf16 = device.type == "cuda" and not args.fp32
     trainer = Trainer(model, recipe, device, bf16=bf16, graphs=arm.graphs and not args.no_graphs, ddp=world > 1,
@@ -190,6 +192,7 @@ def run(args: argparse.Namespace) -> dict:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "CPU",
         "torch": torch.__version__, "command": " ".join(sys.argv), "processes": world,
         "cuda_graphs": trainer.graphs, "graph_capture_error": trainer.capture_error,
+        "dense_widths": dense_widths, "widths": conv_widths(model),
     })
     if device.type == "cuda" and not args.no_latency and not rank:
         from benchmarks.cifar_lib.latency import LATENCY_BATCH, deployed_latency_ms

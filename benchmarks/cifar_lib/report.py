@@ -12,6 +12,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.cifar_lib.widths import plot_widths
+
 BASELINES = ("dense_ft", "dense")  # what Δ is measured against: the protocol's baseline, else from-scratch dense
 
 
@@ -137,6 +139,7 @@ def report(out: Path, results_json: Path | None = None) -> list[dict]:
     if any(r["latency_ms"] is not None for r in rows):
         _plot(rows, "latency_ms", "latency of the deployed net, batch 256, bf16 (ms)", 1.0,
               out / "accuracy_vs_latency.png")
+    plot_widths(records, out / "widths.png")
     return rows
 
 

@@ -145,9 +145,13 @@ def _check_protocol_run(bench, record: dict, dense: dict, arm: str) -> None:
     assert record["recipe"]["epochs"] == 2 and record["recipe"]["lr"] == 0.01 and len(record["epochs"]) == 2
     assert record["recipe"]["warmup_epochs"] == 0
     reduction = record["macs_before"] / record["macs_after"]
+    widths, dense_widths = record["widths"], record["dense_widths"]
+    assert widths.keys() == dense_widths.keys() and len(widths) > 10  # every conv, kept for the widths plot
     if arm == "dense_ft":
         assert reduction == 1.0 and record["target_met"] is None and record["prune_epoch"] is None
+        assert widths == dense_widths
         return
+    assert sum(widths.values()) < sum(dense_widths.values())
     assert record["target_met"] is True, reduction
     assert abs(reduction / 2.13 - 1) <= bench.TARGET_TOLERANCE
     assert record["images_per_s_finetune"] > 0
@@ -240,6 +244,20 @@ def test_report_groups_seeds_and_measures_delta_at_the_same_seeds(tmp_path: Path
     saved = json.loads((tmp_path / "results" / "protocol.json").read_text())
     assert len(saved["rows"]) == 4 and all("epochs" not in row for row in saved["rows"])
     assert (tmp_path / "accuracy_vs_macs.png").exists() and not (tmp_path / "accuracy_vs_latency.png").exists()
+    assert not (tmp_path / "widths.png").exists()  # no run recorded its widths
+
+
+def test_report_plots_the_widths_of_pruned_runs(tmp_path: Path) -> None:
+    from benchmarks.cifar_lib.report import report
+
+    dense = {"conv1": 16, "layers.0.conv1": 16, "layers.0.conv2": 16}
+    runs = [_record("dense_ft", 0, 0.90), _record("str_bn", 0, 0.89, 2.13), _record("l1_oneshot", 0, 0.88, 2.13)]
+    runs[1].update(dense_widths=dense, widths={"conv1": 12, "layers.0.conv1": 5, "layers.0.conv2": 12})
+    runs[2].update(dense_widths=dense, widths={"conv1": 10, "layers.0.conv1": 8, "layers.0.conv2": 10})
+    for i, r in enumerate(runs):
+        (tmp_path / f"run{i}.json").write_text(json.dumps(r))
+    report(tmp_path)
+    assert (tmp_path / "widths.png").stat().st_size > 1000
 
 
 def test_parallel_passes_the_protocol_options_on(cifar, dense_init) -> None:
