@@ -11,6 +11,8 @@ is 0 after the BatchNorm, as before.
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import numpy as np
 from torch import fx, nn
 
@@ -19,32 +21,33 @@ from sparsify.graph.channel_graph import ChannelGraph, ChannelGroup, Member
 SCALED_ROLES = ("out", "value", "scale", "bias")
 
 
-def _single_call(graph: fx.Graph, target: str) -> fx.Node | None:
-    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == target]
-    return calls[0] if len(calls) == 1 else None
+def _module_calls(graph: fx.Graph) -> dict[str, list[fx.Node]]:
+    calls: dict[str, list[fx.Node]] = defaultdict(list)
+    for n in graph.nodes:
+        if n.op == "call_module":
+            calls[str(n.target)].append(n)
+    return calls
 
 
 def normalized_producers(cg: ChannelGraph, group: ChannelGroup) -> set[str]:
     """Modules of ``group`` whose produced channels feed only an affine BatchNorm of the group, index for
-    index (the same structure of every channel)."""
-    graph = cg.traced.graph
+    index (the same structure of every channel); each module called once."""
+    norms = [m for m in group.members if m.role == "scale"
+             and isinstance(bn := cg.model.get_submodule(m.module), nn.modules.batchnorm._BatchNorm) and bn.affine]
+    if not norms:
+        return set()
+    calls = _module_calls(cg.traced.graph)
     out_members = {m.module: m for m in group.members if m.role == "out"}
     found: set[str] = set()
-    for bn_member in group.members:
-        if bn_member.role != "scale":
+    for bn_member in norms:
+        bn_calls = calls.get(bn_member.module, [])
+        if len(bn_calls) != 1 or not bn_calls[0].args or not isinstance(bn_calls[0].args[0], fx.Node):
             continue
-        bn = cg.model.get_submodule(bn_member.module)
-        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.affine:
-            continue
-        bn_node = _single_call(graph, bn_member.module)
-        if bn_node is None or not bn_node.args or not isinstance(bn_node.args[0], fx.Node):
-            continue
-        producer = bn_node.args[0]
+        producer = bn_calls[0].args[0]
         member = out_members.get(str(producer.target)) if producer.op == "call_module" else None
-        if (member is None or len(producer.users) != 1 or _single_call(graph, str(producer.target)) is None
-                or not np.array_equal(member.structure_of, bn_member.structure_of)):
-            continue
-        found.add(member.module)
+        if (member is not None and len(producer.users) == 1 and len(calls[member.module]) == 1
+                and np.array_equal(member.structure_of, bn_member.structure_of)):
+            found.add(member.module)
     return found
 
 

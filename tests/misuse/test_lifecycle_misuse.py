@@ -172,17 +172,23 @@ def test_config_that_is_not_a_sparsifier_config(config: Any, message: str) -> No
 
 
 # ----- the model moved or cast after the graph / Sparsifier was built -----------------------------
+def _prune_refused_until_undone(sp: Sparsifier, model: nn.Module, match: str, undo: Any) -> None:
+    """prune() refuses (``match``) and leaves the model as it was; after ``undo()`` it prunes exactly."""
+    before = snapshot(model)
+    with pytest.raises(SparsifyError, match=match):
+        sp.prune()
+    assert_unchanged(before, model)
+    undo()
+    _soft_then_prune(sp, model)
+
+
 def test_model_cast_between_construction_and_prune_is_refused_then_works_cast_back() -> None:
     model = cnn()
     sp = Sparsifier(model, X, "filter_norm", GMP)
     sp.step()
     model.double()
-    before = snapshot(model)
-    with pytest.raises(SparsifyError, match=r"moved or cast after the Sparsifier was built .*float64.*model\.to"):
-        sp.prune()
-    assert_unchanged(before, model)
-    model.float()
-    _soft_then_prune(sp, model)
+    _prune_refused_until_undone(sp, model, r"moved or cast after the Sparsifier was built .*float64.*model\.to",
+                                undo=model.float)
 
 
 def test_prune_channels_on_a_model_cast_after_the_graph_names_the_fix() -> None:
@@ -272,12 +278,8 @@ def test_sparsifier_refuses_forward_hooks_at_construction_and_at_prune() -> None
     sp = Sparsifier(model, X, "filter_norm", GMP)
     sp.step()
     handle = model[0].register_forward_hook(_flip)  # added during training
-    before = snapshot(model)
-    with pytest.raises(SparsifyError, match=r"prune\(\): submodules of the model carry forward hooks"):
-        sp.prune()
-    assert_unchanged(before, model)
-    handle.remove()
-    _soft_then_prune(sp, model)
+    _prune_refused_until_undone(sp, model, r"prune\(\): submodules of the model carry forward hooks",
+                                undo=handle.remove)
 
 
 def test_transformers_output_capturing_hooks_are_allowed() -> None:
