@@ -22,17 +22,19 @@ __all__ = ["deploy"]
 
 def deploy(model: nn.Module, example_inputs: Any, *, fold_bn: bool = True, fuse_activations: bool = True,
            space_to_depth_stem: bool = False, channels_last: bool = True, compile: bool = False,
-           dtype: torch.dtype | None = None, inplace: bool = False) -> nn.Module:
+           dtype: torch.dtype | None = None, inplace: bool = False, merge_residual_bias: bool = True) -> nn.Module:
     """A copy of ``model`` ready for inference (the model itself with ``inplace=True``).
 
     Eval mode; eval-mode BatchNorms folded into the preceding convs (``fold_bn``, see
     :func:`fold_batchnorm`); conv→ReLU/ReLU6 and conv→add→ReLU fused for eager CUDA inference into
     cuDNN's one-kernel conv+bias(+add)+ReLU (``fuse_activations``, see :mod:`sparsify.deploy.fusion`;
     the returned module lists them in ``.sparsify_fusions``; skipped with ``compile``, where inductor
-    fuses by itself); parameters cast to ``dtype`` if given; 4-d weights in channels_last memory format
-    (``channels_last``: feed channels_last inputs too, or leave it to autocast); ``torch.compile``d if
-    ``compile`` (the returned module is then the compiled wrapper). The outputs equal the original's up
-    to floating-point rounding (on the CPU, fusion changes nothing).
+    fuses by itself; ``merge_residual_bias``: the bias of a conv whose output is only the residual of a fused
+    add moves into the fused conv, one elementwise kernel fewer per ResNet downsample block); parameters
+    cast to ``dtype`` if given; 4-d weights in channels_last memory format (``channels_last``: feed
+    channels_last inputs too, or leave it to autocast); ``torch.compile``d if ``compile`` (the returned
+    module is then the compiled wrapper). The outputs equal the original's up to floating-point rounding
+    (on the CPU, fusion without ``merge_residual_bias`` changes nothing).
 
     Where a fusion needs a rewritten forward (a residual add, a ReLU module called twice, a functional
     ReLU: torchvision's ResNets), the result is a ``torch.fx.GraphModule`` of the eval-mode trace that
@@ -56,7 +58,7 @@ def deploy(model: nn.Module, example_inputs: Any, *, fold_bn: bool = True, fuse_
         space_to_depth_stems_(out)
     if fuse_activations and not compile:
         try:
-            out, fusions = fuse_conv_activations(out, example_inputs)
+            out, fusions = fuse_conv_activations(out, example_inputs, merge_residual_bias=merge_residual_bias)
         except TraceError:  # only with fold_bn=False (folding traces too): an untraceable model stays unfused
             fusions = []
         out.sparsify_fusions = fusions

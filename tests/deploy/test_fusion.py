@@ -32,9 +32,10 @@ def test_torchvision_models_fuse_every_relu_and_keep_outputs(tv: ModuleType, nam
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     deployed = deploy(model, x)
     unfused = deploy(model, x, fuse_activations=False)
+    unmerged = deploy(model, x, merge_residual_bias=False)
     assert _diff(model, deployed, x) <= 1e-10
     with torch.no_grad():  # the CPU path of the fused modules is the unfused math, bit for bit
-        assert torch.equal(unfused(x), deployed(x))
+        assert torch.equal(unfused(x), unmerged(x))
     fusions = deployed.sparsify_fusions
     n_relu, n_add = _count(deployed, ConvReLU), _count(deployed, ConvAddReLU)
     assert n_relu + n_add == len(fusions) and _count(unfused, ConvReLU) == 0
@@ -51,10 +52,28 @@ def test_torchvision_models_fuse_every_relu_and_keep_outputs(tv: ModuleType, nam
         assert isinstance(deployed, fx.GraphModule) and n_add == blocks
         assert n_relu == 1 + blocks * (1 if name == "resnet18" else 2)
         assert all(f.max_value is None for f in fusions)
+        # each downsample conv's bias moved into its block's fused conv (one bias kernel fewer on CUDA)
+        downsample = sorted(n for n, _ in model.named_modules() if n.endswith("downsample.0"))
+        assert sorted(f.bias_from for f in fusions if f.bias_from) == downsample
+        assert all(deployed.get_submodule(n).bias is None for n in downsample)
+        assert all(unmerged.get_submodule(n).bias is not None for n in downsample)
     assert deployed.get_submodule("conv1" if name != "mobilenet_v2" else "features.0.0").conv.weight.is_contiguous(
         memory_format=torch.channels_last)
     again = deploy(deployed, x)  # the fused modules trace as leaves: a deployed model deploys again
     assert again.sparsify_fusions == [] and _diff(model, again, x) <= 1e-10
+
+
+def test_merging_a_residual_bias_leaves_the_model_as_it_was(tv: ModuleType) -> None:
+    model = deploy(randomize_(tv.models.resnet18(num_classes=10)).double().eval(), torch.randn(1, 3, 32, 32).double(),
+                   fuse_activations=False, channels_last=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    fused, fusions = fuse_conv_activations(model, x)
+    assert fused is not model and any(f.bias_from for f in fusions)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        assert float((fused(x) - model(x)).abs().max()) <= 1e-10
 
 
 class Patterns(nn.Module):
