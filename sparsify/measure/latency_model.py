@@ -10,7 +10,9 @@ from ``step`` to the full width (``grid_points`` of them, evenly spread, per pru
 multiple with ``grid_points=None``), linearly (bilinearly) interpolated in between and clamped at the
 ends. A depthwise conv has one axis (in = out = groups); a grouped conv too (whole conv groups go).
 Identical configurations are timed once (``cache``, shareable between models): ResNet-50 has few
-distinct layer shapes. Other ops (norms, activations, additions, pooling) are not modelled.
+distinct layer shapes. 2-d max/avg pools are modelled as layers whose width follows the conv before them
+(:mod:`sparsify.measure.pooling`); other ops (norms, activations, additions) are not modelled: deployment
+folds norms and fuses ReLUs and residual adds into the convs (:mod:`sparsify.measure.epilogue`).
 
     lat = LatencyModel(sp.graph, batch=256, device="cuda", dtype=torch.bfloat16, step=8)
     lat.total, lat.after(keep), lat.measured   # dense estimate, estimate of a plan, configurations timed
@@ -34,35 +36,16 @@ from torch import nn
 from sparsify.graph.channel_graph import ChannelGraph
 from sparsify.graph.cost import module_macs
 from sparsify.graph.trace import TensorInfo
+from sparsify.measure.epilogue import Epilogue, deployed_epilogues
 from sparsify.measure.layer_cache import LayerTimingCache
 from sparsify.measure.layer_timing import LayerSpec, time_layer
 from sparsify.measure.network import network_latency
+from sparsify.measure.pooling import pool_spec
 from sparsify.measure.progress import progress
 
 __all__ = ["LatencyModel", "LayerSpec", "time_layer"]  # LayerSpec, time_layer: from measure.layer_timing
 
 LatencyFn = Callable[["LayerSpec", int, int], float]
-
-
-def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:
-    """What a node computes, by name: a module's class, a function's or a method's name (lower case)."""
-    if node.op == "call_module":
-        return type(gm.get_submodule(str(node.target))).__name__.lower()
-    if node.op in ("call_function", "call_method"):
-        return str(getattr(node.target, "__name__", node.target)).lower()
-    return ""
-
-
-def _epilogue(gm: fx.GraphModule, node: fx.Node) -> tuple[bool, bool]:
-    """(a BatchNorm alone follows the conv, a ReLU follows it or that BN): what deployment folds and fuses."""
-    users = list(node.users)
-    folded_bn = len(users) == 1 and "batchnorm" in _op_name(gm, users[0]).replace("_", "")
-    if folded_bn:
-        users = list(users[0].users)
-        if len(users) == 1 and _op_name(gm, users[0]) == "getitem":  # ATen batch norm returns a tuple
-            users = list(users[0].users)
-    relu = len(users) == 1 and _op_name(gm, users[0]).split(".")[0] in ("relu", "relu_")
-    return folded_bn, relu
 
 
 def _grid(full: int, unit: int, points: int | None) -> np.ndarray:
@@ -100,6 +83,8 @@ class LatencyModel:
         disk_cache: keep real timings in a JSON file per card, software versions and setting
             (:mod:`sparsify.measure.layer_cache`): True, False, or a file path; None (default): on for
             CUDA timings, off elsewhere and with ``latency_fn``. ``disk_cache_path`` is the file used.
+        pools: also model 2-d max/avg pools, whose width follows the layer before them
+            (:mod:`sparsify.measure.pooling`; ResNet's stem max pool is ~12 % of its time on an H200).
     """
 
     def __init__(self, cg: ChannelGraph, *, batch: int | None = None, device: torch.device | str | None = None,
@@ -107,7 +92,8 @@ class LatencyModel:
                  grid_points: int | None = 5, iters: int = 10, warmup: int = 3, latency_fn: LatencyFn | None = None,
                  cache: dict[tuple, float] | None = None, measure: Callable[[nn.Module], float] | None = None,
                  network_bench: Mapping[str, Any] | None = None, in_context: bool = True,
-                 cast_params: bool = False, disk_cache: bool | str | os.PathLike | None = None) -> None:
+                 cast_params: bool = False, disk_cache: bool | str | os.PathLike | None = None,
+                 pools: bool = True) -> None:
         if int(step) != step or step < 1:
             raise ValueError(f"step must be a positive integer (e.g. 8), got {step!r}")
         if grid_points is not None and grid_points < 2:
@@ -120,6 +106,7 @@ class LatencyModel:
         self.network_bench = dict(network_bench or {})
         self.network_timings: list[dict[str, Any]] = []  # every default whole-network timing, as plain data
         self.skipped: dict[str, str] = {}
+        self.pools = pools
         self.layers = self._collect(cg)
         self.batch = int(batch if batch is not None else self._traced_batch(cg))
         self._setting = (self.batch, str(self.device), str(self.dtype), channels_last, latency_fn, in_context,
@@ -129,7 +116,7 @@ class LatencyModel:
             iters=iters, warmup=warmup, in_context=in_context, cast_params=cast_params))
         self._disk = self._disk_cache(disk_cache, latency_fn is not None, dict(
             dtype=str(self.dtype), batch=self.batch, channels_last=channels_last, in_context=in_context,
-            cast_params=cast_params, iters=iters))
+            cast_params=cast_params, iters=iters, context=2))  # 2: adds fused, biases merged, grouped unfused
         self.disk_cache_path = None if self._disk is None else str(self._disk.path)
         # per layer and sliced weight dim (0 = out, 1 = in): (group id, structure_of)
         prunable = {g.id for g in cg.prunable_groups()}
@@ -140,6 +127,9 @@ class LatencyModel:
                 for m in g.members:
                     if m.tensor == spec.name and m.role in ("out", "in") and m.dim in (0, 1) and m.dim not in dims:
                         dims[m.dim] = (g.id, np.asarray(m.structure_of))
+            if spec.follows is not None:  # a pool: its width is its producer's output width
+                producer = next(d for s, d in zip(self.layers, self._dims, strict=False) if s.name == spec.follows)
+                dims = {0: producer[0]} if 0 in producer else {}
             self._dims.append(dims)
         self.layers_of: dict[int, list[int]] = {}  # group id → layers whose widths it changes
         for i, dims in enumerate(self._dims):
@@ -173,9 +163,24 @@ class LatencyModel:
     def _collect(self, cg: ChannelGraph) -> list[LayerSpec]:
         traced, gm = cg.traced, cg.traced.graph_module
         macs = module_macs(traced)
-        layers = []
+        layers: list[LayerSpec] = []
+        convs = [n for n in gm.graph.nodes if (n.op == "call_module" and isinstance(
+            gm.get_submodule(str(n.target)), nn.modules.conv._ConvNd)) or (n.op == "call_function" and getattr(
+                n.target, "__name__", "").split(".")[0] in ("conv1d", "conv2d", "conv3d"))]
+        epilogues = deployed_epilogues(gm, traced.values, convs)
+
+        def epilogue(node: fx.Node) -> tuple[bool, bool, bool, bool]:
+            e = epilogues.get(node, Epilogue())
+            return e.folded_bn, e.relu, e.add_relu, e.bias_merged
+
+        layer_of: dict[fx.Node, str] = {}  # modelled conv/linear nodes → their spec's name (pools follow them)
         for node in gm.graph.nodes:
             x = traced.values.get(node.args[0].name) if node.args and isinstance(node.args[0], fx.Node) else None
+            count = len(layers)
+            pool = pool_spec(gm, node, x, layer_of) if self.pools else None
+            if pool is not None:
+                layers.append(pool)
+                continue
             if node.op == "call_module":
                 m = gm.get_submodule(str(node.target))
                 key = f"{node.target}.weight"
@@ -186,7 +191,7 @@ class LatencyModel:
                     layers.append(LayerSpec(key, "conv", m.in_channels, m.out_channels, tuple(x.shape[1:]),
                                             tuple(m.kernel_size), tuple(m.stride), m.padding, tuple(m.dilation),
                                             m.groups, m.bias is not None, m.padding_mode, float(macs.get(key, 0)),
-                                            *_epilogue(gm, node)))
+                                            *epilogue(node)))
                 elif isinstance(m, nn.Linear):
                     if not isinstance(x, TensorInfo):
                         self.skipped[key] = "no input shape"
@@ -194,13 +199,15 @@ class LatencyModel:
                     layers.append(LayerSpec(key, "linear", m.in_features, m.out_features, tuple(x.shape[1:]),
                                             bias=m.bias is not None, macs=float(macs.get(key, 0))))
             elif node.op == "call_function" and isinstance(x, TensorInfo):
-                spec = self._functional(node, x, traced.values, macs)
+                spec = self._functional(node, x, traced.values, macs, epilogue)
                 if spec is not None:
                     layers.append(spec)
+            if len(layers) > count:
+                layer_of[node] = layers[-1].name
         return layers
 
-    def _functional(self, node: fx.Node, x: TensorInfo, values: Mapping[str, Any], macs: Mapping[str, int]
-                    ) -> LayerSpec | None:
+    def _functional(self, node: fx.Node, x: TensorInfo, values: Mapping[str, Any], macs: Mapping[str, int],
+                    epilogue: Callable[[fx.Node], tuple[bool, bool, bool, bool]]) -> LayerSpec | None:
         """F.linear / F.convNd (and their ATen overloads) whose weight is a parameter."""
         name = getattr(node.target, "__name__", "").split(".")[0]
         if name not in ("linear", "conv1d", "conv2d", "conv3d") or len(node.args) < 2:
@@ -227,11 +234,12 @@ class LatencyModel:
 
         groups = int(arg(6, "groups", 1))
         padding = arg(4, "padding", 0)
-        folded_bn, relu = _epilogue(self.graph.traced.graph_module, node)
+        folded_bn, relu, add_relu, bias_merged = epilogue(node)
         return LayerSpec(key, "conv", w.shape[1] * groups, w.shape[0], tuple(x.shape[1:]), tuple(w.shape[2:]),
                          tup(arg(3, "stride", 1)), padding if isinstance(padding, str) else tup(padding),
                          tup(arg(5, "dilation", 1)), groups, has_bias, macs=float(macs.get(key, 0)),
-                         folded_bn=folded_bn, relu=relu)
+                         folded_bn=folded_bn, relu=relu, add_relu=add_relu,
+                         bias_merged=bias_merged)
 
     def _table(self, spec: LayerSpec, dims: dict[int, tuple[int, np.ndarray]], prunable: set[int],
                measure: LatencyFn) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 from torch import nn
 
+from sparsify.deploy import deploy
 from sparsify.graph.channel_graph import build_channel_graph
 from sparsify.measure.latency_model import LatencyModel
 from sparsify.measure.layer_cache import LayerTimingCache, cache_dir
@@ -44,6 +46,53 @@ def test_the_deployed_epilogue_is_read_from_the_trace() -> None:
     assert (s["c.weight"].folded_bn, s["c.weight"].relu) == (False, False)
     assert (s["d.weight"].folded_bn, s["d.weight"].relu) == (True, False)
     assert s["a.weight"].signature(3, 16) != LayerSpec(**{**s["a.weight"].__dict__, "relu": False}).signature(3, 16)
+
+
+class Residual(nn.Module):
+    """conv→BN→add→ReLU (fused with the add), a sum of two convs (the first fuses), z += conv on a clone (traced
+    as z + conv: fused), a broadcast add (left unfused)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.b, self.c = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+        self.d, self.e = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.a(x)) + x)
+        x = torch.relu(self.b(x) + self.c(x))
+        z = x.clone()
+        z += self.d(x)
+        return torch.relu(z) + torch.relu(self.e(x) + x)
+
+
+def _add_relu_convs(model: nn.Module, x: torch.Tensor) -> tuple[tuple[set[str], set[str]], tuple[set[str], set[str]]]:
+    """((convs timed with a fused add+ReLU, convs timed without their merged bias), the same as deployed)."""
+    lat = LatencyModel(build_channel_graph(model, x), step=4, latency_fn=lambda spec, i, o: 1.0)
+    timed = ({s.name.removesuffix(".weight") for s in lat.layers if s.add_relu},
+             {s.name.removesuffix(".weight") for s in lat.layers if s.bias_merged})
+    fusions = deploy(model, x).sparsify_fusions
+    return timed, ({f.conv for f in fusions if f.add is not None}, {f.bias_from for f in fusions if f.bias_from})
+
+
+def test_a_residual_add_and_relu_are_read_as_deployment_fuses_them() -> None:
+    x = torch.randn(2, 8, 6, 6)
+    timed, deployed = _add_relu_convs(Residual().eval(), x)
+    assert timed == deployed == ({"a", "b", "d"}, {"c"})  # c: its sum is b's (its bias moves there); e: broadcast
+    cg = build_channel_graph(Residual().eval(), x)
+    s = {spec.name: spec for spec in LatencyModel(cg, step=4, latency_fn=lambda spec, i, o: 1.0).layers}
+    assert (s["a.weight"].folded_bn, s["a.weight"].relu, s["a.weight"].add_relu) == (True, False, True)
+    assert s["a.weight"].signature(8, 8) != LayerSpec(**{**s["a.weight"].__dict__, "add_relu": False}).signature(8, 8)
+    for in_context in (True, False):
+        assert time_layer(s["a.weight"], 8, 8, batch=2, iters=2, warmup=1, in_context=in_context) > 0
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_torchvision_residual_convs_timed_with_their_add(tv: ModuleType, name: str) -> None:
+    model = getattr(tv.models, name)(num_classes=10).eval()
+    timed, deployed = _add_relu_convs(model, torch.randn(1, 3, 32, 32))
+    assert timed == deployed and len(timed[0]) == {"resnet18": 8, "resnet50": 16}[name]
+    assert timed[1] == {n for n, _ in model.named_modules() if n.endswith("downsample.0")} and len(timed[1]) >= 3
 
 
 def test_time_layer_in_context_and_alone_on_cpu() -> None:
@@ -94,6 +143,10 @@ def test_fused_conv_relu_is_timed_on_cuda(tmp_path: Path) -> None:
     fused = time_layer(spec, 3, 16, batch=64, device="cuda", dtype=torch.bfloat16)
     alone = time_layer(spec, 3, 16, batch=64, device="cuda", dtype=torch.bfloat16, in_context=False)
     assert fused > 0 and alone > 0
+    cg = build_channel_graph(Residual().eval(), torch.randn(2, 8, 6, 6))
+    residual = next(sp for sp in LatencyModel(cg, step=4, latency_fn=lambda sp, i, o: 1.0).layers if sp.add_relu)
+    for cast_params in (False, True):  # conv+bias+add+ReLU through cuDNN's fused kernel
+        assert time_layer(residual, 8, 8, batch=64, device="cuda", dtype=torch.bfloat16, cast_params=cast_params) > 0
     cg = build_channel_graph(Net().eval(), torch.randn(2, 3, 8, 8))
     lat = LatencyModel(cg, batch=16, device="cuda", step=8, grid_points=2, disk_cache=tmp_path / "t.json")
     assert lat.measured > 0 and (tmp_path / "t.json").is_file()
