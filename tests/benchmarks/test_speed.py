@@ -115,13 +115,18 @@ def test_h200_preset_sets_the_issue_protocol() -> None:
 
 
 def test_latency_target_arms_take_their_own_group_cap() -> None:
-    """The h200 preset caps the MACs-target latency arm at half of every group and the latency-target arms at
-    0.8 (half of every group bounded ResNet-50 at 1.72× of a 2× target); without the flag both share one cap."""
+    """The h200 preset caps the CNNs' latency arms at 0.8 of every group (half bounded ResNet-50 at 1.72× of a 2×
+    target and left 4× fewer MACs out of reach), ViT's MACs-target arms at half (random weights otherwise keep one
+    head a layer); without the flags every arm shares one cap."""
     from benchmarks.speed_lib.arms import latency_target_cap
+    from benchmarks.speed_lib.runner import model_args
 
     bench = _load()
     preset = bench.parse(["--preset", "h200", "--device", "cuda"])
-    assert preset.max_group_sparsity == 0.5 and latency_target_cap(preset) == 0.8
+    assert preset.max_group_sparsity == 0.8 and latency_target_cap(preset) == 0.8
+    vit = model_args("vit_b_16", preset)
+    assert vit.max_group_sparsity == 0.5 and latency_target_cap(vit) == 0.8
+    assert model_args("resnet50", preset).max_group_sparsity == 0.8 and preset.max_group_sparsity == 0.8
     assert latency_target_cap(bench.parse(["--device", "cpu", "--max-group-sparsity", "0.6"])) == 0.6
     assert latency_target_cap(bench.parse(["--device", "cpu"])) == 1.0
 

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Issue #19 on the H200: benchmarks/speed.py's h200 preset, one model per ≤ 10-minute command, results in $OUT.
+#
+#   bash benchmarks/h200/speed.sh resnet50 [RUN]   # RUN (default 1) names the files: speed_resnet50_run1.json …
+#   bash benchmarks/h200/speed.sh gpu-tests        # the CUDA-only tests of deploy fusion and layer timing
+#
+# The goal's two separate runs are the same command twice, on a fresh machine or at least a fresh process and a
+# fresh layer-timing cache (SPARSIFY_CACHE_DIR per run, so the second run times every layer again), then
+#   python -m benchmarks.speed_compare run1.json run2.json
+# Carry .whl (./scripts/device_wheels.sh: pydantic & co., torch-pruning, rich; .whl/test: pytest for gpu-tests).
+# One model takes ~5 minutes of the 380 s budget on the H200 (ResNet-50, 2026-12-04: 277 s).
+set -uo pipefail
+OUT=${OUT:-out/h200}
+BUDGET=${BUDGET:-380}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    $(ls .whl/test/*.whl 2> /dev/null)
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv > "$OUT/card.txt"
+case "${1:-}" in
+  gpu-tests)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/deploy/test_fusion.py \
+      tests/measure/test_layer_context.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
+    ;;
+  resnet50|mobilenet_v2|vit_b_16)
+    run=${2:-1}
+    SPARSIFY_CACHE_DIR=/tmp/sparsify_cache_$1_run$run timeout $((BUDGET + 90)) python3 -m benchmarks.speed \
+      --preset h200 --time-budget "$BUDGET" --models "$1" --out "$OUT/speed_$1_run$run.json" \
+      > "$OUT/speed_$1_run$run.log" 2>&1
+    echo "rc=$?"
+    grep -E "│|total" "$OUT/speed_$1_run$run.log" | cut -c1-170 | tail -30
+    ;;
+  *)
+    sed -n '2,11p' "$0"
+    exit 2
+    ;;
+esac
