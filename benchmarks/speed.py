@@ -53,7 +53,7 @@ from sparsify.measure import width_latency_table
 # fit ~25 networks a model; max-autotune, minutes a network, is left out).
 PRESETS: dict[str, list[str]] = {
     "h200": ["--models", "resnet50", "mobilenet_v2", "vit_b_16", "--vit-heads", "--max-group-sparsity", "0.8",
-             "--vit-max-group-sparsity", "0.5", "--target-max-group-sparsity", "0.8",
+             "--heads-max-group-sparsity", "0.5", "--target-max-group-sparsity", "0.8",
              "--round-to", "8", "--latency-points", "3", "--s2d-stem", "--profile", "--repeat", "2",
              "--small-batches", "1", "16", "--iters", "20", "--max-warmup", "60", "--tp-steps", "10", "--refine", "2",
              "--modes", "eager", "eager+bf16", "cuda-graph", "cuda-graph+bf16", "--reference-modes", "compile",
@@ -102,8 +102,8 @@ def parser() -> argparse.ArgumentParser:
                     help="ours+latency arms, one per latency_importance_weight (0: pure latency; 1: default)")
     ap.add_argument("--max-group-sparsity", type=float, default=1.0,
                     help="latency arms: largest fraction of one group's structures removed (0.5 keeps half the heads)")
-    ap.add_argument("--vit-max-group-sparsity", type=float, default=None,
-                    help="the cap of ViT's MACs-target latency arms (default: --max-group-sparsity); 0.5 keeps half "
+    ap.add_argument("--heads-max-group-sparsity", type=float, default=None,
+                    help="the cap of ViT's MACs-target heads arm (default: --max-group-sparsity); 0.5 keeps half "
                          "of every layer's heads, which random weights otherwise reduce to one")
     ap.add_argument("--target-max-group-sparsity", type=float, default=None,
                     help="the same cap for the latency-target arms (ours@N×; default: --max-group-sparsity): at 0.5 "
@@ -172,12 +172,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "deployment": {}, "rows": []}
     rows: list = []
     names = args.models + (["vit_b_16"] if args.vit and "vit_b_16" not in args.models else [])
+
+    def save() -> None:  # after every row and model: a run cut short keeps what it measured
+        result["rows"], result["seconds"] = [asdict(r) for r in rows], time.perf_counter() - started
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=1, default=str))
+
     for k, name in enumerate(names):
         share = (clock.left() - args.reserve_s) / (len(names) - k)
-        result["deployment"][name] = bench_model(name, args, round_to, rows, console, clock, share)
-        result["rows"], result["seconds"] = [asdict(r) for r in rows], time.perf_counter() - started
-        if args.out:  # after every model: a run cut short keeps what it measured
-            args.out.write_text(json.dumps(result, indent=1, default=str))
+        result["deployment"][name] = bench_model(name, args, round_to, rows, console, clock, share, on_row=save)
+        save()
     title = (f"{device_name}, torch {torch.__version__}, {args.dtype}, channels_last, batch {args.batch} "
              f"(ViT {args.vit_batch}), {args.size}px, p50 of {args.iters}×2, {args.repeat} timings")
     Console(width=max(160, console.width)).print(table(rows, title))

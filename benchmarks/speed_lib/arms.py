@@ -78,14 +78,15 @@ def prune_latency(dense: nn.Module, x: torch.Tensor, ratio: float, round_to: int
                   args: argparse.Namespace, cache: dict, weight: float = 1.0,
                   heads: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """GMP with ``budget="latency"`` at the same exact MACs target (see the module docstring).
-    ``args.max_group_sparsity`` caps the fraction of any group's structures removed (0.5: every layer keeps at
-    least half its heads). ``info["_layers_alone"]`` holds the model's per-layer estimates (dense and pruned),
-    for the diagnostics; the runner pops it."""
+    ``args.max_group_sparsity`` caps the fraction of any group's structures removed,
+    ``--heads-max-group-sparsity`` that of the heads arm (0.5: every layer keeps at least half its heads).
+    ``info["_layers_alone"]`` holds the model's per-layer estimates (dense and pruned), for the diagnostics;
+    the runner pops it."""
     model = copy.deepcopy(dense)
     if heads:
         explicit_multihead_attention_(model)
     fraction = WeightMacs(model, x).layer_fraction(ratio)
-    cap = getattr(args, "max_group_sparsity", 1.0)
+    cap = heads_cap(args) if heads else getattr(args, "max_group_sparsity", 1.0)
     policy = GMPConfig(sparsity=fraction, unit="macs", budget="latency", start_step=0, end_step=1, update_every=1,
                        latency_importance_weight=weight, max_group_sparsity=cap)
     timing: dict[str, float] = {}
@@ -105,6 +106,12 @@ def prune_latency(dense: nn.Module, x: torch.Tensor, ratio: float, round_to: int
                    "latency_cache": len(cache), "latency_timing_s": round(timing.get("s", 0.0), 2),
                    "latency_model_dense_ms": round(lat.total, 3), "latency_model_pruned_ms": round(lat.after(keep), 3),
                    "estimated_layer_speedup": round(estimate, 3), "latency_disk_cache": disk, "_layers_alone": alone}
+
+
+def heads_cap(args: argparse.Namespace) -> float:
+    """The cap of the MACs-target heads arm: ``--heads-max-group-sparsity``, else ``--max-group-sparsity``."""
+    own = getattr(args, "heads_max_group_sparsity", None)
+    return own if own is not None else getattr(args, "max_group_sparsity", 1.0)
 
 
 def latency_target_cap(args: argparse.Namespace) -> float:

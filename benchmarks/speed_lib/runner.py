@@ -73,20 +73,17 @@ def _in_network(model: nn.Module, x: torch.Tensor, mode: Mode, batch: int, args:
     return diagnostics.alone_vs_network(alone, inside, eager.time(batch)["ms"])
 
 
-def model_args(name: str, args: argparse.Namespace) -> argparse.Namespace:
-    """The flags as one model's arms read them: ViT's MACs-target latency arms take ``--vit-max-group-sparsity``."""
-    if name.startswith("vit") and getattr(args, "vit_max_group_sparsity", None) is not None:
-        return argparse.Namespace(**{**vars(args), "max_group_sparsity": args.vit_max_group_sparsity})
-    return args
-
-
 def bench_model(name: str, args: argparse.Namespace, round_to: int, rows: list[Row], console: Console,
-                clock: Clock, seconds: float) -> dict[str, Any]:
-    """Benchmark ``name`` within ``seconds`` (its share of the budget); rows appended; returns the mode report."""
+                clock: Clock, seconds: float, on_row: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Benchmark ``name`` within ``seconds`` (its share of the budget); rows appended (``on_row()`` after each,
+    e.g. to save them: a command cut short keeps what it measured); returns the mode report.
+
+    An arm starts only while time is left; a latency-target arm only if the time left covers the longest one
+    so far (ViT-B/16's took 100-200 s each on the H200, and one started near the end ran past the budget)."""
     deadline = time.perf_counter() + seconds
+    longest_target = [0.0]
     vit = name.startswith("vit")
     batch = args.vit_batch if vit else args.batch
-    args = model_args(name, args)
     dense = build(name, args.size)
     x = torch.randn(1, 3, args.size, args.size)
     dense_macs = macs(dense, x)
@@ -122,12 +119,19 @@ def bench_model(name: str, args: argparse.Namespace, round_to: int, rows: list[R
     caches: dict[bool, dict] = {False: {}, True: {}}  # layer configurations timed, shared between targets
     dense_alone: dict[str, Any] = {}
 
+    def add(row: Row) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row()
+
     def run_arm(row: Row, prune: Callable[[], tuple[nn.Module, dict[str, Any]]]) -> None:
-        if time.perf_counter() > deadline or clock.left() < args.reserve_s:
+        left = min(deadline - time.perf_counter(), clock.left() - args.reserve_s)
+        if left <= 0 or (row.target is None and left < longest_target[0]):
             row.error = "skipped: over the time budget"
-            rows.append(row)
+            add(row)
             console.log(f"{name} {row.arm}: {row.error}")
             return
+        begun = time.perf_counter()
         try:
             start = time.perf_counter()
             model, row.info = prune()
@@ -149,7 +153,9 @@ def bench_model(name: str, args: argparse.Namespace, round_to: int, rows: list[R
         except Exception as exc:  # one failing arm is reported, the others still run
             row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
             console.log(f"{name} {_label(row)}: FAILED {row.error}")
-        rows.append(row)
+        if row.target is None:
+            longest_target[0] = max(longest_target[0], time.perf_counter() - begun)
+        add(row)
 
     def macs_arms(ratio: float) -> None:
         for arm, rounded in arms:

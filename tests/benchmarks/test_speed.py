@@ -6,6 +6,7 @@ import argparse
 import copy
 import importlib
 import json
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -103,6 +104,33 @@ def test_time_budget_finishes_the_arm_under_way_and_skips_the_next(tmp_path: Pat
     assert [e for _, e in errors] == ["skipped: over the time budget"] * 4, errors
 
 
+def test_a_latency_target_needs_the_time_of_the_longest_one_and_rows_are_saved_as_they_come(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With less time left than the first latency target took, the next is skipped; the JSON holds every row
+    finished so far while the run goes on (a command cut short keeps them)."""
+    bench = _load()
+    from benchmarks.speed_lib import runner
+
+    out, seen = tmp_path / "speed.json", []
+
+    class Shrinking(runner.Clock):
+        def left(self) -> float:
+            return 0.2 if seen else 1e9  # after the first target: less time than it took
+
+    def slow_target(dense: torch.nn.Module, *_: object, **__: object) -> tuple[torch.nn.Module, dict]:
+        seen.append([r["arm"] for r in json.loads(out.read_text())["rows"]])
+        time.sleep(0.3)
+        return copy.deepcopy(dense), {}
+
+    monkeypatch.setattr(bench, "Clock", Shrinking)
+    monkeypatch.setattr(runner, "prune_latency_target", slow_target)
+    bench.main([*SMOKE, "--repeat", "1", "--small-batches", "--time-budget", "100", "--reserve-s", "0",
+                "--arms", "ours+round", "--latency-targets", "1.5", "2", "--out", str(out)])
+    assert seen == [["dense", "ours+round"]]  # saved before the first target ran; the second never started
+    rows = {r["arm"]: r for r in json.loads(out.read_text())["rows"]}
+    assert not rows["ours@1.5x"]["error"] and rows["ours@2x"]["error"] == "skipped: over the time budget"
+
+
 def test_h200_preset_sets_the_issue_protocol() -> None:
     """--preset h200: the issue's models, targets and repeatability; later flags override the preset."""
     bench = _load()
@@ -115,19 +143,16 @@ def test_h200_preset_sets_the_issue_protocol() -> None:
 
 
 def test_latency_target_arms_take_their_own_group_cap() -> None:
-    """The h200 preset caps the CNNs' latency arms at 0.8 of every group (half bounded ResNet-50 at 1.72× of a 2×
-    target and left 4× fewer MACs out of reach), ViT's MACs-target arms at half (random weights otherwise keep one
-    head a layer); without the flags every arm shares one cap."""
-    from benchmarks.speed_lib.arms import latency_target_cap
-    from benchmarks.speed_lib.runner import model_args
+    """The h200 preset caps the latency arms at 0.8 of every group (half bounded ResNet-50 at 1.72× of a 2×
+    target and left 4× fewer MACs out of reach), ViT's MACs-target heads arm at half (random weights otherwise
+    keep one head a layer); without the flags every arm shares one cap."""
+    from benchmarks.speed_lib.arms import heads_cap, latency_target_cap
 
     bench = _load()
     preset = bench.parse(["--preset", "h200", "--device", "cuda"])
-    assert preset.max_group_sparsity == 0.8 and latency_target_cap(preset) == 0.8
-    vit = model_args("vit_b_16", preset)
-    assert vit.max_group_sparsity == 0.5 and latency_target_cap(vit) == 0.8
-    assert model_args("resnet50", preset).max_group_sparsity == 0.8 and preset.max_group_sparsity == 0.8
+    assert preset.max_group_sparsity == 0.8 and latency_target_cap(preset) == 0.8 and heads_cap(preset) == 0.5
     assert latency_target_cap(bench.parse(["--device", "cpu", "--max-group-sparsity", "0.6"])) == 0.6
+    assert heads_cap(bench.parse(["--device", "cpu", "--max-group-sparsity", "0.6"])) == 0.6
     assert latency_target_cap(bench.parse(["--device", "cpu"])) == 1.0
 
 
