@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +62,8 @@ class LatencyTargetReport:
     met: bool = False
     reason: str = ""
     probes: list[LatencyProbe] = field(default_factory=list)
+    allocate_s: float = 0.0  # seconds spent choosing structures (the budget's allocations for the fractions tried)
+    measure_s: float = 0.0  # seconds spent building and measuring networks (dense included)
 
     @property
     def target_speedup(self) -> float:
@@ -131,14 +134,20 @@ def solve_latency_target(keeps_for: Callable[[float], Keeps], estimate: Callable
     if not 0 < tolerance < 1 or max_iterations < 1 or not 0 < max_fraction < 1:
         raise ValueError(f"need 0 < tolerance < 1, max_iterations ≥ 1 and 0 < max_fraction < 1, got {tolerance}, "
                          f"{max_iterations}, {max_fraction}")
-    dense_ms, dense_est = float(measure(None)), float(estimate({}))
+    started = time.perf_counter()
+    dense_ms = float(measure(None))
+    measured_s = time.perf_counter() - started
+    dense_est = float(estimate({}))
     target = float(target_ms) if target_ms is not None else dense_ms / float(target_speedup)  # type: ignore[arg-type]
-    report = LatencyTargetReport(target, dense_ms, dense_est, tolerance, 0.0, dense_est, dense_ms)
+    report = LatencyTargetReport(target, dense_ms, dense_est, tolerance, 0.0, dense_est, dense_ms,
+                                 measure_s=measured_s)
     if target >= dense_ms * (1 - tolerance):
         report.met, report.reason = True, "the dense network already meets the target"
         return None, report
-    _Search(keeps_for, estimate, measure, target, tolerance, max_iterations, max_fraction, report).run(start)
-    return report_keeps(report, keeps_for)
+    search = _Search(keeps_for, estimate, measure, target, tolerance, max_iterations, max_fraction, report)
+    search.run(start)
+    chosen = search.keeps(report.fraction) if report.fraction > 0 else None  # memoised: no allocation again
+    return (chosen if chosen is not None else report_keeps(report, keeps_for)[0]), report
 
 
 def report_keeps(report: LatencyTargetReport, keeps_for: Callable[[float], Keeps]) -> tuple[Keeps | None,
@@ -166,11 +175,19 @@ class _Search:
     def keeps(self, f: float) -> Keeps | None:
         """Keeps for fraction ``f``, None where the budget cannot reach it (memoised)."""
         if f not in self._keeps:
+            started = time.perf_counter()
             try:
                 self._keeps[f] = self.keeps_for(f)
             except ValueError:
                 self._keeps[f] = None
+            self.report.allocate_s += time.perf_counter() - started
         return self._keeps[f]
+
+    def _measure(self, k: Keeps) -> float:
+        started = time.perf_counter()
+        ms = float(self.measure(k))
+        self.report.measure_s += time.perf_counter() - started
+        return ms
 
     def fraction_for_estimate(self, est_target: float) -> float:
         """The smallest fraction whose estimate is at most ``est_target`` (bisection; the cap if none)."""
@@ -204,7 +221,7 @@ class _Search:
             if same is not None:  # the same network as a probe before: move that end of the bracket, no timing
                 probe = LatencyProbe(f, same.estimated_ms, same.measured_ms)
             else:
-                probe = LatencyProbe(f, float(self.estimate(k)), float(self.measure(k)))
+                probe = LatencyProbe(f, float(self.estimate(k)), self._measure(k))
                 measured[key] = probe
                 r.probes.append(probe)
                 if abs(probe.measured_ms / target - 1) <= self.tol:
