@@ -15,20 +15,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from sparsify._utils import set_submodule
-from sparsify.deploy.fusion import module_usage
 from sparsify.errors import SparsifyError
+from sparsify.graph.fusable import foldable_bn_pairs
 from sparsify.graph.trace import trace
 
 __all__ = ["find_conv_bn_pairs", "fold_batchnorm"]
-
-_BN = nn.modules.batchnorm._BatchNorm
-_CONV = nn.modules.conv._ConvNd
 
 
 def check_plain(model: nn.Module) -> None:
@@ -45,38 +41,7 @@ def find_conv_bn_pairs(model: nn.Module, example_inputs: Any) -> tuple[list[tupl
 
     Returns ``([(conv name, bn name), ...], {bn name: reason})``.
     """
-    traced = trace(model, example_inputs)
-    gm = traced.graph_module
-    calls, read, names_of = module_usage(traced)
-
-    pairs, refused = [], {}
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(gm.get_submodule(str(node.target)), _BN):
-            continue
-        bn_name, bn = str(node.target), gm.get_submodule(str(node.target))
-        src = node.args[0] if node.args else None
-        if not isinstance(src, torch.fx.Node) or src.op != "call_module" or not isinstance(
-                gm.get_submodule(str(src.target)), _CONV):
-            continue
-        conv_name, conv = str(src.target), gm.get_submodule(str(src.target))
-        why = ""
-        if len(node.args) != 1 or node.kwargs:
-            why = "the BN is called with extra arguments"
-        elif len(src.users) != 1:
-            why = f"the output of '{conv_name}' is also used outside the BN"
-        elif calls[conv_name] != 1 or names_of[id(conv)] != 1:
-            why = f"'{conv_name}' is used more than once"
-        elif calls[bn_name] != 1 or names_of[id(bn)] != 1:
-            why = f"'{bn_name}' is used more than once"
-        elif conv_name in read or bn_name in read:
-            why = "their tensors are read elsewhere in the graph"
-        elif not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
-            why = "the BN has no running statistics (it normalises with batch statistics even in eval mode)"
-        if why:
-            refused[bn_name] = why
-        else:
-            pairs.append((conv_name, bn_name))
-    return pairs, refused
+    return foldable_bn_pairs(trace(model, example_inputs))
 
 
 def fold_batchnorm(model: nn.Module, example_inputs: Any) -> list[tuple[str, str]]:

@@ -27,18 +27,17 @@ rewritten graph that shares the model's parameters; its forward is the eval-mode
 from __future__ import annotations
 
 import copy
-import operator
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from sparsify._utils import set_submodule
-from sparsify.graph.trace import TensorInfo, TracedModel, trace
-from sparsify.nn.fused import ConvAddReLU, ConvReLU, cudnn_padding
+from sparsify.graph.fusable import bias_source, find_fusions, module_usage
+from sparsify.graph.trace import TracedModel, trace
+from sparsify.nn.fused import ConvAddReLU, ConvReLU
 
 __all__ = ["Fusion", "find_conv_activations", "fuse_conv_activations"]
 
@@ -62,163 +61,9 @@ class _Match:
     nodes: list[fx.Node]  # conv, Identities, [add], activation: in graph order
 
 
-_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_)
-_ADDS = (operator.add, operator.iadd, torch.add)
-
-
-def _activation_cap(node: fx.Node, gm: fx.GraphModule, src: fx.Node) -> tuple[bool, float | None]:
-    """Whether ``node`` is a ReLU-like activation of ``src`` alone, and its cap (None for a ReLU)."""
-    if not node.args or node.args[0] is not src:
-        return False, None
-    if node.op == "call_module":
-        m = gm.get_submodule(str(node.target))
-        if len(node.args) != 1 or node.kwargs:
-            return False, None
-        if type(m) is nn.ReLU:
-            return True, None
-        if type(m) in (nn.ReLU6, nn.Hardtanh) and m.min_val == 0 and m.max_val > 0:
-            return True, float(m.max_val)
-        return False, None
-    if node.op == "call_method":
-        return (node.target in ("relu", "relu_") and len(node.args) == 1 and not node.kwargs), None
-    if node.op != "call_function":
-        return False, None
-    extra = [*node.args[1:], *node.kwargs.values()]
-    if node.target in _RELU_FUNCTIONS:
-        return all(isinstance(a, bool) for a in extra) and set(node.kwargs) <= {"inplace"}, None
-    if node.target is F.relu6:
-        return all(isinstance(a, bool) for a in extra) and set(node.kwargs) <= {"inplace"}, 6.0
-    if node.target is F.hardtanh and set(node.kwargs) <= {"min_val", "max_val", "inplace"}:
-        values = dict(zip(("min_val", "max_val", "inplace"), node.args[1:], strict=False)) | dict(node.kwargs)
-        lo, hi = values.get("min_val", -1.0), values.get("max_val", 1.0)
-        if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo == 0 and hi > 0:
-            return True, float(hi)
-    return False, None
-
-
-def _added(node: fx.Node, src: fx.Node) -> fx.Node | None:
-    """The other operand when ``node`` is ``src + z`` (no alpha, z a graph value, src not written by z)."""
-    is_add = (node.op == "call_function" and node.target in _ADDS) or (
-        node.op == "call_method" and node.target in ("add", "add_"))
-    if not is_add or len(node.args) != 2 or node.kwargs or src not in node.args:
-        return None
-    inplace = node.target is operator.iadd or node.target == "add_"
-    if node.args[0] is not src and (inplace or node.op == "call_method"):
-        return None  # z += conv(x) writes to z, z.add(conv(x)) is a method of z: leave both
-    z = node.args[1] if node.args[0] is src else node.args[0]
-    return z if isinstance(z, fx.Node) and z is not src else None
-
-
-def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks)
-
-
-def module_usage(traced: TracedModel) -> tuple[dict[str, int], set[str], dict[int, int]]:
-    """Calls per module name, module names whose tensors a get_attr reads, names per module object (by id):
-    what decides whether rewriting a module changes only the call being rewritten."""
-    calls: dict[str, int] = {}
-    read: set[str] = set()
-    for node in traced.graph.nodes:
-        if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
-        elif node.op == "get_attr":
-            read.add(str(node.target).rpartition(".")[0])
-    names_of: dict[int, int] = {}
-    for _, m in traced.model.named_modules(remove_duplicate=False):
-        names_of[id(m)] = names_of.get(id(m), 0) + 1
-    return calls, read, names_of
-
-
 def _find(traced: TracedModel) -> tuple[list[_Match], dict[str, str]]:
-    gm = traced.graph_module
-    calls, read, names_of = module_usage(traced)
-    matches, refused, claimed = [], {}, set()
-    for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        conv = gm.get_submodule(str(node.target))
-        if not isinstance(conv, nn.Conv2d) or type(conv).forward is not nn.Conv2d.forward:
-            continue
-        name = str(node.target)
-        chain, end, why = [node], node, ""
-        while len(end.users) == 1:  # skip Identities (folded BatchNorms)
-            user = next(iter(end.users))
-            if user.op != "call_module" or type(gm.get_submodule(str(user.target))) is not nn.Identity:
-                break
-            if len(user.args) != 1 or user.kwargs or _hooked(gm.get_submodule(str(user.target))):
-                break
-            chain.append(user)
-            end = user
-        users = list(end.users)
-        acts = [u for u in users if _activation_cap(u, gm, end)[0]]
-        add = z = None
-        if len(users) == 1 and not acts:
-            z = _added(users[0], end)
-            if z is not None:
-                add = users[0]
-                acts = [u for u in add.users if _activation_cap(u, gm, add)[0]]
-                if len(add.users) != 1 and acts:
-                    why = "the sum is also used outside the activation"
-        if not acts or acts[0] in claimed:  # a residual add's activation is fused with one of its convs
-            continue
-        act = acts[0]
-        _, cap = _activation_cap(act, gm, add if add is not None else end)
-        leaf = next((t for t in calls if name.startswith(t + ".")), None)
-        if not why:
-            if leaf is not None:
-                why = f"'{name}' lives inside the module '{leaf}', which is called as a whole"
-            elif len(users) != 1:
-                why = f"the output of '{name}' is also used outside the activation"
-            elif len(node.args) != 1 or node.kwargs:
-                why = f"'{name}' is called with extra arguments"
-            elif conv.groups != 1:  # H100, MobileNetV2's 17 depthwise convs: 29.7 ms fused, ~1.5 ms unfused
-                why = f"'{name}' is a grouped conv (cuDNN's fused kernel for grouped/depthwise convs is slow)"
-            elif cudnn_padding(conv) is None:
-                why = (f"'{name}' pads with '{conv.padding_mode}'" if conv.padding_mode != "zeros" else f"'{name}' "
-                       "has padding='same' with an even kernel (asymmetric padding; cuDNN pads symmetrically)")
-            elif calls[name] != 1 or names_of[id(conv)] != 1:
-                why = f"'{name}' is used more than once"
-            elif name in read:
-                why = f"the tensors of '{name}' are read elsewhere in the graph"
-            elif _hooked(conv) or (act.op == "call_module" and _hooked(gm.get_submodule(str(act.target)))):
-                why = "forward hooks are registered on the conv or the activation"
-            elif add is not None and not _same_shape(traced, z, add, node):
-                why = "the added tensor's shape differs from the conv output's (broadcasting)"
-        if why:
-            refused[name] = why
-            continue
-        nodes = [*chain, *([add] if add is not None else []), act]
-        claimed.add(act)
-        act_name = str(act.target) if act.op == "call_module" else act.name
-        matches.append(_Match(Fusion(name, act_name, None if add is None else add.name, cap), nodes))
-    return matches, refused
-
-
-def _bias_source(traced: TracedModel, z: fx.Node, calls: dict[str, int], read: set[str],
-                 names_of: dict[int, int]) -> str | None:
-    """The conv computing ``z`` alone (through Identities, every value used once) whose bias can move into the
-    fused conv, or None."""
-    gm, node = traced.graph_module, z
-    while node.op == "call_module" and type(gm.get_submodule(str(node.target))) is nn.Identity:
-        if len(node.users) != 1 or len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
-            return None
-        node = node.args[0]
-    if node.op != "call_module" or len(node.users) != 1:
-        return None
-    name = str(node.target)
-    conv = gm.get_submodule(name)
-    plain = isinstance(conv, nn.Conv2d) and type(conv).forward is nn.Conv2d.forward and conv.bias is not None
-    if not plain or calls.get(name) != 1 or names_of.get(id(conv)) != 1 or name in read or _hooked(conv):
-        return None
-    if any(name.startswith(t + ".") for t in calls):  # inside a module called as a whole
-        return None
-    return name
-
-
-def _same_shape(traced: TracedModel, z: Any, add: fx.Node, conv: fx.Node) -> bool:
-    infos = [traced.values.get(n.name) for n in (z, add, conv)]
-    return all(isinstance(i, TensorInfo) for i in infos) and infos[0].shape == infos[1].shape == infos[2].shape \
-        and infos[0].dtype == infos[2].dtype
+    found, refused = find_fusions(traced)
+    return [_Match(Fusion(m.conv, m.activation, m.add, m.max_value), list(m.nodes)) for m in found], refused
 
 
 def _merge_bias(gm: fx.GraphModule, conv: nn.Conv2d, source: str) -> nn.Conv2d:
@@ -282,7 +127,7 @@ def fuse_conv_activations(model: nn.Module, example_inputs: Any, *, merge_residu
             src = match.nodes[-3]
             z = add.args[1] if add.args[0] is src else add.args[0]
             args = (*args, z)  # read now: z may be rewritten
-            source = _bias_source(traced, z, calls, read, names_of) if merge_residual_bias else None
+            source = bias_source(traced, z, (calls, read, names_of)) if merge_residual_bias else None
             if source is not None:
                 conv, fusion = _merge_bias(gm, conv, source), replace(fusion, bias_from=source)
             fused: nn.Module = ConvAddReLU(conv, fusion.max_value)

@@ -1,116 +1,76 @@
 """What deployment does after each conv, read from the training trace (the context a layer is timed in).
 
-``sparsify.deploy`` folds a BatchNorm that alone follows a conv into its bias, fuses a following ReLU into the
-conv (conv+bias+ReLU, one cuDNN kernel), fuses a residual add then a ReLU into the first conv of the sum
+``sparsify.deploy`` folds a BatchNorm that alone follows a conv into its bias, fuses a following ReLU(6) into
+the conv (conv+bias+ReLU, one cuDNN kernel), fuses a residual add then a ReLU(6) into the first conv of the sum
 (conv+bias+add+ReLU), and moves the bias of the conv computing the added tensor into that fused conv (no bias
-kernel of its own). :func:`deployed_epilogues` finds the same patterns on the unfolded graph (conv → [BN] →
-ReLU, conv → [BN] → add(·, z) → ReLU), so :class:`~sparsify.measure.LatencyModel` times each layer as it
-will run. The rules mirror :mod:`sparsify.deploy.fusion` (tests compare the two on torchvision's ResNets).
+kernel of its own). :func:`deployed_epilogues` runs deployment's own finders (:mod:`sparsify.graph.fusable`)
+on the unfolded graph, with the BatchNorms that will fold as the transparent nodes, so
+:class:`~sparsify.measure.LatencyModel` times each layer as it will run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["Epilogue", "deployed_epilogues"]
+from sparsify.graph.fusable import bias_source, find_fusions, foldable_bn_pairs, module_usage, relu_activation
+from sparsify.graph.trace import TracedModel
 
-_ADDS = {"add", "add_", "iadd"}
+__all__ = ["Epilogue", "deployed_epilogues"]
 
 
 @dataclass(frozen=True)
 class Epilogue:
     """After one conv, deployed: ``folded_bn`` (a BN alone follows: folded into a bias), ``relu`` (a ReLU follows:
-    fused), ``add_relu`` (an add then a ReLU follow: fused, this conv takes them), ``bias_merged`` (its output is
-    only the added tensor of another conv's fused add: its bias moves there)."""
+    fused, or for a grouped conv run after it), ``add_relu`` (an add then a ReLU follow: fused, this conv takes
+    them), ``bias_merged`` (its output is only the added tensor of another conv's fused add: its bias moves
+    there), ``relu_cap`` (the activation's cap: ReLU6 is 6.0)."""
 
     folded_bn: bool = False
     relu: bool = False
     add_relu: bool = False
     bias_merged: bool = False
+    relu_cap: float | None = None
 
 
-def op_name(gm: fx.GraphModule, node: fx.Node) -> str:
-    """What a node computes, by name: a module's class, a function's or a method's name (lower case)."""
-    if node.op == "call_module":
-        return type(gm.get_submodule(str(node.target))).__name__.lower()
-    if node.op in ("call_function", "call_method"):
-        return str(getattr(node.target, "__name__", node.target)).lower()
-    return ""
-
-
-def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return op_name(gm, node).split(".")[0] in ("relu", "relu_")
-
-
-def _through_bn(gm: fx.GraphModule, node: fx.Node) -> tuple[bool, fx.Node]:
-    """(a BatchNorm alone follows ``node``, the value after it: the BN's output, or ``node`` itself)."""
-    users = list(node.users)
-    if not (len(users) == 1 and "batchnorm" in op_name(gm, users[0]).replace("_", "")):
-        return False, node
-    end = users[0]
-    after = list(end.users)
-    if len(after) == 1 and op_name(gm, after[0]) == "getitem":  # ATen batch norm returns a tuple
-        end = after[0]
-    return True, end
-
-
-def _fused_add(gm: fx.GraphModule, end: fx.Node, values: Mapping[str, Any]) -> tuple[fx.Node, fx.Node] | None:
-    """(the ReLU, the added tensor z) when ``end`` alone feeds ``add(end, z) → ReLU`` as deployment fuses it."""
+def _direct_activation(gm: fx.GraphModule, node: fx.Node, transparent: set[str]) -> tuple[bool, float | None]:
+    """Whether a ReLU(6) alone follows ``node`` (through the BN that folds), and its cap."""
+    end = node
+    while len(end.users) == 1:
+        user = next(iter(end.users))
+        if user.op != "call_module" or (str(user.target) not in transparent and
+                                        type(gm.get_submodule(str(user.target))) is not nn.Identity):
+            break
+        end = user
     users = list(end.users)
-    if len(users) != 1:
-        return None
-    add = users[0]
-    if add.op == "call_module" or op_name(gm, add) not in _ADDS or len(add.args) != 2 or add.kwargs \
-            or end not in add.args:
-        return None
-    z = add.args[1] if add.args[0] is end else add.args[0]
-    shapes = [getattr(values.get(n.name), "shape", None) if isinstance(n, fx.Node) else None for n in (z, end)]
-    if shapes[0] is None or shapes[0] != shapes[1]:  # a broadcast add is not fused
-        return None
-    in_place = op_name(gm, add) in ("add_", "iadd") or add.op == "call_method"
-    if add.args[0] is not end and in_place:  # z += conv(x) writes to z: deployment leaves it unfused
-        return None
-    acts = list(add.users)
-    return (acts[0], z) if len(acts) == 1 and _is_relu(gm, acts[0]) else None
+    return relu_activation(users[0], gm, end) if len(users) == 1 else (False, None)
 
 
-def _bias_source(gm: fx.GraphModule, z: fx.Node) -> fx.Node | None:
-    """The plain nn.Conv2d node computing ``z`` alone (through its BN), whose bias deployment merges."""
-    node = z
-    if op_name(gm, node) == "getitem" and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    if "batchnorm" in op_name(gm, node).replace("_", "") and isinstance(node.args[0], fx.Node):
-        if len(node.users) != 1:
-            return None
-        node = node.args[0]
-    if node.op != "call_module" or len(node.users) != 1:
-        return None
-    m = gm.get_submodule(str(node.target))
-    return node if isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward else None
+def deployed_epilogues(traced: TracedModel) -> dict[fx.Node, Epilogue]:
+    """The :class:`Epilogue` of every conv module call of the trace that deployment folds or fuses (functional
+    convs: none, deployment leaves them as they are)."""
+    gm = traced.graph_module
+    usage = module_usage(traced)
+    pairs, _ = foldable_bn_pairs(traced, usage)
+    folded, folding = {c for c, _ in pairs}, {b for _, b in pairs}
 
+    def transparent(node: fx.Node, module: nn.Module) -> bool:
+        return type(module) is nn.Identity or str(node.target) in folding
 
-def deployed_epilogues(gm: fx.GraphModule, values: Mapping[str, Any], convs: list[fx.Node]
-                       ) -> dict[fx.Node, Epilogue]:
-    """The :class:`Epilogue` of every node in ``convs`` (conv calls, in graph order); ``values``: the trace's
-    recorded shapes by node name."""
-    found: dict[fx.Node, dict[str, bool]] = {}
-    claimed: set[fx.Node] = set()  # a residual add's ReLU is fused with the first of its convs
-    merged: set[fx.Node] = set()
-    for node in convs:
-        folded_bn, end = _through_bn(gm, node)
-        users = list(end.users)
-        relu = len(users) == 1 and _is_relu(gm, users[0])
-        fused = None if relu else _fused_add(gm, end, values)
-        add_relu = fused is not None and fused[0] not in claimed
-        if add_relu:
-            claimed.add(fused[0])
-            source = _bias_source(gm, fused[1])
-            if source is not None:
-                merged.add(source)
-        found[node] = {"folded_bn": folded_bn, "relu": relu, "add_relu": add_relu}
-    return {node: Epilogue(**flags, bias_merged=node in merged) for node, flags in found.items()}
+    matches, refused = find_fusions(traced, transparent, usage)
+    fused = {m.conv: m for m in matches}
+    merged = {bias_source(traced, m.z, usage, transparent, lambda name, conv: conv.bias is not None or name in folded)
+              for m in matches if m.add is not None and m.z is not None} - {None}
+    out: dict[fx.Node, Epilogue] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(gm.get_submodule(str(node.target)), nn.modules.conv._ConvNd):
+            continue
+        name, match = str(node.target), fused.get(str(node.target))
+        relu, cap = (match.add is None, match.max_value) if match is not None else (False, None)
+        if match is None and "grouped conv" in refused.get(name, ""):  # deployed unfused: conv, then the ReLU
+            relu, cap = _direct_activation(gm, node, folding)
+        out[node] = Epilogue(folded_bn=name in folded, relu=relu, add_relu=match is not None and match.add is not None,
+                             bias_merged=name in merged, relu_cap=cap if relu or match is not None else None)
+    return out

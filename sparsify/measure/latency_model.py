@@ -164,14 +164,11 @@ class LatencyModel:
         traced, gm = cg.traced, cg.traced.graph_module
         macs = module_macs(traced)
         layers: list[LayerSpec] = []
-        convs = [n for n in gm.graph.nodes if (n.op == "call_module" and isinstance(
-            gm.get_submodule(str(n.target)), nn.modules.conv._ConvNd)) or (n.op == "call_function" and getattr(
-                n.target, "__name__", "").split(".")[0] in ("conv1d", "conv2d", "conv3d"))]
-        epilogues = deployed_epilogues(gm, traced.values, convs)
+        epilogues = deployed_epilogues(traced)
 
-        def epilogue(node: fx.Node) -> tuple[bool, bool, bool, bool]:
+        def epilogue(node: fx.Node) -> tuple[bool, bool, bool, bool, float | None]:
             e = epilogues.get(node, Epilogue())
-            return e.folded_bn, e.relu, e.add_relu, e.bias_merged
+            return e.folded_bn, e.relu, e.add_relu, e.bias_merged, e.relu_cap
 
         layer_of: dict[fx.Node, str] = {}  # modelled conv/linear nodes → their spec's name (pools follow them)
         for node in gm.graph.nodes:
@@ -207,7 +204,7 @@ class LatencyModel:
         return layers
 
     def _functional(self, node: fx.Node, x: TensorInfo, values: Mapping[str, Any], macs: Mapping[str, int],
-                    epilogue: Callable[[fx.Node], tuple[bool, bool, bool, bool]]) -> LayerSpec | None:
+                    epilogue: Callable[[fx.Node], tuple[bool, bool, bool, bool, float | None]]) -> LayerSpec | None:
         """F.linear / F.convNd (and their ATen overloads) whose weight is a parameter."""
         name = getattr(node.target, "__name__", "").split(".")[0]
         if name not in ("linear", "conv1d", "conv2d", "conv3d") or len(node.args) < 2:
@@ -234,12 +231,12 @@ class LatencyModel:
 
         groups = int(arg(6, "groups", 1))
         padding = arg(4, "padding", 0)
-        folded_bn, relu, add_relu, bias_merged = epilogue(node)
+        folded_bn, relu, add_relu, bias_merged, relu_cap = epilogue(node)
         return LayerSpec(key, "conv", w.shape[1] * groups, w.shape[0], tuple(x.shape[1:]), tuple(w.shape[2:]),
                          tup(arg(3, "stride", 1)), padding if isinstance(padding, str) else tup(padding),
                          tup(arg(5, "dilation", 1)), groups, has_bias, macs=float(macs.get(key, 0)),
                          folded_bn=folded_bn, relu=relu, add_relu=add_relu,
-                         bias_merged=bias_merged)
+                         bias_merged=bias_merged, relu_cap=relu_cap)
 
     def _table(self, spec: LayerSpec, dims: dict[int, tuple[int, np.ndarray]], prunable: set[int],
                measure: LatencyFn) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:

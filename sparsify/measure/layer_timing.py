@@ -54,6 +54,7 @@ class LayerSpec:
     relu: bool = False  # a ReLU follows (after the BN if any): deployed on CUDA, fused into the conv
     add_relu: bool = False  # a residual add then a ReLU follow (after the BN if any): deployed, one fused kernel
     bias_merged: bool = False  # its output is only another conv's fused residual: deployed, its bias moves there
+    relu_cap: float | None = None  # the fused activation is ReLU6 / Hardtanh(0, cap) (deployed: ReLU, then a clamp)
     follows: str | None = None  # a pool: the layer whose output width it has
     ceil_mode: bool = False  # a pool's ceil_mode
 
@@ -87,7 +88,7 @@ class LayerSpec:
                 self.stride, self.padding, self.dilation, self.groups_at(out_w), self.bias, self.padding_mode,
                 self.in_at(in_w, out_w), out_w, self.folded_bn, self.relu) + \
             (("add_relu",) if self.add_relu else ()) + (("bias_merged",) if self.bias_merged else ()) + \
-            (("ceil_mode",) if self.ceil_mode else ())
+            (("ceil_mode",) if self.ceil_mode else ()) + (("cap", self.relu_cap) if self.relu_cap is not None else ())
 
 
 def _cudnn_padding(spec: LayerSpec) -> tuple[int, ...] | None:
@@ -127,12 +128,17 @@ def _layer_and_input(spec: LayerSpec, in_w: int, out_w: int, batch: int, bias: b
 
 def _call(layer: nn.Module, spec: LayerSpec, device: torch.device, dtype: torch.dtype | None, relu: bool,
           residual: torch.Tensor | None) -> Callable[[torch.Tensor], Any]:
-    """The layer's forward as deployed: fused conv+bias(+add)+ReLU on cuDNN, else the eager ops (``residual``:
-    the tensor a residual add brings, or None)."""
+    """The layer's forward as deployed: fused conv+bias(+add)+ReLU on cuDNN (then the clamp of a ReLU6), else
+    the eager ops (``residual``: the tensor a residual add brings, or None)."""
     padding = _cudnn_padding(spec) if spec.op == "conv" and len(spec.kernel_size) == 2 else None
     cudnn = device.type == "cuda" and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled
     # deployment fuses plain convs only (sparsify.deploy.fusion: cuDNN's fused grouped/depthwise kernels are slow)
     fusable = padding is not None and cudnn and getattr(layer, "groups", 1) == 1
+    cap = spec.relu_cap
+
+    def act(y: torch.Tensor) -> torch.Tensor:
+        return F.relu(y) if cap is None else F.hardtanh(y, 0.0, cap)
+
     if (relu or residual is not None) and fusable:
         assert isinstance(layer, nn.Conv2d)
 
@@ -142,23 +148,20 @@ def _call(layer: nn.Module, spec: LayerSpec, device: torch.device, dtype: torch.
                 w, b = w.to(dtype), (None if b is None else b.to(dtype))
             return w, b
 
-        if residual is not None:
-            def fused_add(x: torch.Tensor) -> torch.Tensor:
-                w, b = weights()
-                return torch.cudnn_convolution_add_relu(x, w, residual, 1, b, layer.stride, padding, layer.dilation,
-                                                        layer.groups)
-
-            return fused_add
-
         def fused(x: torch.Tensor) -> torch.Tensor:
             w, b = weights()
-            return torch.cudnn_convolution_relu(x, w, b, layer.stride, padding, layer.dilation, layer.groups)
+            if residual is not None:
+                y = torch.cudnn_convolution_add_relu(x, w, residual, 1, b, layer.stride, padding, layer.dilation,
+                                                     layer.groups)
+            else:
+                y = torch.cudnn_convolution_relu(x, w, b, layer.stride, padding, layer.dilation, layer.groups)
+            return y if cap is None else y.clamp_max_(cap)
 
         return fused
     if residual is not None:
-        return lambda x: F.relu(layer(x) + residual)
+        return lambda x: act(layer(x) + residual)
     if relu:
-        return lambda x: F.relu(layer(x))
+        return lambda x: act(layer(x))
     return layer
 
 

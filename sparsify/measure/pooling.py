@@ -18,7 +18,6 @@ import torch.fx as fx
 from torch import nn
 
 from sparsify.graph.trace import TensorInfo
-from sparsify.measure.epilogue import op_name
 from sparsify.measure.layer_timing import POOLS, LayerSpec
 
 __all__ = ["pool_spec"]
@@ -26,6 +25,15 @@ __all__ = ["pool_spec"]
 # ops between a layer and a pool that keep its channels one for one
 _PER_CHANNEL = ("batchnorm", "relu", "relu6", "hardtanh", "silu", "gelu", "identity", "getitem", "dropout",
                 "leakyrelu", "leaky_relu", "hardswish", "sigmoid", "tanh", "elu", "mish")
+
+
+def op_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    """What a node computes, by name: a module's class, a function's or a method's name (lower case)."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target))).__name__.lower()
+    if node.op in ("call_function", "call_method"):
+        return str(getattr(node.target, "__name__", node.target)).lower()
+    return ""
 
 
 def _producer(gm: fx.GraphModule, node: fx.Node, layer_of: Mapping[fx.Node, str]) -> str | None:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsify.graph.fusable import cudnn_padding
 from sparsify.graph.module_types import register_module_type
 from sparsify.measure.timing import cuda_autocast_dtype
 
@@ -29,18 +30,6 @@ def _on_cudnn(x: torch.Tensor) -> bool:
     cudnn = torch.backends.cudnn
     return x.is_cuda and cudnn.enabled and cudnn.is_available() and not (
         cudnn.deterministic or torch.are_deterministic_algorithms_enabled())
-
-
-def cudnn_padding(conv: nn.Conv2d) -> tuple[int, ...] | None:
-    """The conv's padding as the symmetric int padding cuDNN takes, or None where it has none."""
-    if conv.padding_mode != "zeros":
-        return None
-    if conv.padding == "valid":
-        return (0, 0)
-    if conv.padding == "same":  # PyTorch pads the odd remainder on one side only
-        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
-        return tuple(t // 2 for t in total) if all(t % 2 == 0 for t in total) else None
-    return tuple(int(p) for p in conv.padding)
 
 
 def _compute_dtype(x: torch.Tensor, conv: nn.Conv2d, z: torch.Tensor | None = None) -> torch.dtype | None:

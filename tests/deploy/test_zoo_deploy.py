@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sparsify.deploy import deploy
+from sparsify.deploy.fusion import find_conv_activations
 from sparsify.graph.channel_graph import build_channel_graph
 from sparsify.measure.latency_model import LatencyModel
 from sparsify.testing.oracle import randomize_
@@ -39,6 +40,13 @@ def test_deploy_keeps_outputs_and_the_latency_model_sees_its_fusions(tv: ModuleT
     timed_merged = {s.name.removesuffix(".weight") for s in lat.layers if s.bias_merged}
     assert timed_add == {f.conv for f in fusions if f.add is not None}
     assert timed_merged == {f.bias_from for f in fusions if f.bias_from}
+    # conv→ReLU(6): deploy fuses a subset of what the latency model times with its activation; the rest it
+    # refuses for a stated reason (grouped convs, a ReLU inside a module called as a whole, …)
+    timed_relu = {s.name.removesuffix(".weight"): s.relu_cap for s in lat.layers if s.relu}
+    fused_relu = {f.conv: f.max_value for f in fusions if f.add is None}
+    assert all(timed_relu.get(conv, "missing") == cap for conv, cap in fused_relu.items())
+    refused = find_conv_activations(deploy(model, x, fuse_activations=False), x)[1]
+    assert set(timed_relu) - set(fused_relu) <= set(refused)
     for spec in lat.layers:  # every pool follows a modelled layer and shares its output group
         if spec.follows is not None:
             assert spec.follows in {s.name for s in lat.layers if s.follows is None}
