@@ -13,11 +13,11 @@ set -uo pipefail
 OUT=${OUT:-out/h200}
 BUDGET=${BUDGET:-380}
 mkdir -p "$OUT"
-if [ -d .whl ]; then
+if [ -d .whl ] && [ ! -d /tmp/site/pydantic ]; then  # once per machine (the next command finds it installed)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     $(ls .whl/test/*.whl 2> /dev/null)
-  export PYTHONPATH=/tmp/site:$PWD
 fi
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv > "$OUT/card.txt"
 case "${1:-}" in
   gpu-tests)

@@ -110,19 +110,19 @@ def bench_model(name: str, args: argparse.Namespace, round_to: int, rows: list[R
     report = {"modes": modes, "picked": picked, "why": why, "latency_target_measure_mode": measure_mode.name}
     console.log(f"{name}: deployment {picked} ({why})")
 
-    dense_row = Row(name, None, "dense", mode=picked, macs_g=dense_macs / 1e9, reduction=1.0,
-                    params_m=params_m(dense), info={"widths_not_multiple_of_8": unaligned(dense)})
-    _time_network(copy.deepcopy(dense), x, mode, batch, args, dense_row, args.profile)
-    fill_ratios(dense_row, dense_row)
-    rows.append(dense_row)
-    console.log(f"{name}: dense {dense_row.ms:.3f} ms, {dense_macs / 1e9:.3f} GMACs")
-    caches: dict[bool, dict] = {False: {}, True: {}}  # layer configurations timed, shared between targets
-    dense_alone: dict[str, Any] = {}
-
     def add(row: Row) -> None:
         rows.append(row)
         if on_row is not None:
             on_row()
+
+    dense_row = Row(name, None, "dense", mode=picked, macs_g=dense_macs / 1e9, reduction=1.0,
+                    params_m=params_m(dense), info={"widths_not_multiple_of_8": unaligned(dense)})
+    _time_network(copy.deepcopy(dense), x, mode, batch, args, dense_row, args.profile)
+    fill_ratios(dense_row, dense_row)
+    add(dense_row)
+    console.log(f"{name}: dense {dense_row.ms:.3f} ms, {dense_macs / 1e9:.3f} GMACs")
+    caches: dict[bool, dict] = {False: {}, True: {}}  # layer configurations timed, shared between targets
+    dense_alone: dict[str, Any] = {}
 
     def run_arm(row: Row, prune: Callable[[], tuple[nn.Module, dict[str, Any]]]) -> None:
         left = min(deadline - time.perf_counter(), clock.left() - args.reserve_s)

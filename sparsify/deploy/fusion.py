@@ -35,8 +35,8 @@ import torch.fx as fx
 from torch import nn
 
 from sparsify._utils import set_submodule
-from sparsify.graph.fusable import bias_source, find_fusions, module_usage
-from sparsify.graph.trace import TracedModel, trace
+from sparsify.graph.fusable import FusionMatch, bias_source, find_fusions, module_usage
+from sparsify.graph.trace import trace
 from sparsify.nn.fused import ConvAddReLU, ConvReLU
 
 __all__ = ["Fusion", "find_conv_activations", "fuse_conv_activations"]
@@ -55,15 +55,8 @@ class Fusion:
     bias_from: str | None = None  # merge_residual_bias: the conv computing z, whose bias the fused conv took
 
 
-@dataclass
-class _Match:
-    fusion: Fusion
-    nodes: list[fx.Node]  # conv, Identities, [add], activation: in graph order
-
-
-def _find(traced: TracedModel) -> tuple[list[_Match], dict[str, str]]:
-    found, refused = find_fusions(traced)
-    return [_Match(Fusion(m.conv, m.activation, m.add, m.max_value), list(m.nodes)) for m in found], refused
+def _fusion(match: FusionMatch) -> Fusion:
+    return Fusion(match.conv, match.activation, match.add, match.max_value)
 
 
 def _merge_bias(gm: fx.GraphModule, conv: nn.Conv2d, source: str) -> nn.Conv2d:
@@ -82,8 +75,8 @@ def _merge_bias(gm: fx.GraphModule, conv: nn.Conv2d, source: str) -> nn.Conv2d:
 def find_conv_activations(model: nn.Module, example_inputs: Any) -> tuple[list[Fusion], dict[str, str]]:
     """Conv→activation patterns of ``model`` that can be fused exactly, and for other convs followed by
     an activation, why not: ``([Fusion, ...], {conv name: reason})``."""
-    matches, refused = _find(trace(model, example_inputs))
-    return [m.fusion for m in matches], refused
+    matches, refused = find_fusions(trace(model, example_inputs))
+    return [_fusion(m) for m in matches], refused
 
 
 def fuse_conv_activations(model: nn.Module, example_inputs: Any, *, merge_residual_bias: bool = True
@@ -98,35 +91,34 @@ def fuse_conv_activations(model: nn.Module, example_inputs: Any, *, merge_residu
     if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         return model, []  # e.g. a transformer: no trace needed
     traced = trace(model, example_inputs)
-    matches, _ = _find(traced)
+    matches, _ = find_fusions(traced)
     gm = traced.graph_module
     if not matches:
         return model, []
     calls, read, names_of = module_usage(traced)
 
-    def replaceable(match: _Match) -> bool:
+    def replaceable(match: FusionMatch) -> bool:
         act = match.nodes[-1]
-        return match.fusion.add is None and act.op == "call_module" and calls[str(act.target)] == 1 and \
+        return match.add is None and act.op == "call_module" and calls[str(act.target)] == 1 and \
             names_of[id(gm.get_submodule(str(act.target)))] == 1
 
     if all(map(replaceable, matches)):
         for match in matches:
-            conv = model.get_submodule(match.fusion.conv)
-            set_submodule(model, match.fusion.conv, ConvReLU(conv, match.fusion.max_value))
+            conv = model.get_submodule(match.conv)
+            set_submodule(model, match.conv, ConvReLU(conv, match.max_value))
             set_submodule(model, str(match.nodes[-1].target), nn.Identity())
-        return model, [m.fusion for m in matches]
+        return model, [_fusion(m) for m in matches]
 
     graph, fusions = gm.graph, []
     for match in matches:
         conv_node, act = match.nodes[0], match.nodes[-1]
-        conv = gm.get_submodule(match.fusion.conv)
+        conv = gm.get_submodule(match.conv)
         args: tuple[Any, ...] = (conv_node.args[0],)
-        fusion = match.fusion
-        if fusion.add is not None:
-            add = match.nodes[-2]
-            src = match.nodes[-3]
+        fusion = _fusion(match)
+        if match.add is not None:
+            add, src = match.nodes[-2], match.nodes[-3]
             z = add.args[1] if add.args[0] is src else add.args[0]
-            args = (*args, z)  # read now: z may be rewritten
+            args = (*args, z)  # read now: an earlier fusion may have replaced z's node
             source = bias_source(traced, z, (calls, read, names_of)) if merge_residual_bias else None
             if source is not None:
                 conv, fusion = _merge_bias(gm, conv, source), replace(fusion, bias_from=source)
@@ -134,9 +126,9 @@ def fuse_conv_activations(model: nn.Module, example_inputs: Any, *, merge_residu
         else:
             fused = ConvReLU(conv, fusion.max_value)
         fusions.append(fusion)
-        set_submodule(gm, match.fusion.conv, fused)  # gm's own module tree: model's stays as it was
+        set_submodule(gm, match.conv, fused)  # gm's own module tree: model's stays as it was
         with graph.inserting_before(act):
-            new = graph.call_module(match.fusion.conv, args)
+            new = graph.call_module(match.conv, args)
         act.replace_all_uses_with(new)
         for node in reversed(match.nodes):
             graph.erase_node(node)

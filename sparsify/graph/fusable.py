@@ -62,6 +62,7 @@ def cudnn_padding(conv: nn.Conv2d) -> tuple[int, ...] | None:
         return tuple(t // 2 for t in total) if all(t % 2 == 0 for t in total) else None
     return tuple(int(p) for p in conv.padding)
 
+
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_)
 _ADDS = (operator.add, operator.iadd, torch.add)
 

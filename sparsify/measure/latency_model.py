@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -166,9 +167,6 @@ class LatencyModel:
         layers: list[LayerSpec] = []
         epilogues = deployed_epilogues(traced)
 
-        def epilogue(node: fx.Node) -> tuple[bool, bool, bool, bool, float | None]:
-            e = epilogues.get(node, Epilogue())
-            return e.folded_bn, e.relu, e.add_relu, e.bias_merged, e.relu_cap
 
         layer_of: dict[fx.Node, str] = {}  # modelled conv/linear nodes → their spec's name (pools follow them)
         for node in gm.graph.nodes:
@@ -188,7 +186,7 @@ class LatencyModel:
                     layers.append(LayerSpec(key, "conv", m.in_channels, m.out_channels, tuple(x.shape[1:]),
                                             tuple(m.kernel_size), tuple(m.stride), m.padding, tuple(m.dilation),
                                             m.groups, m.bias is not None, m.padding_mode, float(macs.get(key, 0)),
-                                            *epilogue(node)))
+                                            **asdict(epilogues.get(node, Epilogue()))))
                 elif isinstance(m, nn.Linear):
                     if not isinstance(x, TensorInfo):
                         self.skipped[key] = "no input shape"
@@ -196,16 +194,17 @@ class LatencyModel:
                     layers.append(LayerSpec(key, "linear", m.in_features, m.out_features, tuple(x.shape[1:]),
                                             bias=m.bias is not None, macs=float(macs.get(key, 0))))
             elif node.op == "call_function" and isinstance(x, TensorInfo):
-                spec = self._functional(node, x, traced.values, macs, epilogue)
+                spec = self._functional(node, x, traced.values, macs)
                 if spec is not None:
                     layers.append(spec)
             if len(layers) > count:
                 layer_of[node] = layers[-1].name
         return layers
 
-    def _functional(self, node: fx.Node, x: TensorInfo, values: Mapping[str, Any], macs: Mapping[str, int],
-                    epilogue: Callable[[fx.Node], tuple[bool, bool, bool, bool, float | None]]) -> LayerSpec | None:
-        """F.linear / F.convNd (and their ATen overloads) whose weight is a parameter."""
+    def _functional(self, node: fx.Node, x: TensorInfo, values: Mapping[str, Any], macs: Mapping[str, int]
+                    ) -> LayerSpec | None:
+        """F.linear / F.convNd (and their ATen overloads) whose weight is a parameter (deployment folds and fuses
+        conv modules only: a functional conv is timed alone)."""
         name = getattr(node.target, "__name__", "").split(".")[0]
         if name not in ("linear", "conv1d", "conv2d", "conv3d") or len(node.args) < 2:
             return None
@@ -231,12 +230,9 @@ class LatencyModel:
 
         groups = int(arg(6, "groups", 1))
         padding = arg(4, "padding", 0)
-        folded_bn, relu, add_relu, bias_merged, relu_cap = epilogue(node)
         return LayerSpec(key, "conv", w.shape[1] * groups, w.shape[0], tuple(x.shape[1:]), tuple(w.shape[2:]),
                          tup(arg(3, "stride", 1)), padding if isinstance(padding, str) else tup(padding),
-                         tup(arg(5, "dilation", 1)), groups, has_bias, macs=float(macs.get(key, 0)),
-                         folded_bn=folded_bn, relu=relu, add_relu=add_relu,
-                         bias_merged=bias_merged, relu_cap=relu_cap)
+                         tup(arg(5, "dilation", 1)), groups, has_bias, macs=float(macs.get(key, 0)))
 
     def _table(self, spec: LayerSpec, dims: dict[int, tuple[int, np.ndarray]], prunable: set[int],
                measure: LatencyFn) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:

@@ -11,7 +11,7 @@ as deployment merges it into the fused conv), fused on CUDA where deployment fus
 expresses), channels_last, in the dtype used: under autocast (weights cast per call, as an autocast
 deployment does) or, with ``cast_params``, with weights already in ``dtype`` (``deploy(..., dtype=...)``).
 Timing is :func:`sparsify.measure.bench.benchmark` (CUDA graphs, L2 flushed, warm-up until settled on CUDA).
-Not modelled: activations other than ReLU.
+Not modelled: activations other than ReLU and ReLU6 / ``Hardtanh(0, m)``.
 """
 
 from __future__ import annotations
