@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sparsify.adapters",),
     ("sparsify.policies",),
     ("sparsify.config", "sparsify.sparsifier", "sparsify.sparsifier_checks", "sparsify.oneshot", "sparsify.io"),
-    ("sparsify.deploy", "sparsify.hf", "sparsify.lm", "sparsify.distributed"),
+    ("sparsify.deploy", "sparsify.depth", "sparsify.hf", "sparsify.lm", "sparsify.distributed"),
     ("sparsify.testing",),
     ("sparsify.extend", "sparsify"),
     ("sparsify.cli",),

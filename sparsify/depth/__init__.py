@@ -1,0 +1,16 @@
+"""Depth pruning of any residual network: find residual branches, score them, remove them physically.
+
+    branches = residual_branches(model, x)              # every ``f`` of a module's ``x + f(x)``
+    scores = branch_importance(model, branches, [x])    # relative change of each block's output without it
+    remove_residual_branches(model, [b for b, s in zip(branches, scores) if s < 0.05])
+
+Removal is exact whenever the removed branches output zeros (zero their last layer softly first, or accept
+the change and fine-tune). Decoder layers of Hugging Face models: :mod:`sparsify.hf.depth`.
+"""
+
+from sparsify.depth.branches import ResidualBranch, residual_branches, untraced_modules
+from sparsify.depth.importance import branch_importance
+from sparsify.depth.removal import remove_residual_branches, without_branches
+
+__all__ = ["ResidualBranch", "branch_importance", "remove_residual_branches", "residual_branches",
+           "untraced_modules", "without_branches"]
