@@ -35,6 +35,7 @@ import torch.fx as fx
 from torch import nn
 
 from sparsify._utils import set_submodule
+from sparsify.deploy.redundant import drop_repeated_activations
 from sparsify.graph.fusable import FusionMatch, bias_source, find_fusions, module_usage
 from sparsify.graph.trace import trace
 from sparsify.nn.fused import ConvAddReLU, ConvReLU
@@ -134,5 +135,6 @@ def fuse_conv_activations(model: nn.Module, example_inputs: Any, *, merge_residu
             graph.erase_node(node)
     graph.lint()
     gm.recompile()
+    drop_repeated_activations(gm)  # a ReLU of a fused ReLU's output (left by depth pruning): one kernel less
     gm.eval()  # its fresh containers start in training mode; the traced forward is the eval-mode one
     return gm, fusions
