@@ -57,7 +57,7 @@ PRESETS: dict[str, list[str]] = {
              "--round-to", "8", "--latency-points", "3", "--s2d-stem", "--profile", "--repeat", "2",
              "--small-batches", "1", "16", "--iters", "20", "--max-warmup", "60", "--tp-steps", "10", "--refine", "2",
              "--modes", "eager", "eager+bf16", "cuda-graph", "cuda-graph+bf16", "--reference-modes", "compile",
-             "--latency-iterations", "4", "--time-budget", "500"],
+             "--latency-iterations", "4", "--depth", "--time-budget", "500"],
 }
 
 
@@ -108,6 +108,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--target-max-group-sparsity", type=float, default=None,
                     help="the same cap for the latency-target arms (ours@N×; default: --max-group-sparsity): at 0.5 "
                          "every group halved is ~4× fewer MACs, which bounded ResNet-50 on the H200 at 1.72×")
+    ap.add_argument("--depth", action="store_true",
+                    help="latency targets the widths miss at the cap remove residual branches first, then search the "
+                         "widths of the shallower network (benchmarks/speed_lib/depth_arm.py)")
     ap.add_argument("--no-tp", action="store_true", help="skip the Torch-Pruning arms")
     ap.add_argument("--arms", nargs="+", help="only these MACs-target arms (also: ours); dense always runs")
     ap.add_argument("--tp-steps", type=int, default=20, help="TP iterative steps (ratio 0 → 0.95) to find the target")

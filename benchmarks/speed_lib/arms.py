@@ -6,7 +6,9 @@
   device, batch and dtype chooses where removing ``round_to`` channels saves the most time per MAC.
 * ``ours@<t>x`` (latency target): ``GMPConfig(budget="latency", target_speedup=t)``: the policy measures whole
   pruned copies with ``measure`` (the benchmark's deployment) and iterates until the measured speedup is met.
-  ``heads`` (ViT) swaps nn.MultiheadAttention for ExplicitMultiheadAttention first, so whole heads compete.
+  With ``--depth``, a target the widths miss at the cap removes residual branches first
+  (:mod:`benchmarks.speed_lib.depth_arm`). ``heads`` (ViT) swaps nn.MultiheadAttention for
+  ExplicitMultiheadAttention first, so whole heads compete.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from benchmarks.speed_lib.depth_arm import depth_then_width
 from benchmarks.speed_lib.models import WeightMacs
 from sparsify import FilterNormConfig, GMPConfig, Sparsifier, SparsifierConfig
 from sparsify.measure.latency_model import LatencyModel
@@ -135,16 +138,27 @@ def prune_latency_target(dense: nn.Module, x: torch.Tensor, speedup: float, roun
                        update_every=1, max_group_sparsity=cap, latency_tolerance=args.latency_tolerance,
                        latency_max_iterations=args.latency_iterations)
     timing: dict[str, float] = {}
+    factory = _latency_model_factory(args, batch, round_to, cache, measure, timing)
     sp = Sparsifier(model, x, config=SparsifierConfig(adapter=FilterNormConfig(p=args.p), policy=policy,
-                                                      round_to=round_to),
-                    latency_model=_latency_model_factory(args, batch, round_to, cache, measure, timing))
+                                                      round_to=round_to), latency_model=factory)
     sp.step()
-    sp.prune()
     report = getattr(sp.policy, "latency_report", None)
     info: dict[str, Any] = {"target_speedup": speedup, "max_group_sparsity": cap,
                             "latency_timing_s": round(timing.get("s", 0.0), 2)}
     if report is not None:
         info["latency_target_report"] = report.as_dict() if hasattr(report, "as_dict") else dict(vars(report))
+    if report is not None and not report.met and getattr(args, "depth", False) and not heads:
+        policy_args = {"max_group_sparsity": cap, "latency_tolerance": args.latency_tolerance,
+                       "latency_max_iterations": args.latency_iterations}
+        deeper = depth_then_width(dense, x, report, sp.policy.context.latency_model, round_to, args, policy_args,
+                                  factory, measure)
+        if deeper is not None:
+            shallower, extra = deeper
+            info.update(extra)
+            info["latency_target_report"] = extra["depth"]["attempts"][-1]["latency_target_report"]
+            info["width_only_report"] = report.as_dict()
+            return shallower, info
+    sp.prune()
     if heads:
         info["heads_per_layer"] = [m.num_heads for m in model.modules() if isinstance(m, ExplicitMultiheadAttention)]
     return model, info

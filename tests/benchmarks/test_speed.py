@@ -231,3 +231,18 @@ def test_vit_heads_arm_prunes_heads_and_counts_their_attention_macs() -> None:
     assert reduction >= 1.5 - 1e-6
     with torch.no_grad():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
+
+
+def test_depth_takes_over_where_the_widths_miss_a_latency_target(tmp_path: Path) -> None:
+    """--depth: a target the width search cannot reach at a tight cap removes residual branches first."""
+    bench = _load()
+    out = tmp_path / "speed.json"
+    bench.main([*SMOKE, "--repeat", "1", "--small-batches", "--no-tp", "--arms", "ours+round", "--latency-targets", "3",
+                "--latency-iterations", "2", "--target-max-group-sparsity", "0.3", "--depth", "--out", str(out)])
+    row = next(r for r in json.loads(out.read_text())["rows"] if r["arm"] == "ours@3x")
+    assert not row["error"], row["error"]
+    depth, width_only = row["info"]["depth"], row["info"]["width_only_report"]
+    assert not width_only["met"] and depth["branches_found"] == 8 and depth["removed"]
+    assert depth["attempts"][-1]["branches"] == len(depth["removed"])
+    assert depth["depth_only_ms"][str(len(depth["removed"]))] < width_only["dense_ms"]
+    assert row["info"]["latency_target_report"] == depth["attempts"][-1]["latency_target_report"]
