@@ -1,11 +1,14 @@
-"""Small idioms used across the package: dotted names to modules and tensors, replacing submodules."""
+"""Small idioms used across the package: dotted names to modules and tensors, replacing submodules, eval mode."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-__all__ = ["get_tensor", "is_meta", "owner_of", "set_submodule"]
+__all__ = ["evaluating", "get_tensor", "is_meta", "owner_of", "set_submodule"]
 
 
 def owner_of(model: nn.Module, qualified: str) -> tuple[nn.Module, str]:
@@ -29,3 +32,16 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def is_meta(model: nn.Module) -> bool:
     """Whether any parameter or buffer of ``model`` lives on the meta device."""
     return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no gradients inside; every module's own mode is put back after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode

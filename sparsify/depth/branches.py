@@ -28,13 +28,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from sparsify.depth.calls import ModuleCall, evaluating, record_calls
+from sparsify._utils import evaluating
+from sparsify.depth.calls import ModuleCall, record_calls
 from sparsify.errors import SparsifyError
+from sparsify.graph.fusable import addition_operands
 
 __all__ = ["ResidualBranch", "residual_branches", "trace_block", "untraced_modules"]
-
-_ADDS = (operator.add, operator.iadd, torch.add)
-
 
 @dataclass(frozen=True)
 class ResidualBranch:
@@ -69,19 +68,6 @@ def _searchable(name: str, module: nn.Module) -> bool:
     if not name or isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict, fx.GraphModule)):
         return False
     return not type(module).__module__.startswith("torch.nn")
-
-
-def addition_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """``(a, b)`` of an addition node ``a + b`` of two traced values (no ``alpha``), else None."""
-    if node.op == "call_function" and node.target in _ADDS:
-        args, kwargs = node.args, node.kwargs
-    elif node.op == "call_method" and node.target in ("add", "add_"):
-        args, kwargs = node.args, node.kwargs
-    else:
-        return None
-    if len(args) != 2 or kwargs or not all(isinstance(a, fx.Node) for a in args):
-        return None
-    return args[0], args[1]  # type: ignore[return-value]
 
 
 def exclusive_nodes(out: fx.Node) -> set[fx.Node]:

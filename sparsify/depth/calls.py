@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,9 +11,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from sparsify._utils import evaluating
 from sparsify.errors import SparsifyError
 
-__all__ = ["ModuleCall", "evaluating", "record_calls", "run_model"]
+__all__ = ["ModuleCall", "record_calls", "run_model"]
 
 
 @dataclass
@@ -32,19 +32,6 @@ class ModuleCall:
         return list(bound.arguments.values())
 
 
-@contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no gradients inside; every module's mode is put back after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
 def run_model(model: nn.Module, example_inputs: Any) -> Any:
     """``model(*example_inputs)`` (a tensor, or a tuple/list of positional inputs)."""
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
@@ -54,6 +41,8 @@ def run_model(model: nn.Module, example_inputs: Any) -> Any:
 def _copied(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.clone()
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*(_copied(v) for v in value))
     if isinstance(value, (tuple, list)):
         return type(value)(_copied(v) for v in value)
     if isinstance(value, dict):

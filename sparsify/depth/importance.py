@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsify._utils import evaluating
 from sparsify.depth.branches import ResidualBranch
-from sparsify.depth.calls import evaluating, record_calls
+from sparsify.depth.calls import record_calls
 from sparsify.depth.removal import without_branches
 from sparsify.errors import SparsifyError
 

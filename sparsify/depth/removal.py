@@ -72,7 +72,7 @@ def without_branches(module: nn.Module, adds: Iterable[str]) -> nn.Module:
         users = list(add.users)
         add.replace_all_uses_with(s)
         graph.erase_node(add)
-        for node in sorted(inside, key=lambda n: -list(graph.nodes).index(n)):
+        for node in reversed([n for n in graph.nodes if n in inside]):  # users before their inputs
             graph.erase_node(node)
         if _shares_input(s):
             for user in users:

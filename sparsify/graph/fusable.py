@@ -22,8 +22,8 @@ from torch import nn
 
 from sparsify.graph.trace import TensorInfo, TracedModel
 
-__all__ = ["FusionMatch", "added_operand", "bias_source", "cudnn_padding", "find_fusions", "foldable_bn_pairs",
-           "hooked", "module_usage", "relu_activation"]
+__all__ = ["FusionMatch", "added_operand", "addition_operands", "bias_source", "cudnn_padding", "find_fusions",
+           "foldable_bn_pairs", "hooked", "module_usage", "relu_activation"]
 
 _BN = nn.modules.batchnorm._BatchNorm
 _CONV = nn.modules.conv._ConvNd
@@ -98,17 +98,25 @@ def relu_activation(node: fx.Node, gm: fx.GraphModule, src: fx.Node) -> tuple[bo
     return False, None
 
 
-def added_operand(node: fx.Node, src: fx.Node) -> fx.Node | None:
-    """The other operand when ``node`` is ``src + z`` (no alpha, z a graph value, src not written by z)."""
+def addition_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``(a, b)`` when ``node`` is ``a + b`` of two graph values (function, operator or method; no alpha)."""
     is_add = (node.op == "call_function" and node.target in _ADDS) or (
         node.op == "call_method" and node.target in ("add", "add_"))
-    if not is_add or len(node.args) != 2 or node.kwargs or src not in node.args:
+    if not is_add or len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
+        return None
+    return node.args[0], node.args[1]  # type: ignore[return-value]
+
+
+def added_operand(node: fx.Node, src: fx.Node) -> fx.Node | None:
+    """The other operand when ``node`` is ``src + z`` (no alpha, z a graph value, src not written by z)."""
+    operands = addition_operands(node)
+    if operands is None or src not in operands:
         return None
     inplace = node.target is operator.iadd or node.target == "add_"
-    if node.args[0] is not src and (inplace or node.op == "call_method"):
+    if operands[0] is not src and (inplace or node.op == "call_method"):
         return None  # z += conv(x) writes to z, z.add(conv(x)) is a method of z: leave both
-    z = node.args[1] if node.args[0] is src else node.args[0]
-    return z if isinstance(z, fx.Node) and z is not src else None
+    z = operands[1] if operands[0] is src else operands[0]
+    return z if z is not src else None
 
 
 def foldable_bn_pairs(traced: TracedModel, usage: Usage | None = None

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsify._utils import evaluating
 from sparsify.errors import SparsifyError
 from sparsify.hf import sublayers
 from sparsify.hf.inputs import token_batches
@@ -51,17 +52,6 @@ def _hooks(handles: list[Any]) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
-
-
-@contextlib.contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
 
 
 def _run(model: nn.Module, batches: list[dict[str, Any]], each: Callable[[dict[str, Any]], None]) -> None:
@@ -157,5 +147,5 @@ def layer_importance(model: nn.Module, batches: Iterable[Any], method: str = "bl
         raise SparsifyError(f"unknown depth importance method {method!r}; choose one of {list(METHODS)}")
     sublayers.decoder_layers(model)  # refuses unknown families
     inputs = [{k: v for k, v in b.items() if k != "labels"} for b in token_batches(model, batches, "layer_importance")]
-    with _evaluating(model):
+    with evaluating(model):
         return _ppl_drop(model, inputs) if method == "ppl_drop" else _influence(model, inputs, method)

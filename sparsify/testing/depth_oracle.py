@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsify._utils import set_submodule
+from sparsify._utils import evaluating, set_submodule
 from sparsify.depth.branches import ResidualBranch, trace_block
-from sparsify.depth.calls import evaluating, run_model
+from sparsify.depth.calls import run_model
 from sparsify.depth.removal import remove_residual_branches
 
 __all__ = ["check_branch_removal", "soft_zeroed_branches"]
