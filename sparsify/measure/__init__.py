@@ -4,6 +4,7 @@ from sparsify.measure.bench import Timing as Timing
 from sparsify.measure.bench import benchmark as benchmark
 from sparsify.measure.breakdown import kernel_kind as kernel_kind
 from sparsify.measure.breakdown import time_by_kind as time_by_kind
+from sparsify.measure.cudnn import cudnn_autotune as cudnn_autotune
 from sparsify.measure.latency_model import LatencyModel as LatencyModel
 from sparsify.measure.latency_model import LayerSpec as LayerSpec
 from sparsify.measure.network import network_latency as network_latency
@@ -23,6 +24,7 @@ __all__ = [
     "autocast_context",
     "benchmark",
     "cuda_autocast_dtype",
+    "cudnn_autotune",
     "kernel_kind",
     "measure_latency",
     "network_latency",

@@ -87,3 +87,21 @@ def test_cuda_benchmark_uses_a_graph_and_flushes_l2() -> None:
     assert t.method == "cuda_events" and t.fallback_reason
     t = benchmark(lambda: x @ x, device="cuda", iters=5, cuda_graph=False, flush_l2=False)
     assert t.method == "cuda_events" and not t.l2_flushed
+
+
+def test_cudnn_autotune_sets_the_flag_inside_and_restores_it_even_on_error() -> None:
+    from sparsify.measure import cudnn_autotune
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = True
+        with cudnn_autotune(False):
+            assert torch.backends.cudnn.benchmark is False
+        assert torch.backends.cudnn.benchmark is True
+        torch.backends.cudnn.benchmark = False
+        with pytest.raises(RuntimeError, match="inside"), cudnn_autotune(True):
+            assert torch.backends.cudnn.benchmark is True
+            raise RuntimeError("inside")
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = before
