@@ -14,7 +14,8 @@ Per model (ResNet-50, MobileNetV2, ViT-B/16; torchvision, random weights: latenc
 * **timing**: ``sparsify.measure.bench.benchmark`` (warm-up until settled, CUDA graphs where the mode says, L2
   flushed, p20/p50/p80); ``--repeat`` separately built timings per network, the spread of realised ratios
   ((max − min) / mean) in the table; batch ``--batch`` (CNNs) / ``--vit-batch``, bf16, plus
-  ``--small-batches`` (1 and 16) of the same pruned networks.
+  ``--small-batches`` (1 and 16) of the same pruned networks, timed with cuDNN's heuristics (its autotuner picks
+  slower, unrepeatable kernels there: ``sparsify.measure.cudnn``).
 * **diagnostics** (``--profile``): device time by kernel kind, and every layer's latency-model time alone vs
   inside the network (``benchmarks.speed_lib.diagnostics``).
 
@@ -57,7 +58,7 @@ PRESETS: dict[str, list[str]] = {
              "--round-to", "8", "--latency-points", "3", "--s2d-stem", "--profile", "--repeat", "2",
              "--small-batches", "1", "16", "--iters", "20", "--max-warmup", "60", "--tp-steps", "10", "--refine", "2",
              "--modes", "eager", "eager+bf16", "cuda-graph", "cuda-graph+bf16", "--reference-modes", "compile",
-             "--latency-iterations", "4", "--depth", "--time-budget", "500"],
+             "--latency-iterations", "4", "--depth", "--small-batch-guard", "--time-budget", "500"],
 }
 
 
@@ -116,6 +117,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--tp-steps", type=int, default=20, help="TP iterative steps (ratio 0 → 0.95) to find the target")
     ap.add_argument("--refine", type=int, default=5, help="TP bisection steps after the iterative search")
     ap.add_argument("--no-cudnn-benchmark", action="store_true")
+    ap.add_argument("--small-batch-guard", action="store_true",
+                    help="a latency-target network slower than dense at a --small-batches size is searched again at "
+                         "twice the round_to; the one meeting the target and nowhere slower is kept (both in the JSON)")
+    ap.add_argument("--small-batch-autotune", action="store_true",
+                    help="time --small-batches with cuDNN's autotuner too (default: its heuristics, which on the H200 "
+                         "were faster and repeatable at batch 1 and 16; sparsify.measure.cudnn)")
     ap.add_argument("--no-fuse", action="store_true", help="eager modes without conv+bias+ReLU fusion")
     ap.add_argument("--s2d-stem", action="store_true", help="stride-2 stem conv as space-to-depth (sparsify.deploy)")
     ap.add_argument("--profile", action="store_true",

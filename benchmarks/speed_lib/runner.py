@@ -6,7 +6,9 @@ the next is skipped): dense in every ``--modes`` mode → the pick (fastest on d
 set-up fits the arms) → the first MACs target's arms → the latency targets → the other MACs targets →
 ``--reference-modes`` (timed on dense only, e.g. compile modes too slow to set up for every arm). Every timed
 network gets ``--repeat`` separately built timings at the main batch, one at each ``--small-batches`` size
-and, with ``--profile``, the diagnostics.
+(with cuDNN's heuristics unless ``--small-batch-autotune``: its autotuner is noisy and slower there) and,
+with ``--profile``, the diagnostics. ``--small-batch-guard``: a latency-target network slower than dense at a
+small batch is searched again at twice the ``round_to`` (:func:`choose_guarded` keeps one).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from benchmarks.speed_lib.deployment import MODES, Deployed, Mode, measure_fn, p
 from benchmarks.speed_lib.models import DEFAULT_RATIOS, build, macs, params_m, unaligned
 from benchmarks.speed_lib.report import Row, fill_ratios
 from benchmarks.speed_lib.tp_arm import prune_tp
+from sparsify.measure.cudnn import cudnn_autotune
 
 
 class Clock:
@@ -58,8 +61,10 @@ def _time_network(model: nn.Module, x: torch.Tensor, mode: Mode, batch: int, arg
     row.timing = deployed.time(batch)
     row.ms = row.timing["ms"]
     row.ms_repeats = [row.ms] + [deployed.time(batch)["ms"] for _ in range(args.repeat - 1)]
-    for b in args.small_batches:
-        row.small_batch_ms[str(b)] = deployed.time(b)["ms"]
+    autotune = getattr(args, "small_batch_autotune", False) and not getattr(args, "no_cudnn_benchmark", False)
+    with cudnn_autotune(autotune):  # small batches: cuDNN's heuristics (sparsify.measure.cudnn says why)
+        for b in args.small_batches:
+            row.small_batch_ms[str(b)] = deployed.time(b)["ms"]
     if profile:
         row.info.update(diagnostics.kinds(deployed.runner(batch), deployed.device))
     return deployed
@@ -126,7 +131,8 @@ def bench_model(name: str, args: argparse.Namespace, round_to: int, rows: list[R
 
     def run_arm(row: Row, prune: Callable[[], tuple[nn.Module, dict[str, Any]]]) -> None:
         left = min(deadline - time.perf_counter(), clock.left() - args.reserve_s)
-        if left <= 0 or (row.target is None and left < longest_target[0]):
+        latency_target = "target_speedup" in row.info
+        if left <= 0 or (latency_target and left < longest_target[0]):
             row.error = "skipped: over the time budget"
             add(row)
             console.log(f"{name} {row.arm}: {row.error}")
@@ -153,7 +159,7 @@ def bench_model(name: str, args: argparse.Namespace, round_to: int, rows: list[R
         except Exception as exc:  # one failing arm is reported, the others still run
             row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
             console.log(f"{name} {_label(row)}: FAILED {row.error}")
-        if row.target is None:
+        if latency_target:
             longest_target[0] = max(longest_target[0], time.perf_counter() - begun)
         add(row)
 
@@ -179,6 +185,14 @@ def bench_model(name: str, args: argparse.Namespace, round_to: int, rows: list[R
             row = Row(name, None, target_arm(speedup, heads), round_to, mode=picked, info={"target_speedup": speedup})
             run_arm(row, partial(prune_latency_target, dense, x, speedup, round_to, batch, args, caches[heads], measure,
                                  heads=heads))
+            if slower_at_small_batches(row) and getattr(args, "small_batch_guard", False):
+                retry = Row(name, None, row.arm, 2 * round_to, mode=picked, info={"target_speedup": speedup})
+                run_arm(retry, partial(prune_latency_target, dense, x, speedup, 2 * round_to, batch, args,
+                                       caches[heads], measure, heads=heads))
+                row = choose_guarded(row, retry, speedup, args.latency_tolerance)
+            if not row.error and any(arm == "tp+round" for arm, _ in arms):  # the peer at the MACs the target cost
+                tp_row = Row(name, None, f"tp+round (MACs of {row.arm})", round_to, mode=picked)
+                run_arm(tp_row, partial(_tp_at_macs_of, row, name, dense, x, round_to, args))
     for m in args.reference_modes:  # measured on dense only, after the arms, when time is left
         if time.perf_counter() > deadline or clock.left() < args.reserve_s:
             modes[m] = {"error": "skipped: over the time budget"}
@@ -191,6 +205,41 @@ def bench_model(name: str, args: argparse.Namespace, round_to: int, rows: list[R
         except Exception as exc:  # recorded, not fatal
             modes[m] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"}
     return report
+
+
+def slower_at_small_batches(row: Row) -> bool:
+    """Whether a timed row is slower than dense at one of its small batches."""
+    return not row.error and any(v < 1.0 for v in row.small_batch_speedup.values())
+
+
+def choose_guarded(first: Row, retry: Row, speedup: float, tolerance: float) -> Row:
+    """The small-batch guard's choice between a latency-target network slower than dense at a small batch and
+    its retry at twice the ``round_to``: the one that meets the target (within ``tolerance``) and is nowhere
+    slower than dense; else the one meeting the target with the better worst small-batch speedup; else the
+    first. The other keeps its row, its arm marked ``(not chosen)``; the chosen row says what happened."""
+    def meets(r: Row) -> bool:
+        return not r.error and r.speedup is not None and r.speedup >= speedup * (1 - tolerance)
+
+    def worst(r: Row) -> float:
+        return min(r.small_batch_speedup.values(), default=0.0)
+
+    candidates = [r for r in (first, retry) if meets(r)]
+    chosen = max(candidates, key=lambda r: (worst(r) >= 1.0, worst(r)), default=first)
+    other = retry if chosen is first else first
+    other.arm = f"{other.arm} (not chosen)"
+    chosen.info["small_batch_guard"] = {
+        "first_round_to": first.round_to, "retry_round_to": retry.round_to, "chosen_round_to": chosen.round_to,
+        "first_small_batch_speedup": first.small_batch_speedup, "retry_small_batch_speedup": retry.small_batch_speedup,
+        "retry_speedup": retry.speedup, "retry_error": retry.error}
+    return chosen
+
+
+def _tp_at_macs_of(ours: Row, name: str, dense: nn.Module, x: torch.Tensor, round_to: int,
+                   args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any]]:
+    """Torch-Pruning+round at the MACs reduction a latency-target arm of ours reached (the issue's "ahead of
+    Torch-Pruning+round at the same MACs")."""
+    model, info = prune_tp(name, dense, x, ours.reduction, round_to, args.p, args.tp_steps, args.refine)
+    return model, {**info, "macs_of": ours.arm, "macs_target": round(ours.reduction, 4)}
 
 
 def _label(row: Row) -> str:

@@ -246,3 +246,92 @@ def test_depth_takes_over_where_the_widths_miss_a_latency_target(tmp_path: Path)
     assert depth["attempts"][-1]["branches"] == len(depth["removed"])
     assert depth["depth_only_ms"][str(len(depth["removed"]))] < width_only["dense_ms"]
     assert row["info"]["latency_target_report"] == depth["attempts"][-1]["latency_target_report"]
+
+
+@pytest.mark.slow
+def test_vit_heads_latency_target_takes_depth_where_heads_and_mlp_miss() -> None:
+    """--depth with --vit-heads: a ViT target out of reach of heads+MLP widths at the cap removes encoder
+    branches (attention or MLP) of the explicit-attention copy, then prunes heads and MLP of what is left; the
+    pruned network is the shallower one and still classifies (a MACs-proportional measure keeps it exact)."""
+    from benchmarks.speed_lib.arms import prune_latency_target
+    from benchmarks.speed_lib.models import build, macs
+    from sparsify.nn import ExplicitMultiheadAttention
+
+    dense = build("vit_b_16", 32)
+    x = torch.randn(1, 3, 32, 32)
+    args = argparse.Namespace(device="cpu", dtype="fp32", latency_points=2, iters=2, warmup=1, p=2,
+                              latency_tolerance=0.03, latency_iterations=2, target_max_group_sparsity=0.3, depth=True)
+
+    def measure(model: torch.nn.Module) -> float:  # deterministic "ms": MACs, the explicit attention 20 % faster
+        swapped = any(isinstance(m, ExplicitMultiheadAttention) for m in model.modules())
+        return macs(model, x) / 1e6 * (0.8 if swapped else 1.0)
+
+    model, info = prune_latency_target(dense, x, 3.0, 8, 2, args, {}, measure, heads=True)
+    assert info["latency_target_report"]["target_ms"] == pytest.approx(measure(dense) / 3.0)  # the user's dense
+    assert not info["width_only_report"]["met"] and info["depth"]["removed"]
+    assert info["depth"]["branches_found"] == 24
+    heads = [m.num_heads for m in model.modules() if isinstance(m, ExplicitMultiheadAttention)]
+    assert heads == info["heads_per_layer"] and 1 <= len(heads) <= 12 and all(1 <= h <= 12 for h in heads)
+    assert measure(dense) / measure(model) >= 3.0 * (1 - 0.03 - 1e-6)
+    assert measure(dense) / measure(model) <= 3.0 / 0.8  # not the swap's 1.25x on top of the target
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
+
+
+def test_small_batches_are_timed_with_cudnn_heuristics_unless_asked(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The main batch keeps the process's cuDNN autotuner; --small-batches are timed with it off (its pick at
+    batch 1 was slower and changed between processes on the H200), on again with --small-batch-autotune."""
+    from benchmarks.speed_lib import deployment
+
+    seen: list[tuple[int, bool]] = []
+    original = deployment.Deployed.time
+
+    def recording(self: deployment.Deployed, batch: int) -> dict:
+        seen.append((batch, torch.backends.cudnn.benchmark))
+        return original(self, batch)
+
+    monkeypatch.setattr(deployment.Deployed, "time", recording)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    bench = _load()
+    common = [*SMOKE, "--no-tp", "--arms", "ours+round", "--no-latency-targets", "--repeat", "1"]
+    bench.main([*common, "--out", str(tmp_path / "a.json")])
+    assert {b for b, on in seen if on} == {2} and {b for b, on in seen if not on} == {1}
+    seen.clear()
+    bench.main([*common, "--small-batch-autotune", "--out", str(tmp_path / "b.json")])
+    assert seen and all(on for _, on in seen)
+    assert torch.backends.cudnn.benchmark is True
+
+
+def test_torch_pruning_is_timed_at_the_macs_each_latency_target_cost(tmp_path: Path) -> None:
+    """After ours@t×, tp+round prunes to the MACs reduction that arm reached, so the two compare at equal MACs."""
+    bench = _load()
+    out = tmp_path / "speed.json"
+    bench.main([*SMOKE, "--repeat", "1", "--small-batches", "--arms", "ours+round", "tp+round", "--latency-targets",
+                "1.5", "--latency-iterations", "2", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    ours = next(r for r in rows if r["arm"] == "ours@1.5x")
+    peer = next(r for r in rows if r["arm"] == "tp+round (MACs of ours@1.5x)")
+    assert not ours["error"] and not peer["error"], (ours["error"], peer["error"])
+    assert peer["info"]["macs_target"] == pytest.approx(ours["reduction"], rel=1e-3)
+    assert peer["reduction"] >= ours["reduction"] * (1 - 1e-3) and peer["round_to"] == ours["round_to"]
+
+
+def test_small_batch_guard_keeps_the_network_that_meets_the_target_and_is_nowhere_slower() -> None:
+    from benchmarks.speed_lib.report import Row
+    from benchmarks.speed_lib.runner import choose_guarded, slower_at_small_batches
+
+    def row(speedup: float, b1: float, round_to: int) -> Row:
+        return Row("m", None, "ours@2x", round_to, speedup=speedup, small_batch_speedup={"1": b1, "16": 1.2})
+
+    first, retry = row(2.0, 0.86, 8), row(1.98, 1.03, 16)
+    assert slower_at_small_batches(first) and not slower_at_small_batches(retry)
+    chosen = choose_guarded(first, retry, 2.0, 0.03)
+    assert chosen is retry and first.arm == "ours@2x (not chosen)" and retry.arm == "ours@2x"
+    assert chosen.info["small_batch_guard"]["chosen_round_to"] == 16
+    # a retry that misses the target is not taken, however fast at batch 1
+    first, retry = row(2.0, 0.86, 8), row(1.80, 1.30, 16)
+    assert choose_guarded(first, retry, 2.0, 0.03) is first and retry.arm.endswith("(not chosen)")
+    # both meet it and both are slower somewhere: the better worst case
+    first, retry = row(2.0, 0.86, 8), row(2.0, 0.95, 16)
+    assert choose_guarded(first, retry, 2.0, 0.03) is retry
