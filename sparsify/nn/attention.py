@@ -46,20 +46,31 @@ class ExplicitMultiheadAttention(nn.Module):
                 is_causal: bool = False) -> tuple[torch.Tensor, None]:
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        b, n, s = query.shape[0], query.shape[1], key.shape[1]
-        q = self.q_proj(query).view(b, n, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(key).view(b, s, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(value).view(b, s, -1, self.head_dim).transpose(1, 2)
-        mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
-                                 target_type=q.dtype, check_other=False)
-        if key_padding_mask is not None:
-            padding = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask", other_type=None,
-                                        other_name="", target_type=q.dtype, check_other=False).view(b, 1, 1, s)
-            mask = padding if mask is None else mask + padding
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=is_causal and mask is None)
-        y = self.out_proj(y.transpose(1, 2).reshape(b, n, -1))
+        q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
+        y = scaled_attention(q, k, v, self.head_dim, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                             is_causal=is_causal, dropout=self.dropout if self.training else 0.0)
+        y = self.out_proj(y)
         return (y if self.batch_first else y.transpose(0, 1)), None
+
+
+def scaled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, *,
+                     key_padding_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                     is_causal: bool = False, dropout: float = 0.0) -> torch.Tensor:
+    """``nn.MultiheadAttention``'s attention of projected ``(batch, tokens, heads * head_dim)`` q/k/v, with its
+    masks (boolean or additive), through ``F.scaled_dot_product_attention``; returns ``(batch, tokens, heads *
+    head_dim)`` before the output projection."""
+    b, n, s = q.shape[0], q.shape[1], k.shape[1]
+    q = q.view(b, n, -1, head_dim).transpose(1, 2)
+    k = k.view(b, s, -1, head_dim).transpose(1, 2)
+    v = v.view(b, s, -1, head_dim).transpose(1, 2)
+    mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+                             target_type=q.dtype, check_other=False)
+    if key_padding_mask is not None:
+        padding = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask", other_type=None,
+                                    other_name="", target_type=q.dtype, check_other=False).view(b, 1, 1, s)
+        mask = padding if mask is None else mask + padding
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal and mask is None)
+    return y.transpose(1, 2).reshape(b, n, -1)
 
 
 def _explicit_mha(m: ExplicitMultiheadAttention, old: dict) -> None:

@@ -1,0 +1,79 @@
+"""One GEMM for q, k and v: a deployed :class:`~sparsify.nn.ExplicitMultiheadAttention` called as self-attention
+(query, key and value the same tensor, as in ViT) projects all three with one ``nn.Linear``.
+
+The explicit module (swapped in so that heads can be pruned) runs three projection GEMMs where
+``nn.MultiheadAttention`` runs one; at small batches every kernel counts (ViT-B/16 on an H200, batch 1: a
+heads-pruned network was slower than dense). :class:`FusedSelfAttention` keeps the (pruned) widths and the
+outputs, concatenating the three weights; called with a distinct key or value it projects each with its own
+slice of the fused weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsify.nn.attention import ExplicitMultiheadAttention, scaled_attention
+
+__all__ = ["FusedSelfAttention", "fuse_attention_projections_"]
+
+
+class FusedSelfAttention(nn.Module):
+    """An :class:`ExplicitMultiheadAttention` whose q/k/v projections are one ``nn.Linear`` (``qkv_proj``,
+    rows q then k then v, ``sizes`` their widths); same call signature and outputs."""
+
+    def __init__(self, mha: ExplicitMultiheadAttention) -> None:
+        super().__init__()
+        projections = (mha.q_proj, mha.k_proj, mha.v_proj)
+        if not fusable(mha):
+            raise ValueError("q/k/v projections of different input widths or bias presence cannot share one GEMM")
+        weight = torch.cat([p.weight.detach() for p in projections])
+        self.sizes = tuple(p.out_features for p in projections)
+        self.qkv_proj = nn.Linear(weight.shape[1], weight.shape[0], bias=mha.q_proj.bias is not None,
+                                  device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            self.qkv_proj.weight.copy_(weight)
+            if self.qkv_proj.bias is not None:
+                self.qkv_proj.bias.copy_(torch.cat([p.bias.detach() for p in projections]))
+        self.out_proj = mha.out_proj
+        self.embed_dim, self.num_heads, self.head_dim = mha.embed_dim, mha.num_heads, mha.head_dim
+        self.dropout, self.batch_first = mha.dropout, mha.batch_first
+        self.train(mha.training)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, None]:
+        same = query is key and key is value
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        if same:
+            q, k, v = self.qkv_proj(query).split(self.sizes, dim=-1)
+        else:
+            weights = self.qkv_proj.weight.split(self.sizes)
+            biases = self.qkv_proj.bias.split(self.sizes) if self.qkv_proj.bias is not None else (None,) * 3
+            q, k, v = (F.linear(t, w, b) for t, w, b in zip((query, key, value), weights, biases, strict=True))
+        y = scaled_attention(q, k, v, self.head_dim, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                             is_causal=is_causal, dropout=self.dropout if self.training else 0.0)
+        y = self.out_proj(y)
+        return (y if self.batch_first else y.transpose(0, 1)), None
+
+
+def fusable(mha: ExplicitMultiheadAttention) -> bool:
+    """Whether the three projections read the same width and all have (or all lack) a bias."""
+    projections = (mha.q_proj, mha.k_proj, mha.v_proj)
+    return (len({p.in_features for p in projections}) == 1
+            and len({p.bias is not None for p in projections}) == 1)
+
+
+def fuse_attention_projections_(model: nn.Module) -> list[str]:
+    """Replace (in place) every :class:`ExplicitMultiheadAttention` of ``model`` whose projections can share a
+    GEMM by a :class:`FusedSelfAttention`; returns the module paths replaced."""
+    replaced = []
+    for path, module in list(model.named_modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is ExplicitMultiheadAttention and fusable(child):
+                setattr(module, name, FusedSelfAttention(child))
+                replaced.append(f"{path}.{name}" if path else name)
+    return replaced
