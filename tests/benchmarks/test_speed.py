@@ -262,11 +262,15 @@ def test_vit_heads_latency_target_takes_depth_where_heads_and_mlp_miss() -> None
     args = argparse.Namespace(device="cpu", dtype="fp32", latency_points=2, iters=2, warmup=1, p=2,
                               latency_tolerance=0.03, latency_iterations=2, target_max_group_sparsity=0.3, depth=True)
 
+    measured: list[torch.nn.Module] = []
+
     def measure(model: torch.nn.Module) -> float:  # deterministic "ms": MACs, the explicit attention 20 % faster
+        measured.append(model)
         swapped = any(isinstance(m, ExplicitMultiheadAttention) for m in model.modules())
         return macs(model, x) / 1e6 * (0.8 if swapped else 1.0)
 
     model, info = prune_latency_target(dense, x, 3.0, 8, 2, args, {}, measure, heads=True)
+    assert measured and all(m is not dense for m in measured)  # a deploying measure moves what it gets (to a GPU)
     assert info["latency_target_report"]["target_ms"] == pytest.approx(measure(dense) / 3.0)  # the user's dense
     assert not info["width_only_report"]["met"] and info["depth"]["removed"]
     assert info["depth"]["branches_found"] == 24
