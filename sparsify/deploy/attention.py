@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsify.nn.attention import ExplicitMultiheadAttention, scaled_attention
+from sparsify.nn.attention import ExplicitMultiheadAttention, ProjectedAttention
 
 __all__ = ["FusedSelfAttention", "fuse_attention_projections_"]
 
 
-class FusedSelfAttention(nn.Module):
+class FusedSelfAttention(ProjectedAttention):
     """An :class:`ExplicitMultiheadAttention` whose q/k/v projections are one ``nn.Linear`` (``qkv_proj``,
     rows q then k then v, ``sizes`` their widths); same call signature and outputs."""
 
@@ -41,23 +41,15 @@ class FusedSelfAttention(nn.Module):
         self.dropout, self.batch_first = mha.dropout, mha.batch_first
         self.train(mha.training)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
-                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[torch.Tensor, None]:
-        same = query is key and key is value
-        if not self.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    def project(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, same: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if same:
             q, k, v = self.qkv_proj(query).split(self.sizes, dim=-1)
-        else:
-            weights = self.qkv_proj.weight.split(self.sizes)
-            biases = self.qkv_proj.bias.split(self.sizes) if self.qkv_proj.bias is not None else (None,) * 3
-            q, k, v = (F.linear(t, w, b) for t, w, b in zip((query, key, value), weights, biases, strict=True))
-        y = scaled_attention(q, k, v, self.head_dim, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-                             is_causal=is_causal, dropout=self.dropout if self.training else 0.0)
-        y = self.out_proj(y)
-        return (y if self.batch_first else y.transpose(0, 1)), None
+            return q, k, v
+        weights = self.qkv_proj.weight.split(self.sizes)
+        biases = self.qkv_proj.bias.split(self.sizes) if self.qkv_proj.bias is not None else (None,) * 3
+        q, k, v = (F.linear(t, w, b) for t, w, b in zip((query, key, value), weights, biases, strict=True))
+        return q, k, v
 
 
 def fusable(mha: ExplicitMultiheadAttention) -> bool:

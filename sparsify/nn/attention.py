@@ -9,10 +9,38 @@ from torch import nn
 from sparsify.errors import SparsifyError
 from sparsify.graph.module_types import register_module_type
 
-__all__ = ["ExplicitMultiheadAttention", "explicit_multihead_attention_"]
+__all__ = ["ExplicitMultiheadAttention", "ProjectedAttention", "explicit_multihead_attention_", "scaled_attention"]
 
 
-class ExplicitMultiheadAttention(nn.Module):
+class ProjectedAttention(nn.Module):
+    """``nn.MultiheadAttention``'s call (signature, ``batch_first``, masks, output projection) around the q/k/v
+    projections a subclass gives in :meth:`project`; the attention weights are not returned (None)."""
+
+    head_dim: int
+    dropout: float
+    batch_first: bool
+    out_proj: nn.Linear
+
+    def project(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, same: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of ``(batch, tokens, features)`` inputs; ``same``: query, key and value are one tensor."""
+        raise NotImplementedError
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, None]:
+        same = query is key and key is value
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        q, k, v = self.project(query, key, value, same)
+        y = scaled_attention(q, k, v, self.head_dim, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                             is_causal=is_causal, dropout=self.dropout if self.training else 0.0)
+        y = self.out_proj(y)
+        return (y if self.batch_first else y.transpose(0, 1)), None
+
+
+class ExplicitMultiheadAttention(ProjectedAttention):
     """What ``nn.MultiheadAttention`` computes, written with nn.Linear q/k/v/out projections,
     ``view(b, s, -1, head_dim)`` and ``F.scaled_dot_product_attention``, so that torch.fx traces
     into it and its heads are prunable (``nn.MultiheadAttention`` is a leaf whose inner width must
@@ -40,17 +68,9 @@ class ExplicitMultiheadAttention(nn.Module):
         self.dropout, self.batch_first = mha.dropout, mha.batch_first
         self.train(mha.training)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
-                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[torch.Tensor, None]:
-        if not self.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
-        y = scaled_attention(q, k, v, self.head_dim, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-                             is_causal=is_causal, dropout=self.dropout if self.training else 0.0)
-        y = self.out_proj(y)
-        return (y if self.batch_first else y.transpose(0, 1)), None
+    def project(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, same: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.q_proj(query), self.k_proj(key), self.v_proj(value)
 
 
 def scaled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, *,
