@@ -5,6 +5,7 @@
 #   bash benchmarks/h200/speed.sh gpu-tests        # the CUDA-only tests of deploy fusion and layer timing
 #   bash benchmarks/h200/speed.sh depth resnet50 1 # the 3x latency target alone, depth where widths miss
 #   BUDGET=230 bash benchmarks/h200/speed.sh resnet50 3   # a shorter run (later MACs targets skipped first)
+#   bash benchmarks/h200/speed.sh all 1            # the three models, one command, shorter budgets
 #
 # The goal's two separate runs are the same command twice, on a fresh machine or at least a fresh process and a
 # fresh layer-timing cache (SPARSIFY_CACHE_DIR per run, so the second run times every layer again), then
@@ -33,6 +34,12 @@ case "${1:-}" in
       > "$OUT/speed_$1_run$run.log" 2>&1
     echo "rc=$?"
     grep -E "│|total" "$OUT/speed_$1_run$run.log" | cut -c1-170 | tail -30
+    ;;
+  all)  # one run of the three models in one command (~9.5 min): RUN; budgets fitted to 2026-12-04's times
+    run=${2:-1}
+    for spec in resnet50:190 mobilenet_v2:190 vit_b_16:100; do
+      BUDGET=${spec#*:} bash "$0" "${spec%%:*}" "$run" | tail -3
+    done
     ;;
   depth)  # the 3x latency target alone, with --depth (residual branches go where widths miss): MODEL RUN [FLAGS]
     run=${3:-1}  # ViT-B/16 (heads) needs more: BUDGET_DEPTH=430 … depth vit_b_16 1 --latency-iterations 3
