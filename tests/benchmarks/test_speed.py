@@ -37,7 +37,8 @@ def test_speed_benchmark_smoke(tmp_path: Path) -> None:
     assert result["torch"] == torch.__version__ and result["device"]
     assert result["deployment"]["resnet18"]["picked"] == "eager" and out.with_suffix(".md").read_text()
     rows = {r["arm"]: r for r in result["rows"]}
-    assert set(rows) == {"dense", "ours", "ours+round", "ours+latency", "tp", "tp+round", "ours@1.5x"}
+    assert set(rows) == {"dense", "ours", "ours+round", "ours+latency", "tp", "tp+round", "ours@1.5x",
+                         "tp+round (MACs of ours@1.5x)"}
     for arm, r in rows.items():
         assert not r["error"], (arm, r["error"])
         assert r["ms"] > 0 and r["realised"] == pytest.approx(r["speedup"] / r["reduction"])
