@@ -56,3 +56,16 @@ def test_projections_of_different_input_widths_stay_apart() -> None:
     assert not fusable(explicit) and fuse_attention_projections_(holder) == [] and holder[0] is explicit
     with pytest.raises(ValueError, match="different input widths"):
         FusedSelfAttention(explicit)
+
+
+def test_a_deployed_vit_pruned_again_stays_exact(tv: Any) -> None:
+    """The fused projection's fixed split sizes must not be broken by pruning the deployed model: the oracle
+    (soft-zero, prune, compare) holds on it."""
+    vit = tv.models.VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=4, hidden_dim=16,
+                                      mlp_dim=24, num_classes=3)
+    model, x = randomize_(vit.double().eval()), torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    deployed = deploy(explicit_multihead_attention_(model), x, channels_last=False)
+    result = check_exactness(deployed, x)
+    assert result.max_abs_diff <= 1e-10 and result.report.widths
+    fused = [m for m in deployed.modules() if isinstance(m, FusedSelfAttention)]
+    assert all(m.qkv_proj.out_features == sum(m.sizes) for m in fused)
