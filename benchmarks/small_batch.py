@@ -26,6 +26,7 @@ from benchmarks.speed_lib.arms import prune_ours
 from benchmarks.speed_lib.deployment import MODES, Deployed
 from benchmarks.speed_lib.models import build, unaligned
 from sparsify.measure.breakdown import time_by_kind
+from sparsify.measure.cudnn import cudnn_autotune
 
 
 def _kernels(run: Any, device: torch.device) -> dict[str, dict[str, float]]:
@@ -108,12 +109,12 @@ def main(argv: list[str] | None = None) -> None:
     speed.warmup = speed.warmup if speed.warmup is not None else min(10, args.iters)
     speed.max_warmup = speed.max_warmup if speed.max_warmup is not None else 60
     merged = argparse.Namespace(**{**vars(speed), **vars(args)})
-    torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     console = Console(width=170)
+    with cudnn_autotune(not args.no_cudnn_benchmark):
+        models = {m: run_model(m, merged, console) for m in args.models}
     result = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
               "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
-              "settings": {k: v for k, v in vars(args).items() if k != "out"},
-              "models": {m: run_model(m, merged, console) for m in args.models}}
+              "settings": {k: v for k, v in vars(args).items() if k != "out"}, "models": models}
     if args.out:
         args.out.write_text(json.dumps(result, indent=1, default=str))
 
