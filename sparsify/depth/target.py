@@ -86,8 +86,13 @@ def depth_then_width(model: nn.Module, example: Any, *, target_ms: float, width_
     for k in dict.fromkeys((first, min(len(ranked), first + max(1, len(ranked) // 8)))):
         if k not in depth_ms:
             depth_ms[k] = float(measure(shallower_copy(model, ranked[:k])))
-        pruned, report = prune_widths(shallower_copy(model, ranked[:k]), target_ms)
-        attempts.append(DepthAttempt(k, depth_ms[k], bool(getattr(report, "met", False)), report))
+        returned = prune_widths(shallower_copy(model, ranked[:k]), target_ms)
+        if not (isinstance(returned, tuple) and len(returned) == 2 and isinstance(returned[0], nn.Module)
+                and isinstance(getattr(returned[1], "met", None), bool)):
+            raise SparsifyError("prune_widths(model, target_ms) must return (pruned nn.Module, report) with a bool "
+                                f"report.met (e.g. the policy's latency_report), got {type(returned).__name__}")
+        pruned, report = returned
+        attempts.append(DepthAttempt(k, depth_ms[k], report.met, report))
         if attempts[-1].met:
             break
     return DepthForLatency(pruned, list(ranked[:attempts[-1].branches]), attempts, dict(sorted(depth_ms.items())),

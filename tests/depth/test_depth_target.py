@@ -53,3 +53,10 @@ def test_no_branches_gives_none_and_a_bad_factor_is_refused() -> None:
                             prune_widths=_halving_widths) is None
     with pytest.raises(SparsifyError, match="width_factor"):
         depth_then_width(plain, x, target_ms=1.0, width_factor=0.0, measure=_params, prune_widths=_halving_widths)
+
+
+def test_a_width_search_that_returns_no_report_is_refused() -> None:
+    model = nn.Sequential(*[_Block(4) for _ in range(4)])
+    with pytest.raises(SparsifyError, match=r"report\.met"):
+        depth_then_width(model, torch.randn(1, 4, 5, 5), target_ms=1.0, width_factor=0.5, measure=_params,
+                         prune_widths=lambda m, t: m)  # type: ignore[arg-type, return-value]
