@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsify.errors import SparsifyError
 from sparsify.nn.attention import ExplicitMultiheadAttention, ProjectedAttention
 
 __all__ = ["FusedSelfAttention", "fuse_attention_projections_"]
@@ -27,7 +28,8 @@ class FusedSelfAttention(ProjectedAttention):
         super().__init__()
         projections = (mha.q_proj, mha.k_proj, mha.v_proj)
         if not fusable(mha):
-            raise ValueError("q/k/v projections of different input widths or bias presence cannot share one GEMM")
+            raise SparsifyError("q/k/v projections of different input widths or bias presence cannot share one GEMM; "
+                                "leave this module unfused (fuse_attention_projections_ skips it)")
         weight = torch.cat([p.weight.detach() for p in projections])
         self.sizes = tuple(p.out_features for p in projections)
         self.qkv_proj = nn.Linear(weight.shape[1], weight.shape[0], bias=mha.q_proj.bias is not None,

@@ -82,7 +82,6 @@ def depth_then_width(model: nn.Module, example: Any, *, target_ms: float, width_
     ranked = rank_for_latency(branches, importance, costs)
     first, depth_ms = fewest_for_latency(model, ranked, measure, target_ms, min(width_factor, 1.0))
     attempts: list[DepthAttempt] = []
-    pruned = model
     for k in dict.fromkeys((first, min(len(ranked), first + max(1, len(ranked) // 8)))):
         if k not in depth_ms:
             depth_ms[k] = float(measure(shallower_copy(model, ranked[:k])))

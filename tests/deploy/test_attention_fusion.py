@@ -10,6 +10,7 @@ from torch import nn
 
 from sparsify.deploy import deploy
 from sparsify.deploy.attention import FusedSelfAttention, fusable, fuse_attention_projections_
+from sparsify.errors import SparsifyError
 from sparsify.nn import ExplicitMultiheadAttention, explicit_multihead_attention_
 from sparsify.testing.oracle import check_exactness, randomize_
 
@@ -54,7 +55,7 @@ def test_projections_of_different_input_widths_stay_apart() -> None:
     explicit.k_proj = nn.Linear(6, 8)
     holder = nn.Sequential(explicit)
     assert not fusable(explicit) and fuse_attention_projections_(holder) == [] and holder[0] is explicit
-    with pytest.raises(ValueError, match="different input widths"):
+    with pytest.raises(SparsifyError, match="different input widths"):
         FusedSelfAttention(explicit)
 
 
